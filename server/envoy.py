@@ -1,0 +1,165 @@
+"""Envoy as a sidecar process of `agentmesh serve` (the embedded mode's REST front door).
+
+The config is rendered from envoy/envoy.yaml with the configured addresses, so the file in
+the repository stays the single description of the routes and filters.
+"""
+
+import asyncio
+import copy
+import json
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+CORS_POLICY_TYPE = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy"
+
+
+@dataclass(frozen=True)
+class EnvoyAddresses:
+    """Where Envoy listens and where it forwards to; port 0 means any free port."""
+
+    listen_host: str
+    listen_port: int
+    admin_port: int
+    grpc_host: str
+    grpc_port: int
+    ops_host: str
+    ops_port: int
+    descriptor_set: Path
+    cors_origins: list[str] = field(default_factory=list)
+
+
+def _upstream(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _socket(address: dict[str, Any], host: str, port: int) -> None:
+    address["socket_address"] = {"address": host, "port_value": port}
+
+
+def render_config(template: dict[str, Any], where: EnvoyAddresses) -> dict[str, Any]:
+    """`template` (envoy/envoy.yaml) with the addresses, descriptor and CORS origins of `where`."""
+    config = copy.deepcopy(template)
+    _socket(config["admin"]["address"], "127.0.0.1", where.admin_port)
+    listener = next(
+        item for item in config["static_resources"]["listeners"] if item["name"] == "public"
+    )
+    _socket(listener["address"], where.listen_host, where.listen_port)
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    for http_filter in manager["http_filters"]:
+        if http_filter["name"] == "envoy.filters.http.grpc_json_transcoder":
+            http_filter["typed_config"]["proto_descriptor"] = str(where.descriptor_set.resolve())
+    if where.cors_origins:
+        virtual_host = manager["route_config"]["virtual_hosts"][0]
+        virtual_host["typed_per_filter_config"] = {
+            "envoy.filters.http.cors": {
+                "@type": CORS_POLICY_TYPE,
+                "allow_origin_string_match": [{"exact": origin} for origin in where.cors_origins],
+                "allow_methods": "GET, POST, PATCH, DELETE, OPTIONS",
+                "allow_headers": "authorization, content-type, x-request-id",
+                "expose_headers": "x-request-id, grpc-status, grpc-message",
+                "max_age": "600",
+            }
+        }
+    upstreams = {
+        "agentmesh_grpc": (_upstream(where.grpc_host), where.grpc_port),
+        "agentmesh_ops": (_upstream(where.ops_host), where.ops_port),
+    }
+    for cluster in config["static_resources"]["clusters"]:
+        host, port = upstreams[cluster["name"]]
+        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        _socket(endpoint["address"], host, port)
+    return config
+
+
+def _read_address(path: Path) -> str:
+    """The admin address Envoy writes once it listens (a few bytes; empty until then)."""
+    return path.read_text().strip() if path.exists() else ""
+
+
+class EnvoySidecar:
+    """Starts Envoy with a rendered config, waits until it is ready, and stops it."""
+
+    def __init__(
+        self,
+        binary: str,
+        config: dict[str, Any],
+        workdir: Path,
+        *,
+        concurrency: int = 1,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self._binary = binary
+        self._config = config
+        self._workdir = workdir
+        self._concurrency = concurrency
+        self._log = logger or logging.getLogger("agentmesh.envoy")
+        self._process: asyncio.subprocess.Process | None = None
+        self.admin_url = ""
+        self.port = 0
+
+    async def start(self, timeout: float = 20.0) -> None:
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        config_path = self._workdir / "envoy.yaml"
+        admin_path = self._workdir / "admin-address"
+        admin_path.unlink(missing_ok=True)
+        config_path.write_text(yaml.safe_dump(self._config, sort_keys=False))
+        self._process = await asyncio.create_subprocess_exec(
+            self._binary,
+            "-c", str(config_path),
+            "--disable-hot-restart",
+            "--concurrency", str(self._concurrency),
+            "--log-level", "warning",
+            "--admin-address-path", str(admin_path),
+        )  # fmt: skip
+        try:
+            await asyncio.wait_for(self._wait_ready(admin_path), timeout)
+        except BaseException:
+            await self.stop()
+            raise
+        self._log.info("envoy ready", extra={"port": self.port, "admin": self.admin_url})
+
+    async def _wait_ready(self, admin_path: Path) -> None:
+        assert self._process is not None
+        async with aiohttp.ClientSession() as http:
+            while True:
+                if self._process.returncode is not None:
+                    raise RuntimeError(f"envoy exited with code {self._process.returncode}")
+                address = _read_address(admin_path)
+                if address:
+                    self.admin_url = "http://" + address
+                    try:
+                        async with http.get(self.admin_url + "/ready") as response:
+                            if response.status == 200:
+                                self.port = await self._listener_port(http)
+                                return
+                    except aiohttp.ClientError:
+                        pass
+                await asyncio.sleep(0.05)
+
+    async def _listener_port(self, http: aiohttp.ClientSession) -> int:
+        async with http.get(self.admin_url + "/listeners?format=json") as response:
+            listeners = json.loads(await response.text())["listener_statuses"]
+        public = next(item for item in listeners if item["name"] == "public")
+        return int(public["local_address"]["socket_address"]["port_value"])
+
+    async def wait(self) -> int:
+        """Wait for Envoy to exit; its exit code."""
+        assert self._process is not None
+        return await self._process.wait()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()

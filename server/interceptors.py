@@ -1,0 +1,269 @@
+"""Server interceptors, outermost first: request log → auth → error mapping.
+
+grpc.aio interceptors only see the handler lookup, so each one here re-wraps the handler's
+behaviour; `wrap_handler` does that once for all four RPC kinds, including async-generator
+(server-streaming) handlers.
+"""
+
+import inspect
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+from google.rpc import status_pb2
+
+from server.access import Access, access_for
+from server.errors import INTERNAL, UNIMPLEMENTED, rich_status, to_grpc_status
+from server.request_context import RequestInfo, current_request
+from services.auth.principal import Principal
+from services.auth.tokens import TokenCodec
+from services.errors import DomainError, PermissionDenied, Unauthenticated
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Behavior = Callable[..., Any]
+if TYPE_CHECKING:  # the class is generic only in the type stubs
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+UnaryCall = Callable[[], Awaitable[Any]]
+StreamCall = Callable[[], AsyncIterator[Any]]
+
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+async def _call(behavior: Behavior, request: Any, context: Context) -> Any:
+    result = behavior(request, context)
+    return await result if inspect.isawaitable(result) else result
+
+
+async def _iterate(behavior: Behavior, request: Any, context: Context) -> AsyncIterator[Any]:
+    result = behavior(request, context)
+    if inspect.isawaitable(result):  # a handler that writes with context.write()
+        result = await result
+    if result is None:
+        return
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    else:
+        for item in result:
+            yield item
+
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """Base: override `unary` and/or `stream` to run code around every RPC's behaviour."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return wrap_handler(handler, handler_call_details.method, self)
+
+    async def unary(self, call: UnaryCall, context: Context, method: str) -> Any:
+        return await call()
+
+    def stream(self, call: StreamCall, context: Context, method: str) -> AsyncIterator[Any]:
+        return call()
+
+
+def wrap_handler(handler: Handler, method: str, interceptor: WrappingInterceptor) -> Handler:
+    """A copy of `handler` whose behaviour runs inside `interceptor`."""
+    if handler.response_streaming:
+        inner = cast(Behavior, handler.stream_stream or handler.unary_stream)
+
+        async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
+            call: StreamCall = lambda: _iterate(inner, request, context)  # noqa: E731
+            async for item in interceptor.stream(call, context, method):
+                yield item
+
+        factory = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.request_streaming
+            else grpc.unary_stream_rpc_method_handler
+        )
+        behavior: Behavior = stream_behavior
+    else:
+        inner = cast(Behavior, handler.stream_unary or handler.unary_unary)
+
+        async def unary_behavior(request: Any, context: Context) -> Any:
+            return await interceptor.unary(lambda: _call(inner, request, context), context, method)
+
+        factory = (
+            grpc.stream_unary_rpc_method_handler
+            if handler.request_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        behavior = unary_behavior
+    return factory(
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+async def abort(context: Context, status: status_pb2.Status) -> None:
+    """End the RPC with a rich status (raises grpc.aio.AbortError)."""
+    grpc_status = to_grpc_status(status)
+    await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
+
+
+def metadata_value(context: Context, key: str) -> str | None:
+    """The text value of an invocation metadata key (HTTP headers arrive lower-cased)."""
+    for name, value in context.invocation_metadata() or ():
+        if name == key and isinstance(value, str):
+            return value
+    return None
+
+
+def _code_name(context: Context, failed: BaseException | None) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+    if failed is None:
+        return "OK"
+    return "CANCELLED" if isinstance(failed, BaseException) and context.cancelled() else "UNKNOWN"
+
+
+class RequestLogInterceptor(WrappingInterceptor):
+    """Gives every RPC a request id (from `x-request-id` or new), echoes it in the response
+    headers, and writes one structured log line per RPC: id, rpc, code, latency, user."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+
+    async def _begin(self, context: Context, method: str) -> RequestInfo:
+        incoming = metadata_value(context, REQUEST_ID_HEADER)
+        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        info = RequestInfo(request_id=request_id, rpc=method)
+        current_request.set(info)
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+        return info
+
+    def _end(
+        self, info: RequestInfo, context: Context, started: float, failed: BaseException | None
+    ) -> None:
+        code = _code_name(context, failed)
+        self._log.info(
+            "rpc finished",
+            extra={
+                "rpc": info.rpc,
+                "code": code,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+                "peer": context.peer(),
+            },
+        )
+
+    async def unary(self, call: UnaryCall, context: Context, method: str) -> Any:
+        started = time.perf_counter()
+        info = await self._begin(context, method)
+        failed: BaseException | None = None
+        try:
+            return await call()
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            self._end(info, context, started, failed)
+
+    async def stream(self, call: StreamCall, context: Context, method: str) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        info = await self._begin(context, method)
+        failed: BaseException | None = None
+        try:
+            async for item in call():
+                yield item
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            self._end(info, context, started, failed)
+
+
+class AuthInterceptor(WrappingInterceptor):
+    """Authenticates `authorization: Bearer <access token>` and enforces the access table."""
+
+    def __init__(self, tokens: TokenCodec) -> None:
+        self._tokens = tokens
+
+    def _principal(self, context: Context, method: str) -> Principal | None:
+        access = access_for(method)
+        if access is None:
+            raise PermissionDenied(
+                "this method is not open to any caller", reason="METHOD_NOT_ALLOWED"
+            )
+        if access is Access.PUBLIC:
+            return None
+        scheme, _, token = (metadata_value(context, "authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("missing bearer token", reason="TOKEN_MISSING")
+        claims = self._tokens.decode_access(token.strip())
+        principal = Principal(user_id=claims.user_id, role=claims.role)
+        if access is Access.ADMIN and not principal.is_admin:
+            raise PermissionDenied("this method is for administrators", reason="ADMIN_REQUIRED")
+        return principal
+
+    async def _authenticate(self, context: Context, method: str) -> None:
+        try:
+            principal = self._principal(context, method)
+        except DomainError as error:
+            await abort(context, rich_status(error))
+            return
+        info = current_request.get()
+        if info is None:
+            info = RequestInfo(request_id=uuid.uuid4().hex, rpc=method)
+            current_request.set(info)
+        info.principal = principal
+
+    async def unary(self, call: UnaryCall, context: Context, method: str) -> Any:
+        await self._authenticate(context, method)
+        return await call()
+
+    async def stream(self, call: StreamCall, context: Context, method: str) -> AsyncIterator[Any]:
+        await self._authenticate(context, method)
+        async for item in call():
+            yield item
+
+
+class ErrorInterceptor(WrappingInterceptor):
+    """Maps DomainErrors to their status with details; anything unexpected becomes INTERNAL
+    with a generic message (the traceback goes to the log, never to the client)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+
+    async def _fail(self, context: Context, method: str, exc: Exception) -> None:
+        if isinstance(exc, DomainError):
+            await abort(context, rich_status(exc))
+        elif isinstance(exc, NotImplementedError):
+            await abort(context, UNIMPLEMENTED)
+        else:
+            self._log.exception("unhandled error in %s", method)
+            await abort(context, INTERNAL)
+
+    async def unary(self, call: UnaryCall, context: Context, method: str) -> Any:
+        try:
+            return await call()
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await self._fail(context, method, exc)
+
+    async def stream(self, call: StreamCall, context: Context, method: str) -> AsyncIterator[Any]:
+        try:
+            async for item in call():
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await self._fail(context, method, exc)

@@ -1,0 +1,250 @@
+"""The composition root: builds every component from Settings and runs the process.
+
+Only this module knows both the transport (grpc) and the domain (services); everything
+else receives what it needs through constructor arguments.
+"""
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import yaml
+from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
+from agentmesh.agent.v1 import agent_service_pb2_grpc as agent_grpc
+from agentmesh.analytics.v1 import analytics_service_pb2 as analytics_pb
+from agentmesh.analytics.v1 import analytics_service_pb2_grpc as analytics_grpc
+from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
+from agentmesh.auth.v1 import auth_service_pb2_grpc as auth_grpc
+from agentmesh.auth.v1 import user_service_pb2 as users_pb
+from agentmesh.auth.v1 import user_service_pb2_grpc as users_grpc
+from agentmesh.feedback.v1 import feedback_service_pb2 as feedback_pb
+from agentmesh.feedback.v1 import feedback_service_pb2_grpc as feedback_grpc
+from agentmesh.knowledge.v1 import knowledge_service_pb2 as knowledge_pb
+from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as knowledge_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from server.config import Settings
+from server.envoy import EnvoyAddresses, EnvoySidecar, render_config
+from server.health import SERVING, ServiceHealth
+from server.interceptors import AuthInterceptor, ErrorInterceptor, RequestLogInterceptor
+from server.logs import configure_logging
+from server.ops_http import OpsServer
+from server.servicers.auth import AuthServicer
+from server.servicers.users import UserServicer
+from services.auth.passwords import PasswordHasher
+from services.auth.service import AuthService
+from services.auth.tokens import TokenCodec, TokenSettings
+from services.auth.users import UserService
+from services.db import create_engine, create_sessionmaker
+
+SERVICE_NAMES = [
+    auth_pb.DESCRIPTOR.services_by_name["AuthService"].full_name,
+    users_pb.DESCRIPTOR.services_by_name["UserService"].full_name,
+    agent_pb.DESCRIPTOR.services_by_name["AgentService"].full_name,
+    knowledge_pb.DESCRIPTOR.services_by_name["KnowledgeBaseService"].full_name,
+    feedback_pb.DESCRIPTOR.services_by_name["FeedbackService"].full_name,
+    analytics_pb.DESCRIPTOR.services_by_name["AnalyticsService"].full_name,
+]
+
+SERVER_OPTIONS = [
+    # Fail loudly when the port is taken instead of silently sharing it.
+    ("grpc.so_reuseport", 0),
+]
+
+log = logging.getLogger("agentmesh")
+
+
+def jwt_secret(settings: Settings) -> str:
+    """JWT_SECRET, or a random key created once in DATA_DIR (so tokens survive restarts)."""
+    if settings.jwt_secret is not None:
+        return settings.jwt_secret.get_secret_value()
+    path = settings.data_dir / "jwt-secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(48))
+    return path.read_text().strip()
+
+
+@dataclass
+class Domain:
+    """The domain services and the resources they hold."""
+
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    executor: ThreadPoolExecutor
+    tokens: TokenCodec
+    auth: AuthService
+    users: UserService
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def build_domain(settings: Settings) -> Domain:
+    engine = create_engine(settings.resolved_database_url)
+    sessions = create_sessionmaker(engine)
+    executor = ThreadPoolExecutor(settings.password_hash_workers, thread_name_prefix="argon2")
+    tokens = TokenCodec(
+        TokenSettings(
+            secret=jwt_secret(settings),
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            access_ttl=timedelta(seconds=settings.access_token_ttl_seconds),
+            refresh_ttl=timedelta(seconds=settings.refresh_token_ttl_seconds),
+        )
+    )
+    return Domain(
+        engine=engine,
+        sessions=sessions,
+        executor=executor,
+        tokens=tokens,
+        auth=AuthService(sessions, PasswordHasher(executor), tokens),
+        users=UserService(sessions),
+    )
+
+
+@dataclass
+class Application:
+    """The gRPC server, its health and the operations HTTP server, over one Domain."""
+
+    settings: Settings
+    domain: Domain
+    server: grpc.aio.Server
+    health: ServiceHealth
+    ops: OpsServer
+    grpc_port: int
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.ops.start()
+        await self.health.set_all(SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, wait the configured delay, then drain in-flight RPCs."""
+        await self.health.shutdown()
+        await asyncio.sleep(self.settings.shutdown_delay_seconds)
+        await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        await self.ops.stop()
+        await self.domain.close()
+
+
+def build_application(settings: Settings) -> Application:
+    domain = build_domain(settings)
+    rpc_log = logging.getLogger("agentmesh.rpc")
+    server = grpc.aio.server(
+        interceptors=[
+            RequestLogInterceptor(rpc_log),
+            AuthInterceptor(domain.tokens),
+            ErrorInterceptor(rpc_log),
+        ],
+        options=SERVER_OPTIONS,
+    )
+    auth_grpc.add_AuthServiceServicer_to_server(AuthServicer(domain.auth), server)
+    users_grpc.add_UserServiceServicer_to_server(UserServicer(domain.users), server)
+    # Contract-only services (their issues implement them): the generated base servicers
+    # raise NotImplementedError, which the error interceptor reports as UNIMPLEMENTED.
+    agent_grpc.add_AgentServiceServicer_to_server(
+        agent_grpc.AgentServiceServicer(),  # type: ignore[abstract]
+        server,
+    )
+    knowledge_grpc.add_KnowledgeBaseServiceServicer_to_server(
+        knowledge_grpc.KnowledgeBaseServiceServicer(),  # type: ignore[abstract]
+        server,
+    )
+    feedback_grpc.add_FeedbackServiceServicer_to_server(
+        feedback_grpc.FeedbackServiceServicer(),  # type: ignore[abstract]
+        server,
+    )
+    analytics_grpc.add_AnalyticsServiceServicer_to_server(
+        analytics_grpc.AnalyticsServiceServicer(),  # type: ignore[abstract]
+        server,
+    )
+    health = ServiceHealth(SERVICE_NAMES)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        [
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    ops = OpsServer(health, registry, settings.metrics_host, settings.metrics_port)
+    return Application(settings, domain, server, health, ops, port)
+
+
+def envoy_sidecar(settings: Settings, app: Application) -> EnvoySidecar:
+    template = yaml.safe_load(settings.envoy_config_template.read_text())
+    addresses = EnvoyAddresses(
+        listen_host=settings.http_host,
+        listen_port=settings.http_port,
+        admin_port=settings.envoy_admin_port,
+        grpc_host=settings.grpc_host,
+        grpc_port=app.grpc_port,
+        ops_host=settings.metrics_host,
+        ops_port=app.ops.port,
+        descriptor_set=settings.descriptor_set,
+        cors_origins=settings.cors_allowed_origins,
+    )
+    return EnvoySidecar(
+        settings.resolved_envoy_binary,
+        render_config(template, addresses),
+        settings.data_dir / "envoy",
+        concurrency=settings.envoy_concurrency,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT (or until the Envoy sidecar dies), then shut down gracefully."""
+    configure_logging(settings.log_level, settings.log_format)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = build_application(settings)
+    await app.start()
+    sidecar = envoy_sidecar(settings, app) if settings.envoy_enabled else None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        if sidecar is not None:
+            await sidecar.start()
+        log.info(
+            "agentmesh serving",
+            extra={
+                "grpc": f"{settings.grpc_host}:{app.grpc_port}",
+                "http": f"{settings.http_host}:{sidecar.port}" if sidecar else None,
+                "ops": f"{settings.metrics_host}:{app.ops.port}",
+                "database": settings.resolved_database_url.split("@")[-1],
+            },
+        )
+        waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
+        if sidecar is not None:
+            waiters.append(asyncio.create_task(sidecar.wait()))
+        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if not stop.is_set():
+            log.error("envoy sidecar exited; shutting down")
+    finally:
+        log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
+        await app.stop()
+        if sidecar is not None:
+            await sidecar.stop()
+        log.info("stopped")

@@ -1,0 +1,29 @@
+"""Per-RPC state shared by the interceptors, the servicers and the log formatter."""
+
+import contextvars
+from dataclasses import dataclass
+
+from services.auth.principal import Principal
+from services.errors import Unauthenticated
+
+
+@dataclass
+class RequestInfo:
+    """What is known about the RPC being served; filled in as interceptors learn it."""
+
+    request_id: str
+    rpc: str
+    principal: Principal | None = None
+
+
+current_request: contextvars.ContextVar[RequestInfo | None] = contextvars.ContextVar(
+    "agentmesh_request", default=None
+)
+
+
+def current_principal() -> Principal:
+    """The authenticated caller of the current RPC (set by the auth interceptor)."""
+    info = current_request.get()
+    if info is None or info.principal is None:
+        raise Unauthenticated("authentication required", reason="UNAUTHENTICATED")
+    return info.principal

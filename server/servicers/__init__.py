@@ -1,0 +1,1 @@
+"""Thin gRPC servicers: proto → domain arguments, await the domain service, domain → proto."""

@@ -1,0 +1,241 @@
+"""Registration, login and the refresh-token lifecycle.
+
+Refresh tokens rotate: each exchange marks the presented token used and issues a new one
+in the same family. Presenting a used token again is treated as theft (RFC 9700 §4.14.2)
+and revokes the whole family, including its newest token. There is no grace window for
+concurrent refreshes: of two simultaneous exchanges of one token, one wins and the other
+revokes the family, so clients must serialize their refreshes.
+"""
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.auth.models import RefreshToken, User
+from services.auth.passwords import PasswordHasher, password_problems
+from services.auth.principal import Principal, Role
+from services.auth.tokens import TokenCodec
+from services.auth.validation import clean_full_name, normalize_email
+from services.db import utcnow
+from services.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Violations,
+)
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    access_token: str
+    refresh_token: str
+    expires_in: int
+    refresh_expires_in: int
+    user: User
+
+
+async def get_user(s: AsyncSession, user_id: uuid.UUID) -> User | None:
+    return await s.get(User, user_id)
+
+
+async def get_user_by_email(s: AsyncSession, email: str) -> User | None:
+    return await s.scalar(select(User).where(User.email == email))
+
+
+async def count_admins(s: AsyncSession, *, lock: bool = False) -> int:
+    """The number of administrators; `lock` holds their rows until commit (PostgreSQL)."""
+    query = select(User.id).where(User.role == Role.ADMIN)
+    if lock:
+        query = query.with_for_update()
+    return len((await s.scalars(query)).all())
+
+
+async def revoke_tokens(
+    s: AsyncSession,
+    now: datetime,
+    *,
+    family_id: uuid.UUID | None = None,
+    user_id: uuid.UUID | None = None,
+) -> None:
+    """Revoke every live refresh token of a family or of a user."""
+    condition = (
+        RefreshToken.family_id == family_id if family_id else RefreshToken.user_id == user_id
+    )
+    await s.execute(
+        update(RefreshToken)
+        .where(condition, RefreshToken.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+
+
+class AuthService:
+    """Accounts and tokens."""
+
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], hasher: PasswordHasher, tokens: TokenCodec
+    ) -> None:
+        self._sessions = sessions
+        self._hasher = hasher
+        self._tokens = tokens
+
+    async def register(
+        self, *, email: str, password: str, full_name: str, role: Role = Role.USER
+    ) -> User:
+        """Create an account; ALREADY_EXISTS when the email is taken."""
+        violations = Violations()
+        email = normalize_email(email, violations)
+        full_name = clean_full_name(full_name, violations)
+        for problem in password_problems(password, email=email):
+            violations.add("password", problem)
+        violations.raise_if_any()
+        async with self._sessions() as s:
+            if await get_user_by_email(s, email) is not None:
+                raise AlreadyExists("an account with this email exists", reason="EMAIL_TAKEN")
+        user = User(
+            email=email,
+            full_name=full_name,
+            role=role,
+            password_hash=await self._hasher.hash(password),
+        )
+        try:
+            async with self._sessions.begin() as s:
+                s.add(user)
+        except IntegrityError:  # registered concurrently
+            raise AlreadyExists("an account with this email exists", reason="EMAIL_TAKEN") from None
+        return user
+
+    async def has_admin(self) -> bool:
+        async with self._sessions() as s:
+            return await count_admins(s) > 0
+
+    async def login(self, *, email: str, password: str) -> TokenPair:
+        """A new token family for valid credentials; UNAUTHENTICATED otherwise."""
+        violations = Violations()
+        if not email.strip():
+            violations.add("email", "is required")
+        if not password:
+            violations.add("password", "is required")
+        violations.raise_if_any()
+        async with self._sessions() as s:
+            user = await get_user_by_email(s, email.strip().lower())
+        if (
+            not await self._hasher.verify(user.password_hash if user else None, password)
+            or not user
+        ):
+            raise Unauthenticated("wrong email or password", reason="INVALID_CREDENTIALS")
+        now = utcnow()
+        async with self._sessions.begin() as s:
+            if self._hasher.needs_rehash(user.password_hash):
+                user.password_hash = await self._hasher.hash(password)
+                await s.execute(
+                    update(User).where(User.id == user.id).values(password_hash=user.password_hash)
+                )
+            return await self._issue_pair(s, user, family_id=uuid.uuid4(), now=now)
+
+    async def refresh(self, *, refresh_token: str) -> TokenPair:
+        """Exchange a refresh token for a new pair (rotation, with reuse detection)."""
+        if not refresh_token:
+            raise InvalidArgument.of("refresh_token", "is required")
+        claims = self._tokens.decode_refresh(refresh_token)
+        now = utcnow()
+        async with self._sessions.begin() as s:
+            exchanged = cast(
+                CursorResult[Any],
+                await s.execute(
+                    update(RefreshToken)
+                    .where(
+                        RefreshToken.id == claims.token_id,
+                        RefreshToken.used_at.is_(None),
+                        RefreshToken.revoked_at.is_(None),
+                    )
+                    .values(used_at=now)
+                ),
+            )
+            user = await get_user(s, claims.user_id)
+            if exchanged.rowcount == 1 and user is not None:
+                return await self._issue_pair(s, user, family_id=claims.family_id, now=now)
+        async with self._sessions.begin() as s:
+            row = await s.get(RefreshToken, claims.token_id)
+            if row is not None and row.used_at is not None:
+                await revoke_tokens(s, now, family_id=row.family_id)
+                reused = True
+            else:
+                reused = False
+        if reused:
+            raise Unauthenticated(
+                "refresh token was already used; the session has been revoked",
+                reason="REFRESH_TOKEN_REUSED",
+            )
+        raise Unauthenticated("refresh token revoked", reason="TOKEN_REVOKED")
+
+    async def logout(self, principal: Principal, *, refresh_token: str, all_sessions: bool) -> None:
+        """Revoke one session (the refresh token's family) or all of the caller's sessions."""
+        now = utcnow()
+        if all_sessions:
+            async with self._sessions.begin() as s:
+                await revoke_tokens(s, now, user_id=principal.user_id)
+            return
+        if not refresh_token:
+            raise InvalidArgument.of("refresh_token", "is required unless all_sessions is set")
+        try:
+            claims = self._tokens.decode_refresh(refresh_token, verify_exp=False)
+        except Unauthenticated:
+            claims = None
+        if claims is None or claims.user_id != principal.user_id:
+            raise InvalidArgument.of("refresh_token", "is not a refresh token of this account")
+        async with self._sessions.begin() as s:
+            await revoke_tokens(s, now, family_id=claims.family_id)
+
+    async def change_password(
+        self, principal: Principal, *, current_password: str, new_password: str
+    ) -> None:
+        """Replace the caller's password and revoke all their sessions."""
+        async with self._sessions() as s:
+            user = await get_user(s, principal.user_id)
+        if user is None:
+            raise NotFound("account not found", reason="USER_NOT_FOUND")
+        if not await self._hasher.verify(user.password_hash, current_password):
+            raise PermissionDenied("the current password is wrong", reason="WRONG_PASSWORD")
+        violations = Violations()
+        for problem in password_problems(new_password, email=user.email):
+            violations.add("new_password", problem)
+        violations.raise_if_any()
+        password_hash = await self._hasher.hash(new_password)
+        now = utcnow()
+        async with self._sessions.begin() as s:
+            await s.execute(
+                update(User)
+                .where(User.id == user.id)
+                .values(password_hash=password_hash, updated_at=now)
+            )
+            await revoke_tokens(s, now, user_id=user.id)
+
+    async def _issue_pair(
+        self, s: AsyncSession, user: User, *, family_id: uuid.UUID, now: datetime
+    ) -> TokenPair:
+        token_id = uuid.uuid4()
+        s.add(
+            RefreshToken(
+                id=token_id,
+                user_id=user.id,
+                family_id=family_id,
+                issued_at=now,
+                expires_at=now + self._tokens.refresh_ttl,
+            )
+        )
+        return TokenPair(
+            access_token=self._tokens.issue_access(user_id=user.id, role=user.role, now=now),
+            refresh_token=self._tokens.issue_refresh(
+                user_id=user.id, token_id=token_id, family_id=family_id, now=now
+            ),
+            expires_in=int(self._tokens.access_ttl.total_seconds()),
+            refresh_expires_in=int(self._tokens.refresh_ttl.total_seconds()),
+            user=user,
+        )

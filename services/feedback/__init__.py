@@ -1,0 +1,1 @@
+"""Users' judgements of assistant messages."""

@@ -1,0 +1,128 @@
+"""Running agentmesh for tests: the real application on free ports, its stubs, Envoy."""
+
+from __future__ import annotations  # the Async stub types exist only in the .pyi files
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from agentmesh.agent.v1 import agent_service_pb2_grpc as agent_grpc
+from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
+from agentmesh.auth.v1 import auth_service_pb2_grpc as auth_grpc
+from agentmesh.auth.v1 import user_service_pb2_grpc as users_grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from server.config import Settings
+from server.envoy import EnvoyAddresses, EnvoySidecar, render_config
+from server.main import Application
+from services.auth.principal import Role
+
+TEST_JWT_SECRET = "test-secret-" + "x" * 40
+PASSWORD = "correct horse battery staple"
+
+
+def settings_for(database_url: str, data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "database_url": database_url,
+        "grpc_port": 0,
+        "metrics_port": 0,
+        "http_port": 0,
+        "envoy_admin_port": 0,
+        "jwt_secret": TEST_JWT_SECRET,
+        "log_format": "text",
+        "shutdown_grace_seconds": 1.0,
+        **overrides,
+    }
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@dataclass
+class Stubs:
+    """Generated stubs over one channel."""
+
+    channel: grpc.aio.Channel
+    auth: auth_grpc.AuthServiceAsyncStub
+    users: users_grpc.UserServiceAsyncStub
+    agent: agent_grpc.AgentServiceAsyncStub
+    health: Any  # grpc_health ships no type information
+
+    @classmethod
+    def connect(cls, target: str) -> Stubs:
+        channel = grpc.aio.insecure_channel(target)
+        return cls(
+            channel=channel,
+            auth=auth_grpc.AuthServiceStub(channel),
+            users=users_grpc.UserServiceStub(channel),
+            agent=agent_grpc.AgentServiceStub(channel),
+            health=health_pb2_grpc.HealthStub(channel),
+        )
+
+
+@dataclass
+class Account:
+    user_id: str
+    email: str
+    password: str
+    access_token: str
+    refresh_token: str
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.access_token}"),)
+
+
+def unique_email(prefix: str = "user") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}@example.com"
+
+
+async def login(stubs: Stubs, email: str, password: str = PASSWORD) -> Account:
+    response = await stubs.auth.Login(auth_pb.LoginRequest(email=email, password=password))
+    return Account(
+        user_id=response.user.user_id,
+        email=email,
+        password=password,
+        access_token=response.access_token,
+        refresh_token=response.refresh_token,
+    )
+
+
+async def new_user(stubs: Stubs, prefix: str = "user") -> Account:
+    """Register a fresh account through the API and log it in."""
+    email = unique_email(prefix)
+    await stubs.auth.Register(
+        auth_pb.RegisterRequest(email=email, password=PASSWORD, full_name=prefix.title())
+    )
+    return await login(stubs, email)
+
+
+async def new_admin(app: Application, stubs: Stubs) -> Account:
+    """Create an administrator the way `agentmesh create-admin` does, then log in."""
+    email = unique_email("admin")
+    await app.domain.auth.register(
+        email=email, password=PASSWORD, full_name="Admin", role=Role.ADMIN
+    )
+    return await login(stubs, email)
+
+
+def envoy_for(
+    app: Application, workdir: Path, cors_origins: list[str] | None = None
+) -> EnvoySidecar:
+    """An Envoy sidecar on free ports in front of a running test application."""
+    settings = app.settings
+    addresses = EnvoyAddresses(
+        listen_host="127.0.0.1",
+        listen_port=0,
+        admin_port=0,
+        grpc_host="127.0.0.1",
+        grpc_port=app.grpc_port,
+        ops_host="127.0.0.1",
+        ops_port=app.ops.port,
+        descriptor_set=settings.descriptor_set,
+        cors_origins=cors_origins or [],
+    )
+    template = yaml.safe_load(settings.envoy_config_template.read_text())
+    return EnvoySidecar(settings.resolved_envoy_binary, render_config(template, addresses), workdir)

@@ -1,0 +1,31 @@
+"""Reading google.rpc.Status details out of a failed call."""
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+def status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status:
+    status: status_pb2.Status | None = rpc_status.from_call(error)
+    assert status is not None, f"no rich status on {error.code()}: {error.details()}"
+    return status
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    for detail in status_of(error).details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
+    raise AssertionError("no ErrorInfo detail")
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> dict[str, list[str]]:
+    """Field path → descriptions, from the BadRequest detail."""
+    for detail in status_of(error).details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            result: dict[str, list[str]] = {}
+            for violation in bad_request.field_violations:
+                result.setdefault(violation.field, []).append(violation.description)
+            return result
+    raise AssertionError("no BadRequest detail")

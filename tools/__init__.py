@@ -1,0 +1,1 @@
+"""Build-time tools for the contract (protos → gen/)."""
