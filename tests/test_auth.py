@@ -4,6 +4,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import jwt
@@ -12,7 +13,18 @@ from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from agentmesh.auth.v1 import user_pb2 as user_pb
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
 
-from tests.harness import PASSWORD, TEST_JWT_SECRET, Account, Stubs, login, new_user, unique_email
+from server.main import build_application
+from tests.backends import Database
+from tests.harness import (
+    PASSWORD,
+    TEST_JWT_SECRET,
+    Account,
+    Stubs,
+    login,
+    new_user,
+    settings_for,
+    unique_email,
+)
 from tests.rpc_errors import error_info, field_violations
 
 ME = users_pb.GetCurrentUserRequest()
@@ -344,3 +356,35 @@ async def test_change_password_revokes_sessions(stubs: Stubs) -> None:
         grpc.StatusCode.UNAUTHENTICATED,
     )
     await login(stubs, account.email, "a new good passphrase")
+
+
+async def test_revocation_and_sessions_survive_a_restart(
+    database: Database, tmp_path: Path
+) -> None:
+    """Revocation lives in the database: a restarted server still refuses a revoked
+    refresh token, and still honours the live ones (same secret, same database)."""
+    first = build_application(settings_for(database.url, tmp_path))
+    await first.start()
+    stubs = Stubs.connect(f"127.0.0.1:{first.grpc_port}")
+    revoked, live = await new_user(stubs, "restart"), await new_user(stubs, "survivor")
+    await stubs.auth.Logout(
+        auth_pb.LogoutRequest(refresh_token=revoked.refresh_token), metadata=revoked.metadata
+    )
+    await stubs.channel.close()
+    await first.stop(grace=0)
+
+    second = build_application(settings_for(database.url, tmp_path))
+    await second.start()
+    stubs = Stubs.connect(f"127.0.0.1:{second.grpc_port}")
+    try:
+        await expect_code(
+            stubs.auth.RefreshToken(
+                auth_pb.RefreshTokenRequest(refresh_token=revoked.refresh_token)
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        await stubs.auth.RefreshToken(auth_pb.RefreshTokenRequest(refresh_token=live.refresh_token))
+        assert (await me(stubs, live.access_token)).user.user_id == live.user_id
+    finally:
+        await stubs.channel.close()
+        await second.stop(grace=0)
