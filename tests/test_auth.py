@@ -1,6 +1,8 @@
 """AuthService over gRPC: the token lifecycle, token forgery, password policy."""
 
 import asyncio
+import base64
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -150,15 +152,10 @@ async def test_logout_refuses_another_users_refresh_token(stubs: Stubs) -> None:
     await stubs.auth.RefreshToken(auth_pb.RefreshTokenRequest(refresh_token=alice.refresh_token))
 
 
-def _forge(
-    claims: dict[str, object],
-    *,
-    secret: str = TEST_JWT_SECRET,
-    typ: str = "at+jwt",
-    alg: str = "HS256",
-) -> str:
+def _access_claims(**overrides: object) -> dict[str, object]:
+    """The claims of a well-formed admin access token, with `overrides` applied."""
     now = int(time.time())
-    payload = {
+    claims: dict[str, object] = {
         "iss": "agentmesh",
         "aud": "agentmesh-api",
         "iat": now,
@@ -166,30 +163,37 @@ def _forge(
         "jti": str(uuid.uuid4()),
         "token_use": "access",
         "role": "admin",
-        **claims,
+        **overrides,
     }
-    return jwt.encode(payload, secret, algorithm=alg, headers={"typ": typ})
+    return claims
+
+
+def _sign(payload: dict[str, object], secret: str = TEST_JWT_SECRET) -> str:
+    return jwt.encode(payload, secret, algorithm="HS256", headers={"typ": "at+jwt"})
+
+
+def _forge(claims: dict[str, object], *, secret: str = TEST_JWT_SECRET) -> str:
+    return _sign(_access_claims(**claims), secret)
+
+
+def _b64(data: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
 
 
 def _alg_none(claims: dict[str, object]) -> str:
-    import base64
-    import json
+    return f"{_b64({'alg': 'none', 'typ': 'at+jwt'})}.{_b64(_access_claims(**claims))}."
 
-    def part(data: dict[str, object]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
 
-    now = int(time.time())
-    payload = {
-        "iss": "agentmesh",
-        "aud": "agentmesh-api",
-        "iat": now,
-        "exp": now + 600,
-        "jti": str(uuid.uuid4()),
-        "token_use": "access",
-        "role": "admin",
-        **claims,
-    }
-    return f"{part({'alg': 'none', 'typ': 'at+jwt'})}.{part(payload)}."
+def _without_exp(claims: dict[str, object]) -> str:
+    return _sign({k: v for k, v in _access_claims(**claims).items() if k != "exp"})
+
+
+def _tamper(token: str) -> str:
+    """`token` with its payload edited (role → admin) after signing."""
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["role"] = "admin"
+    return f"{header}.{_b64(claims)}.{signature}"
 
 
 @pytest.mark.parametrize(
@@ -212,42 +216,17 @@ async def test_bad_access_tokens_are_refused(stubs: Stubs, case: str, reason: st
     now = int(time.time())
     tokens: dict[str, Callable[[], str]] = {
         "expired": lambda: _forge({**sub, "iat": now - 3600, "exp": now - 1800}),
-        # A valid token whose payload was edited (role user → admin) after signing.
         "tampered": lambda: _tamper(account.access_token),
         "alg_none": lambda: _alg_none(sub),
         "wrong_secret": lambda: _forge(sub, secret="another-secret-" + "y" * 40),
         "refresh_as_access": lambda: account.refresh_token,
         "wrong_audience": lambda: _forge({**sub, "aud": "someone-else"}),
         "wrong_issuer": lambda: _forge({**sub, "iss": "evil"}),
-        "no_exp": lambda: jwt.encode(
-            {
-                "sub": account.user_id,
-                "iss": "agentmesh",
-                "aud": "agentmesh-api",
-                "iat": now,
-                "jti": "x",
-                "token_use": "access",
-                "role": "user",
-            },
-            TEST_JWT_SECRET,
-            algorithm="HS256",
-            headers={"typ": "at+jwt"},
-        ),
+        "no_exp": lambda: _without_exp(sub),
         "garbage": lambda: "not-a-jwt",
     }
     error = await expect_code(me(stubs, tokens[case]()), grpc.StatusCode.UNAUTHENTICATED)
     assert error_info(error).reason == reason
-
-
-def _tamper(token: str) -> str:
-    import base64
-    import json
-
-    header, payload, signature = token.split(".")
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    claims["role"] = "admin"
-    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
-    return f"{header}.{forged}.{signature}"
 
 
 async def test_access_token_is_not_a_refresh_token(stubs: Stubs) -> None:
