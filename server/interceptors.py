@@ -132,7 +132,7 @@ def _code_name(context: Context, failed: BaseException | None) -> str:
         return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
     if failed is None:
         return "OK"
-    return "CANCELLED" if isinstance(failed, BaseException) and context.cancelled() else "UNKNOWN"
+    return "CANCELLED" if context.cancelled() else "UNKNOWN"
 
 
 class RequestLogInterceptor(WrappingInterceptor):

@@ -8,14 +8,17 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import argon2
 import grpc
 import jwt
 import pytest
 from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from agentmesh.auth.v1 import user_pb2 as user_pb
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
+from sqlalchemy import select, update
 
-from server.main import build_application
+from server.main import Application, build_application
+from services.auth.models import User
 from tests.backends import Database
 from tests.harness import (
     PASSWORD,
@@ -302,6 +305,8 @@ async def test_wrong_password_and_unknown_email_look_alike(stubs: Stubs) -> None
     )
     assert wrong.details() == unknown.details()
     assert error_info(wrong).reason == error_info(unknown).reason == "INVALID_CREDENTIALS"
+    # Emails are matched in the canonical form they were stored in.
+    await login(stubs, f"  {account.email.upper()} ")
     empty = await expect_code(
         stubs.auth.Login(auth_pb.LoginRequest()), grpc.StatusCode.INVALID_ARGUMENT
     )
@@ -367,3 +372,17 @@ async def test_revocation_and_sessions_survive_a_restart(
     finally:
         await stubs.channel.close()
         await second.stop(grace=0)
+
+
+async def test_login_upgrades_weak_password_hashes(app: Application, stubs: Stubs) -> None:
+    account = await new_user(stubs, "legacy")
+    weak = argon2.PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1).hash(PASSWORD)
+    async with app.domain.sessions.begin() as s:
+        await s.execute(update(User).where(User.email == account.email).values(password_hash=weak))
+
+    await login(stubs, account.email)
+
+    async with app.domain.sessions() as s:
+        stored = await s.scalar(select(User.password_hash).where(User.email == account.email))
+    assert stored is not None and stored.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    await login(stubs, account.email)  # the upgraded hash verifies

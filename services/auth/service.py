@@ -20,7 +20,7 @@ from services.auth.models import RefreshToken, User
 from services.auth.passwords import PasswordHasher, password_problems
 from services.auth.principal import Principal, Role
 from services.auth.tokens import TokenCodec
-from services.auth.validation import clean_full_name, normalize_email
+from services.auth.validation import canonical_email, clean_full_name, normalize_email
 from services.db import utcnow
 from services.errors import (
     AlreadyExists,
@@ -124,18 +124,23 @@ class AuthService:
             violations.add("password", "is required")
         violations.raise_if_any()
         async with self._sessions() as s:
-            user = await get_user_by_email(s, email.strip().lower())
+            user = await get_user_by_email(s, canonical_email(email))
         if (
             not await self._hasher.verify(user.password_hash if user else None, password)
             or not user
         ):
             raise Unauthenticated("wrong email or password", reason="INVALID_CREDENTIALS")
+        # Upgrade hashes made with weaker parameters, before holding a transaction open.
+        upgraded = (
+            await self._hasher.hash(password)
+            if self._hasher.needs_rehash(user.password_hash)
+            else None
+        )
         now = utcnow()
         async with self._sessions.begin() as s:
-            if self._hasher.needs_rehash(user.password_hash):
-                user.password_hash = await self._hasher.hash(password)
+            if upgraded is not None:
                 await s.execute(
-                    update(User).where(User.id == user.id).values(password_hash=user.password_hash)
+                    update(User).where(User.id == user.id).values(password_hash=upgraded)
                 )
             return await self._issue_pair(s, user, family_id=uuid.uuid4(), now=now)
 

@@ -21,6 +21,15 @@ def normalize_email(raw: str, violations: Violations, *, field: str = "email") -
         return ""
 
 
+def canonical_email(raw: str) -> str:
+    """The form `normalize_email` stores, or the trimmed lower-cased input when it is not a
+    valid address (for lookups, which must not reveal why an address matches nothing)."""
+    try:
+        return validate_email(raw.strip(), check_deliverability=False).normalized.lower()
+    except EmailNotValidError:
+        return raw.strip().lower()
+
+
 def clean_full_name(raw: str, violations: Violations, *, field: str = "full_name") -> str:
     """`raw` without surrounding space; control characters and over-long names are violations."""
     name = raw.strip()
