@@ -17,10 +17,11 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from grpc_health.v1 import health_pb2
 
 from server.main import SERVICE_NAMES
-from tests.harness import Stubs, login
+from tests.harness import PASSWORD, Stubs, login, unique_email
 
 AGENTMESH = [sys.executable, "-m", "server"]
 
@@ -71,11 +72,12 @@ async def _collect(stream: asyncio.StreamReader, logs: list[dict[str, Any]]) -> 
 
 
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
-    """`agentmesh migrate`, `create-admin --if-no-admin`, then `serve`, as `make run` does."""
+async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    """`agentmesh migrate`, `create-admin --if-no-admin`, then `serve`, as `make run` does.
+    The shutdown delay is 1.5 s unless the test parametrizes it (indirectly)."""
     env = cli_env(
         tmp_path / "data",
-        AGENTMESH_SHUTDOWN_DELAY_SECONDS="1.5",
+        AGENTMESH_SHUTDOWN_DELAY_SECONDS=getattr(request, "param", "1.5"),
         AGENTMESH_SHUTDOWN_GRACE_SECONDS="2",
     )
     assert (await run_cli("migrate", env=env))[0] == 0
@@ -184,3 +186,25 @@ async def test_new_rpcs_are_refused_after_sigterm(served: Served) -> None:
     finally:
         await stubs.channel.close()
     assert await asyncio.wait_for(served.process.wait(), 10) == 0
+
+
+@pytest.mark.parametrize("served", ["0"], indirect=True)
+async def test_sigterm_drains_in_flight_rpcs(served: Served) -> None:
+    """RPCs already running when SIGTERM arrives finish normally within the grace period
+    (each Register spends real time hashing, so they are still running at the signal)."""
+    stubs = Stubs.connect(served.addresses["grpc"])
+    try:
+        requests = [
+            auth_pb.RegisterRequest(email=unique_email("drain"), password=PASSWORD)
+            for _ in range(12)
+        ]
+        calls = [asyncio.ensure_future(stubs.auth.Register(r)) for r in requests]
+        await served.wait_for_log("rpc finished")  # the first has finished; the rest run
+        served.process.send_signal(signal.SIGTERM)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert [type(r).__name__ for r in results] == ["RegisterResponse"] * len(requests)
+        assert await asyncio.wait_for(served.process.wait(), 10) == 0
+        drained = [line for line in served.logs if line.get("rpc", "").endswith("/Register")]
+        assert len(drained) == len(requests) and {line["code"] for line in drained} == {"OK"}
+    finally:
+        await stubs.channel.close()
