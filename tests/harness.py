@@ -2,7 +2,9 @@
 
 from __future__ import annotations  # the Async stub types exist only in the .pyi files
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from server.config import Settings
 from server.envoy import EnvoyAddresses, EnvoySidecar, render_config
-from server.main import Application
+from server.main import Application, build_application
 from services.auth.principal import Role
 
 TEST_JWT_SECRET = "test-secret-" + "x" * 40
@@ -106,6 +108,21 @@ async def new_admin(app: Application, stubs: Stubs) -> Account:
         email=email, password=PASSWORD, full_name="Admin", role=Role.ADMIN
     )
     return await login(stubs, email)
+
+
+@contextlib.asynccontextmanager
+async def running_app(
+    database_url: str, data_dir: Path
+) -> AsyncIterator[tuple[Application, Stubs]]:
+    """A started application over `database_url` with stubs connected to it; stopped on exit."""
+    app = build_application(settings_for(database_url, data_dir))
+    await app.start()
+    stubs = Stubs.connect(f"127.0.0.1:{app.grpc_port}")
+    try:
+        yield app, stubs
+    finally:
+        await stubs.channel.close()
+        await app.stop(grace=0)
 
 
 def envoy_for(

@@ -17,7 +17,7 @@ from agentmesh.auth.v1 import user_pb2 as user_pb
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
 from sqlalchemy import select, update
 
-from server.main import Application, build_application
+from server.main import Application
 from services.auth.models import User
 from tests.backends import Database
 from tests.harness import (
@@ -27,7 +27,7 @@ from tests.harness import (
     Stubs,
     login,
     new_user,
-    settings_for,
+    running_app,
     unique_email,
 )
 from tests.rpc_errors import error_info, field_violations
@@ -347,20 +347,13 @@ async def test_revocation_and_sessions_survive_a_restart(
 ) -> None:
     """Revocation lives in the database: a restarted server still refuses a revoked
     refresh token, and still honours the live ones (same secret, same database)."""
-    first = build_application(settings_for(database.url, tmp_path))
-    await first.start()
-    stubs = Stubs.connect(f"127.0.0.1:{first.grpc_port}")
-    revoked, live = await new_user(stubs, "restart"), await new_user(stubs, "survivor")
-    await stubs.auth.Logout(
-        auth_pb.LogoutRequest(refresh_token=revoked.refresh_token), metadata=revoked.metadata
-    )
-    await stubs.channel.close()
-    await first.stop(grace=0)
+    async with running_app(database.url, tmp_path) as (_, stubs):
+        revoked, live = await new_user(stubs, "restart"), await new_user(stubs, "survivor")
+        await stubs.auth.Logout(
+            auth_pb.LogoutRequest(refresh_token=revoked.refresh_token), metadata=revoked.metadata
+        )
 
-    second = build_application(settings_for(database.url, tmp_path))
-    await second.start()
-    stubs = Stubs.connect(f"127.0.0.1:{second.grpc_port}")
-    try:
+    async with running_app(database.url, tmp_path) as (_, stubs):
         await expect_code(
             stubs.auth.RefreshToken(
                 auth_pb.RefreshTokenRequest(refresh_token=revoked.refresh_token)
@@ -369,9 +362,6 @@ async def test_revocation_and_sessions_survive_a_restart(
         )
         await stubs.auth.RefreshToken(auth_pb.RefreshTokenRequest(refresh_token=live.refresh_token))
         assert (await me(stubs, live.access_token)).user.user_id == live.user_id
-    finally:
-        await stubs.channel.close()
-        await second.stop(grace=0)
 
 
 async def test_login_upgrades_weak_password_hashes(app: Application, stubs: Stubs) -> None:

@@ -22,7 +22,7 @@ from server.access import RPC_ACCESS, Access
 from server.logs import RequestContextFilter
 from server.main import SERVICE_NAMES, Application, build_application
 from tests.backends import Database
-from tests.harness import PASSWORD, Stubs, new_user, settings_for, unique_email
+from tests.harness import PASSWORD, Stubs, new_user, running_app, settings_for, unique_email
 from tests.rpc_errors import error_info
 from tests.test_auth import expect_code
 
@@ -100,27 +100,23 @@ async def test_unexpected_failures_are_internal_without_details(
     a generic INTERNAL (never UNKNOWN, never the SQL), the log gets the traceback."""
     empty = Database(database.backend, tmp_path / "db")
     await empty.create()  # not migrated
-    app = build_application(settings_for(empty.url, tmp_path / "data"))
-    await app.start()
     try:
-        stubs = Stubs.connect(f"127.0.0.1:{app.grpc_port}")
-        with caplog.at_level(logging.ERROR, logger="agentmesh.rpc"):
-            error = await expect_code(
-                stubs.auth.Register(
-                    auth_pb.RegisterRequest(email=unique_email(), password=PASSWORD)
-                ),
-                grpc.StatusCode.INTERNAL,
-            )
-        assert error.details() == "internal error; see the server log for this request id"
-        assert error_info(error).reason == "INTERNAL"
-        assert "users" not in (error.details() or "")
-        assert "Traceback" not in (error.debug_error_string() or "")
-        failure = next(r for r in caplog.records if r.getMessage().startswith("unhandled error"))
-        assert failure.exc_info is not None
-        await stubs.channel.close()
+        async with running_app(empty.url, tmp_path / "data") as (_, stubs):
+            with caplog.at_level(logging.ERROR, logger="agentmesh.rpc"):
+                error = await expect_code(
+                    stubs.auth.Register(
+                        auth_pb.RegisterRequest(email=unique_email(), password=PASSWORD)
+                    ),
+                    grpc.StatusCode.INTERNAL,
+                )
     finally:
-        await app.stop(grace=0)
         await empty.drop()
+    assert error.details() == "internal error; see the server log for this request id"
+    assert error_info(error).reason == "INTERNAL"
+    assert "users" not in (error.details() or "")
+    assert "Traceback" not in (error.debug_error_string() or "")
+    failure = next(r for r in caplog.records if r.getMessage().startswith("unhandled error"))
+    assert failure.exc_info is not None
 
 
 async def test_request_ids_are_echoed(stubs: Stubs) -> None:

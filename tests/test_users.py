@@ -10,9 +10,9 @@ from agentmesh.auth.v1 import user_pb2 as user_pb
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
 from google.protobuf import field_mask_pb2
 
-from server.main import Application, build_application
+from server.main import Application
 from tests.backends import Database
-from tests.harness import Stubs, new_admin, new_user, settings_for
+from tests.harness import Stubs, new_admin, new_user, running_app
 from tests.rpc_errors import error_info, field_violations
 from tests.test_auth import expect_code
 
@@ -200,12 +200,8 @@ async def fresh_app(database: Database, tmp_path: Path) -> AsyncIterator[tuple[A
     db = Database(database.backend, tmp_path / "db")
     await db.create()
     await db.migrate()
-    application = build_application(settings_for(db.url, tmp_path / "data"))
-    await application.start()
-    stubs = Stubs.connect(f"127.0.0.1:{application.grpc_port}")
-    yield application, stubs
-    await stubs.channel.close()
-    await application.stop(grace=0)
+    async with running_app(db.url, tmp_path / "data") as running:
+        yield running
     await db.drop()
 
 
