@@ -10,7 +10,7 @@ GOOGLEAPIS := build/third_party
 PROTOS := $(shell find protos -name '*.proto')
 DESCRIPTOR := gen/agentmesh.binpb
 
-.PHONY: help install gen gen-check lint fmt migrate admin run test bench clean
+.PHONY: help install gen gen-check lint fmt migrate admin run test bench bench-rest bench-retrieval clean
 
 help:
 	@echo "make run     set up and run agentmesh (gRPC :50051, REST+gRPC via Envoy :8080)"
@@ -24,7 +24,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# torch first, pinned to the CPU build: left to sentence-transformers, pip picks a
+# multi-GB CUDA build (override TORCH for another build).
+TORCH ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet '$(TORCH)'
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -68,8 +72,13 @@ run: migrate
 test: $(GOOGLEAPIS)/.copied
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: install
+bench: bench-rest bench-retrieval
+
+bench-rest: install
 	$(BIN)/python -m bench.rest_tax $(BENCH_ARGS)
+
+bench-retrieval: install
+	$(BIN)/python -m bench.retrieval $(BENCH_ARGS)
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -26,7 +26,11 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     """Redis URL for the shared cache, quotas and rate limits (reserved: not read yet)."""
     qdrant_url: str | None = None
-    """Qdrant server URL; unset: embedded Qdrant in DATA_DIR (reserved: not read yet)."""
+    """Qdrant server URL (http://host:6333); unset: embedded Qdrant in DATA_DIR/qdrant."""
+    qdrant_api_key: SecretStr | None = None
+    """API key for the Qdrant server."""
+    qdrant_collection: str = "agentmesh_chunks"
+    """Qdrant collection holding every owner's chunks (owner id is the tenant key)."""
 
     grpc_host: str = "127.0.0.1"
     """Address the gRPC server binds to (0.0.0.0 in containers)."""
@@ -73,6 +77,35 @@ class Settings(BaseSettings):
     """Email of the administrator created on an empty database by `make run`."""
     admin_password: SecretStr | None = None
     """Password of that administrator; unset: generated into DATA_DIR/initial-admin-password."""
+
+    embedding_model: str | None = None
+    """sentence-transformers model name or local path; unset: the packaged all-MiniLM-L6-v2."""
+    embedding_batch_size: int = Field(default=32, gt=0)
+    """Chunks per embedding batch."""
+    embedding_threads: int = Field(default=0, ge=0)
+    """Parallel single-threaded embedding workers; 0: one per CPU core."""
+    query_cache_size: int = Field(default=1024, ge=0)
+    """Query embeddings kept in memory (least recently used are dropped)."""
+    chunk_overlap_tokens: int = Field(default=48, ge=0)
+    """Word pieces shared by consecutive chunks (chunk size is the model's window)."""
+    max_chunks_per_document: int = Field(default=20_000, gt=0)
+    """Longest document ingested, in passages; a longer one ends FAILED."""
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    """Largest accepted document; the gRPC receive limit is raised to match."""
+    ingest_workers: int = Field(default=8, gt=0)
+    """Documents ingested concurrently; their chunks are embedded together in batches."""
+    ingest_queue_size: int = Field(default=1000, gt=0)
+    """Documents waiting for ingestion before uploads get RESOURCE_EXHAUSTED."""
+    pdf_timeout_seconds: float = Field(default=60.0, gt=0)
+    """Wall-time limit of the child process that parses one PDF."""
+    pdf_memory_mb: int = Field(default=1024, gt=0)
+    """Address-space limit of the child process that parses one PDF."""
+    hybrid_dense_weight: float = Field(default=0.5, ge=0, le=1)
+    """Weight of the dense leg in hybrid fusion (the sparse leg gets the rest)."""
+    search_candidates: int = Field(default=100, gt=0)
+    """Hits fetched from each retrieval leg before fusion and reranking."""
+    reranker_model: str | None = None
+    """Local path of a sentence-transformers cross-encoder; unset: cross-encoder reranking off."""
 
     llm_base_url: str | None = None
     """Base URL of an OpenAI-compatible LLM endpoint (reserved for the agent: not read yet)."""

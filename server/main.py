@@ -40,12 +40,21 @@ from server.interceptors import AuthInterceptor, ErrorInterceptor, RequestLogInt
 from server.logs import configure_logging
 from server.ops_http import OpsServer
 from server.servicers.auth import AuthServicer
+from server.servicers.knowledge import KnowledgeBaseServicer
 from server.servicers.users import UserServicer
 from services.auth.passwords import PasswordHasher
 from services.auth.service import AuthService
 from services.auth.tokens import TokenCodec, TokenSettings
 from services.auth.users import UserService
 from services.db import create_engine, create_sessionmaker
+from services.knowledge.chunking import ChunkingPolicy
+from services.knowledge.embeddings import Embedder, EmbedderSettings, packaged_model_path
+from services.knowledge.ingestion import IngestionPipeline, IngestionQueue
+from services.knowledge.lexical import LexicalEncoder
+from services.knowledge.parsing import ParseLimits
+from services.knowledge.reranking import CrossEncoderReranker
+from services.knowledge.service import KnowledgeService, KnowledgeSettings
+from services.knowledge.vector_store import VectorStore
 
 SERVICE_NAMES = [
     auth_pb.DESCRIPTOR.services_by_name["AuthService"].full_name,
@@ -56,10 +65,22 @@ SERVICE_NAMES = [
     analytics_pb.DESCRIPTOR.services_by_name["AnalyticsService"].full_name,
 ]
 
-SERVER_OPTIONS = [
-    # Fail loudly when the port is taken instead of silently sharing it.
-    ("grpc.so_reuseport", 0),
-]
+# Room for the rest of an UploadDocumentRequest beside the largest accepted file.
+UPLOAD_ENVELOPE_BYTES = 1024 * 1024
+MIB = 1024 * 1024
+# Threads parsing, chunking and building lexical vectors (a PDF waits on its child process).
+PARSE_THREADS = 2
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        # Fail loudly when the port is taken instead of silently sharing it.
+        ("grpc.so_reuseport", 0),
+        # Uploads up to the size cap must reach the service, which answers anything over
+        # the cap with its own RESOURCE_EXHAUSTED and details.
+        ("grpc.max_receive_message_length", settings.max_upload_bytes + UPLOAD_ENVELOPE_BYTES),
+    ]
+
 
 log = logging.getLogger("agentmesh")
 
@@ -87,10 +108,69 @@ class Domain:
     tokens: TokenCodec
     auth: AuthService
     users: UserService
+    knowledge: KnowledgeService
+
+    async def start(self) -> None:
+        await self.knowledge.start()
 
     async def close(self) -> None:
+        await self.knowledge.stop()
         await self.engine.dispose()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def build_knowledge(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> KnowledgeService:
+    """The knowledge base: embedding model (loaded here), Qdrant, ingestion workers."""
+    embedder = Embedder.load(
+        EmbedderSettings(
+            model=settings.embedding_model or packaged_model_path(),
+            batch_size=settings.embedding_batch_size,
+            threads=settings.embedding_threads,
+            query_cache_size=settings.query_cache_size,
+        )
+    )
+    store = VectorStore.connect(
+        url=settings.qdrant_url,
+        api_key=settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None,
+        path=settings.data_dir / "qdrant",
+        collection=settings.qdrant_collection,
+    )
+    lexical = LexicalEncoder()
+    executor = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="ingest")
+    limits = ParseLimits(
+        pdf_timeout_seconds=settings.pdf_timeout_seconds,
+        pdf_memory_bytes=settings.pdf_memory_mb * MIB,
+    )
+    pipeline = IngestionPipeline(
+        sessions,
+        store,
+        embedder,
+        lexical,
+        ChunkingPolicy(
+            embedder.max_tokens, settings.chunk_overlap_tokens, settings.max_chunks_per_document
+        ),
+        limits,
+        executor,
+    )
+    queue = IngestionQueue(
+        pipeline, workers=settings.ingest_workers, capacity=settings.ingest_queue_size
+    )
+    reranker = (
+        CrossEncoderReranker.load(settings.reranker_model, embedder)
+        if settings.reranker_model
+        else None
+    )
+    knowledge_settings = KnowledgeSettings(
+        max_upload_bytes=settings.max_upload_bytes,
+        dense_weight=settings.hybrid_dense_weight,
+        candidates=settings.search_candidates,
+        parse_limits=limits,
+    )
+    return KnowledgeService(
+        sessions, store, embedder, lexical, queue, executor, knowledge_settings, reranker
+    )
 
 
 def build_domain(settings: Settings) -> Domain:
@@ -106,13 +186,15 @@ def build_domain(settings: Settings) -> Domain:
             refresh_ttl=timedelta(seconds=settings.refresh_token_ttl_seconds),
         )
     )
+    knowledge = build_knowledge(settings, sessions)
     return Domain(
         engine=engine,
         sessions=sessions,
         executor=executor,
         tokens=tokens,
         auth=AuthService(sessions, PasswordHasher(executor), tokens),
-        users=UserService(sessions),
+        users=UserService(sessions, on_deleted=knowledge.purge_owner),
+        knowledge=knowledge,
     )
 
 
@@ -128,6 +210,7 @@ class Application:
     grpc_port: int
 
     async def start(self) -> None:
+        await self.domain.start()
         await self.server.start()
         await self.ops.start()
         await self.health.set_all(SERVING)
@@ -150,7 +233,7 @@ def build_application(settings: Settings) -> Application:
             AuthInterceptor(domain.tokens),
             ErrorInterceptor(rpc_log),
         ],
-        options=SERVER_OPTIONS,
+        options=server_options(settings),
     )
     auth_grpc.add_AuthServiceServicer_to_server(AuthServicer(domain.auth), server)
     users_grpc.add_UserServiceServicer_to_server(UserServicer(domain.users), server)
@@ -161,8 +244,7 @@ def build_application(settings: Settings) -> Application:
         server,
     )
     knowledge_grpc.add_KnowledgeBaseServiceServicer_to_server(
-        knowledge_grpc.KnowledgeBaseServiceServicer(),  # type: ignore[abstract]
-        server,
+        KnowledgeBaseServicer(domain.knowledge), server
     )
     feedback_grpc.add_FeedbackServiceServicer_to_server(
         feedback_grpc.FeedbackServiceServicer(),  # type: ignore[abstract]

@@ -15,6 +15,7 @@ from agentmesh.agent.v1 import agent_service_pb2_grpc as agent_grpc
 from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from agentmesh.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from agentmesh.auth.v1 import user_service_pb2_grpc as users_grpc
+from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as kb_grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from server.config import Settings
@@ -50,6 +51,7 @@ class Stubs:
     auth: auth_grpc.AuthServiceAsyncStub
     users: users_grpc.UserServiceAsyncStub
     agent: agent_grpc.AgentServiceAsyncStub
+    kb: kb_grpc.KnowledgeBaseServiceAsyncStub
     health: Any  # grpc_health ships no type information
 
     @classmethod
@@ -60,6 +62,7 @@ class Stubs:
             auth=auth_grpc.AuthServiceStub(channel),
             users=users_grpc.UserServiceStub(channel),
             agent=agent_grpc.AgentServiceStub(channel),
+            kb=kb_grpc.KnowledgeBaseServiceStub(channel),
             health=health_pb2_grpc.HealthStub(channel),
         )
 
@@ -112,10 +115,10 @@ async def new_admin(app: Application, stubs: Stubs) -> Account:
 
 @contextlib.asynccontextmanager
 async def running_app(
-    database_url: str, data_dir: Path
+    database_url: str, data_dir: Path, **overrides: Any
 ) -> AsyncIterator[tuple[Application, Stubs]]:
     """A started application over `database_url` with stubs connected to it; stopped on exit."""
-    app = build_application(settings_for(database_url, data_dir))
+    app = build_application(settings_for(database_url, data_dir, **overrides))
     await app.start()
     stubs = Stubs.connect(f"127.0.0.1:{app.grpc_port}")
     try:

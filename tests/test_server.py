@@ -17,10 +17,12 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from sqlalchemy import text
 
 from server.access import RPC_ACCESS, Access
 from server.logs import RequestContextFilter
 from server.main import SERVICE_NAMES, Application, build_application
+from services.db import create_engine
 from tests.backends import Database
 from tests.harness import PASSWORD, Stubs, new_user, running_app, settings_for, unique_email
 from tests.rpc_errors import error_info
@@ -96,12 +98,17 @@ async def test_contract_only_rpcs_are_unimplemented(stubs: Stubs) -> None:
 async def test_unexpected_failures_are_internal_without_details(
     database: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A database without tables makes every query fail inside SQLAlchemy: the client gets
-    a generic INTERNAL (never UNKNOWN, never the SQL), the log gets the traceback."""
+    """A table vanishing under a running server makes queries fail inside SQLAlchemy: the
+    client gets a generic INTERNAL (never UNKNOWN, never the SQL), the log gets the traceback."""
     empty = Database(database.backend, tmp_path / "db")
-    await empty.create()  # not migrated
+    await empty.create()
+    await empty.migrate()
     try:
         async with running_app(empty.url, tmp_path / "data") as (_, stubs):
+            engine = create_engine(empty.url)
+            async with engine.begin() as connection:
+                await connection.execute(text("ALTER TABLE users RENAME TO users_gone"))
+            await engine.dispose()
             with caplog.at_level(logging.ERROR, logger="agentmesh.rpc"):
                 error = await expect_code(
                     stubs.auth.Register(

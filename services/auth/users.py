@@ -1,6 +1,7 @@
 """Reading and managing accounts: self-service profile changes and administration."""
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select, tuple_
@@ -53,8 +54,14 @@ def require_user_id(raw: str, *, field: str = "user_id") -> uuid.UUID:
 class UserService:
     """Accounts as resources. Who may call what is decided by the RPC access table."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        on_deleted: Callable[[uuid.UUID], Awaitable[None]] | None = None,
+    ) -> None:
         self._sessions = sessions
+        # Cleans up what lives outside the database (indexed passages) after a deletion.
+        self._on_deleted = on_deleted
 
     async def get_current(self, principal: Principal) -> User:
         return await self.get(principal.user_id)
@@ -99,6 +106,8 @@ class UserService:
                     "cannot delete the last administrator", reason="LAST_ADMIN"
                 )
             await s.execute(delete(User).where(User.id == user_id))
+        if self._on_deleted is not None:
+            await self._on_deleted(user_id)
 
     async def _update(
         self, user_id: uuid.UUID, changes: UserChanges, allowed: frozenset[str]

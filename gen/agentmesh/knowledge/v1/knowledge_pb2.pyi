@@ -277,7 +277,7 @@ class SearchResult(_message.Message):
     text: _builtins.str
     """The text of the chunk."""
     score: _builtins.float
-    """The fused relevance score; higher is better."""
+    """The relevance score in the search mode used (see `min_score`); higher is better."""
     page: _builtins.int
     """The 1-based page the chunk starts on, or 0 for formats without pages."""
     start_offset: _builtins.int

@@ -330,7 +330,10 @@ class SearchKnowledgeBaseRequest(_message.Message):
     top_k: _builtins.int
     """The number of results to return: default 5, at most 100."""
     min_score: _builtins.float
-    """Drop results scoring below this value."""
+    """Drop results scoring below this value (0 keeps everything). Scores depend on the mode:
+    cosine similarity for dense, BM25 for sparse, and for hybrid the fused score in
+    [0, 1] (each leg divided by its best score, then weighted).
+    """
     mode: Global___SearchMode.ValueType
     """The retrieval legs to use; hybrid by default."""
     rerank: Global___RerankMode.ValueType

@@ -1,0 +1,220 @@
+"""Background ingestion: parse → chunk → embed → index, one bounded queue of jobs.
+
+A job names a document and the generation to build; the bytes wait in the database, so a
+restarted server (or another replica) can pick the job up again. Every step that writes
+checks that the generation is still the document's pending one, so a job overtaken by a
+replacement or a deletion removes what it wrote instead of publishing it.
+"""
+
+import asyncio
+import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.errors import ResourceExhausted
+from services.knowledge import queries
+from services.knowledge.chunking import Chunk, ChunkingPolicy, chunk_document
+from services.knowledge.embeddings import Embedder
+from services.knowledge.lexical import LexicalEncoder, SparseVector
+from services.knowledge.models import Document, DocumentStatus, Stage
+from services.knowledge.parsing import (
+    DocumentFormat,
+    ParsedText,
+    ParseLimits,
+    UnreadableDocument,
+    parse_document,
+)
+from services.knowledge.vector_store import ChunkOwner, VectorStore
+
+log = logging.getLogger("agentmesh.ingestion")
+
+
+@dataclass(frozen=True)
+class Job:
+    document_id: uuid.UUID
+    generation: str
+
+
+class Stale(Exception):
+    """The job's generation is no longer the document's pending one."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    parsed: ParsedText
+    chunks: list[Chunk]
+    sparse: list[SparseVector]
+
+
+class IngestionPipeline:
+    """Runs one job to READY or FAILED."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        store: VectorStore,
+        embedder: Embedder,
+        lexical: LexicalEncoder,
+        policy: ChunkingPolicy,
+        limits: ParseLimits,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self._sessions = sessions
+        self._store = store
+        self._embedder = embedder
+        self._lexical = lexical
+        self._policy = policy
+        self._limits = limits
+        self._executor = executor
+
+    async def run(self, job: Job) -> None:
+        stage = Stage.QUEUED
+        try:
+            async with self._sessions.begin() as s:
+                document = await s.get(Document, job.document_id)
+                upload = await queries.get_upload(
+                    s, document_id=job.document_id, generation=job.generation
+                )
+            if document is None or upload is None or document.pending_generation != job.generation:
+                return
+            stage = Stage.PARSING
+            await self._stage(job, stage)
+            fmt = DocumentFormat(document.document_type)
+            prepared = await self._prepare(upload.content, fmt, job)
+            stage = Stage.EMBEDDING
+            await self._stage(job, stage)
+            dense = await self._embedder.encode_passages([c.text for c in prepared.chunks])
+            stage = Stage.INDEXING
+            await self._stage(job, stage)
+            owner = ChunkOwner(job.document_id, job.generation, document.owner_id, document.shared)
+            await self._store.upsert(owner, prepared.chunks, dense, prepared.sparse)
+            await self._publish(job, prepared)
+        except Stale:
+            await self._store.delete_generation(job.document_id, job.generation)
+        except UnreadableDocument as error:
+            await self._fail(job, stage, error.reason)
+        except Exception:
+            log.exception("ingestion failed", extra={"document_id": str(job.document_id)})
+            await self._fail(job, stage, f"internal error while {stage.value}; try again")
+
+    async def _prepare(self, content: bytes, fmt: DocumentFormat, job: Job) -> Prepared:
+        """Parse, chunk and build lexical vectors on the ingestion threads."""
+        loop = asyncio.get_running_loop()
+        parsed = await loop.run_in_executor(
+            self._executor, parse_document, content, fmt, self._limits
+        )
+        await self._stage(job, Stage.CHUNKING)
+        chunks = await loop.run_in_executor(
+            self._executor, chunk_document, parsed, self._embedder.tokenizer, self._policy
+        )
+        if not chunks:
+            raise UnreadableDocument("no text could be extracted from the document")
+        if len(chunks) > self._policy.max_chunks:
+            raise UnreadableDocument(
+                f"the document is too long: {len(chunks)} passages, the limit is "
+                f"{self._policy.max_chunks}"
+            )
+        sparse = await loop.run_in_executor(
+            self._executor, lambda: [self._lexical.encode_passage(c.text) for c in chunks]
+        )
+        return Prepared(parsed, chunks, sparse)
+
+    async def _stage(self, job: Job, stage: Stage) -> None:
+        async with self._sessions.begin() as s:
+            if not await queries.set_stage(
+                s, document_id=job.document_id, generation=job.generation, stage=stage
+            ):
+                raise Stale()
+
+    async def _publish(self, job: Job, prepared: Prepared) -> None:
+        """Make the new generation the one searches see, then drop the older ones."""
+        async with self._sessions.begin() as s:
+            previous = await s.scalar(
+                select(Document.generation).where(Document.id == job.document_id)
+            )
+            published = await queries.finish_ingestion(
+                s,
+                document_id=job.document_id,
+                generation=job.generation,
+                values={
+                    "generation": job.generation,
+                    "status": DocumentStatus.READY,
+                    "stage": Stage.DONE,
+                    "failure_reason": None,
+                    "page_count": prepared.parsed.page_count,
+                    "chunk_count": len(prepared.chunks),
+                },
+            )
+        if not published:
+            raise Stale()
+        if previous is not None:  # a replacement: the old passages go (a first upload has none)
+            await self._store.delete_document(job.document_id, keep=job.generation)
+
+    async def _fail(self, job: Job, stage: Stage, reason: str) -> None:
+        """FAILED with `reason`; a previous generation, if any, stays searchable."""
+        try:
+            await self._store.delete_generation(job.document_id, job.generation)
+            async with self._sessions.begin() as s:
+                await queries.finish_ingestion(
+                    s,
+                    document_id=job.document_id,
+                    generation=job.generation,
+                    values={
+                        "status": DocumentStatus.FAILED,
+                        "stage": stage,
+                        "failure_reason": reason,
+                    },
+                )
+        except Exception:
+            log.exception(
+                "could not record a failed ingestion", extra={"document_id": str(job.document_id)}
+            )
+
+
+class IngestionQueue:
+    """A bounded queue of jobs and the worker tasks that drain it."""
+
+    def __init__(self, pipeline: IngestionPipeline, *, workers: int, capacity: int) -> None:
+        self._pipeline = pipeline
+        self._workers = workers
+        self._capacity = capacity
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def check_capacity(self) -> None:
+        """RESOURCE_EXHAUSTED (retry later) when the queue is full."""
+        if self._queue.qsize() >= self._capacity:
+            raise ResourceExhausted(
+                "too many documents are waiting for ingestion; try again shortly",
+                retry_after=30.0,
+                reason="INGESTION_QUEUE_FULL",
+            )
+
+    def submit(self, job: Job) -> None:
+        self._queue.put_nowait(job)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]
+
+    async def stop(self) -> None:
+        """Cancel the workers; interrupted jobs stay PROCESSING and resume on next start."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _work(self) -> None:
+        while True:
+            job = await self._queue.get()
+            try:
+                await self._pipeline.run(job)
+            finally:
+                self._queue.task_done()

@@ -1,0 +1,420 @@
+"""The knowledge base: documents in, passages out, each owner seeing only what is theirs."""
+
+import asyncio
+import hashlib
+import math
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.auth.principal import Principal
+from services.db import parse_uuid
+from services.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Violations,
+)
+from services.knowledge import queries
+from services.knowledge.embeddings import Embedder
+from services.knowledge.ingestion import IngestionQueue, Job
+from services.knowledge.lexical import LexicalEncoder
+from services.knowledge.models import Document, DocumentStatus, Stage
+from services.knowledge.parsing import ParseLimits, inspect_upload
+from services.knowledge.reranking import CrossEncoderReranker
+from services.knowledge.retrieval import (
+    Candidate,
+    Leg,
+    Rerank,
+    SearchMode,
+    fuse,
+    mmr,
+    single_leg,
+)
+from services.knowledge.vector_store import SearchScope, VectorStore
+from services.pagination import Cursor, decode_cursor, encode_cursor, page_size
+
+MAX_FILENAME = 255
+MAX_TITLE = 300
+MAX_METADATA_ENTRIES = 32
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 1024
+MAX_QUERY = 2000
+DEFAULT_TOP_K = 5
+MAX_TOP_K = 100
+
+
+@dataclass(frozen=True)
+class KnowledgeSettings:
+    max_upload_bytes: int = 20 * 1024 * 1024
+    dense_weight: float = 0.5
+    candidates: int = 100
+    parse_limits: ParseLimits = field(default_factory=ParseLimits)
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str
+    content: bytes
+    title: str = ""
+    metadata: Mapping[str, str] | None = None
+    document_id: str = ""
+    shared: bool = False
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    document: Document
+    deduplicated: bool
+
+
+@dataclass(frozen=True)
+class DocumentPage:
+    documents: list[Document]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    query: str
+    top_k: int = 0
+    document_ids: tuple[str, ...] = ()
+    min_score: float = 0.0
+    mode: SearchMode = SearchMode.HYBRID
+    rerank: Rerank = Rerank.NONE
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One retrieved chunk, with what an answer needs to cite it."""
+
+    chunk_id: str
+    document_id: uuid.UUID
+    document_title: str
+    text: str
+    score: float
+    page: int
+    start: int
+    end: int
+    chunk_index: int
+    legs: frozenset[Leg]
+
+
+class KnowledgeService:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        store: VectorStore,
+        embedder: Embedder,
+        lexical: LexicalEncoder,
+        ingestion: IngestionQueue,
+        executor: ThreadPoolExecutor,
+        settings: KnowledgeSettings,
+        reranker: CrossEncoderReranker | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self._store = store
+        self._embedder = embedder
+        self._lexical = lexical
+        self._ingestion = ingestion
+        self._executor = executor
+        self._settings = settings
+        self._reranker = reranker
+
+    @property
+    def embedder(self) -> Embedder:
+        return self._embedder
+
+    async def start(self) -> None:
+        """Create the collection if needed, then resume ingestions a stop interrupted."""
+        await self._store.ensure_collection(self._embedder.dimension)
+        self._ingestion.start()
+        async with self._sessions.begin() as s:
+            interrupted = await queries.processing(s)
+        for document_id, generation in interrupted:
+            self._ingestion.submit(Job(document_id, generation))
+
+    async def stop(self) -> None:
+        """Stop ingesting (interrupted documents resume on the next start), release resources."""
+        await self._ingestion.stop()
+        await self._store.close()
+        self._embedder.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def upload(self, principal: Principal, upload: Upload) -> UploadResult:
+        """Store the upload and queue its ingestion; identical content is not ingested twice."""
+        replaces = _validate_upload(upload, self._settings.max_upload_bytes)
+        if upload.shared and not principal.is_admin:
+            raise PermissionDenied(
+                "only administrators can share documents", reason="SHARING_NOT_ALLOWED"
+            )
+        loop = asyncio.get_running_loop()
+        fmt = await loop.run_in_executor(
+            self._executor,
+            inspect_upload,
+            upload.content,
+            upload.filename,
+            self._settings.parse_limits,
+        )
+        digest = await loop.run_in_executor(self._executor, _sha256, upload.content)
+        self._ingestion.check_capacity()
+        generation = uuid.uuid4().hex
+        async with self._sessions.begin() as s:
+            if replaces is not None:
+                document = await queries.get_owned(
+                    s, owner_id=principal.user_id, document_id=replaces, lock=True
+                )
+                if document is None:
+                    raise _not_found()
+            else:
+                document = await queries.find_same_content(
+                    s, owner_id=principal.user_id, sha256=digest
+                )
+                if document is not None:
+                    return UploadResult(document, deduplicated=True)
+                document = Document(owner_id=principal.user_id)
+                s.add(document)
+            if replaces is not None and _same_live_content(document, digest):
+                return UploadResult(document, deduplicated=True)
+            document.filename = upload.filename
+            document.title = upload.title or _default_title(upload.filename)
+            document.document_type = fmt.value
+            document.size_bytes = len(upload.content)
+            document.content_sha256 = digest
+            document.shared = upload.shared
+            document.extra = dict(upload.metadata or {})
+            document.status = DocumentStatus.PROCESSING
+            document.stage = Stage.QUEUED
+            document.failure_reason = None
+            document.pending_generation = generation
+            await s.flush()
+            await queries.put_upload(
+                s, document_id=document.id, generation=generation, content=upload.content
+            )
+        self._ingestion.submit(Job(document.id, generation))
+        return UploadResult(document, deduplicated=False)
+
+    async def get(self, principal: Principal, document_id: str) -> Document:
+        """A document the caller owns or that is shared; NOT_FOUND otherwise."""
+        parsed = _document_id(document_id)
+        async with self._sessions.begin() as s:
+            document = await queries.get_visible(s, owner_id=principal.user_id, document_id=parsed)
+        if document is None:
+            raise _not_found()
+        return document
+
+    async def list_documents(
+        self,
+        principal: Principal,
+        *,
+        requested_page_size: int,
+        page_token: str,
+        status: DocumentStatus | None = None,
+    ) -> DocumentPage:
+        """The caller's documents, newest first, one keyset page at a time."""
+        size = page_size(requested_page_size)
+        after = decode_cursor(page_token)
+        async with self._sessions.begin() as s:
+            documents = await queries.list_owned(
+                s, owner_id=principal.user_id, status=status, after=after, limit=size + 1
+            )
+        if len(documents) <= size:
+            return DocumentPage(documents, "")
+        last = documents[size - 1]
+        return DocumentPage(documents[:size], encode_cursor(Cursor(last.created_at, last.id)))
+
+    async def delete(self, principal: Principal, document_id: str) -> None:
+        """Delete the caller's document, its waiting upload and its passages."""
+        parsed = _document_id(document_id)
+        async with self._sessions.begin() as s:
+            document = await queries.get_owned(
+                s, owner_id=principal.user_id, document_id=parsed, lock=True
+            )
+            if document is None:
+                raise _not_found()
+            await s.delete(document)
+        # Searches drop hits of documents that no longer exist, so the rows going first
+        # hides the passages at once even if removing the points fails.
+        await self._store.delete_document(parsed)
+
+    async def indexed_chunks(self, document_id: uuid.UUID) -> int:
+        """How many points the index holds for a document, over all its generations."""
+        return await self._store.count(document_id)
+
+    async def purge_owner(self, owner_id: uuid.UUID) -> None:
+        """Remove every passage of a deleted account (its rows went by cascade)."""
+        await self._store.delete_owner(owner_id)
+
+    async def search(self, principal: Principal, request: SearchRequest) -> list[Passage]:
+        """The best passages the caller may see for `request.query`."""
+        top_k, document_ids = _validate_search(request)
+        if request.rerank is Rerank.CROSS_ENCODER and self._reranker is None:
+            raise FailedPrecondition(
+                "no cross-encoder is configured (AGENTMESH_RERANKER_MODEL)",
+                reason="RERANKER_NOT_CONFIGURED",
+            )
+        candidates = await self._retrieve(principal, request, document_ids, top_k)
+        documents = await self._current_documents(principal, candidates)
+        candidates = [c for c in candidates if _is_served(c, documents)]
+        candidates = await self._rerank(request, candidates, top_k)
+        passages = [_passage(c, documents[_document_of(c)]) for c in candidates]
+        if request.min_score:
+            passages = [p for p in passages if p.score >= request.min_score]
+        return passages[:top_k]
+
+    async def _retrieve(
+        self,
+        principal: Principal,
+        request: SearchRequest,
+        document_ids: tuple[uuid.UUID, ...],
+        top_k: int,
+    ) -> list[Candidate]:
+        mode = request.mode
+        dense = (
+            await self._embedder.encode_query(request.query)
+            if mode is not SearchMode.SPARSE
+            else None
+        )
+        sparse = self._lexical.encode_query(request.query) if mode is not SearchMode.DENSE else None
+        dense_hits, sparse_hits = await self._store.search(
+            SearchScope(principal.user_id, document_ids),
+            dense=dense,
+            sparse=sparse,
+            limit=max(self._settings.candidates, top_k),
+        )
+        if mode is SearchMode.DENSE:
+            return single_leg(dense_hits, Leg.DENSE)
+        if mode is SearchMode.SPARSE:
+            return single_leg(sparse_hits, Leg.SPARSE)
+        return fuse(dense_hits, sparse_hits, self._settings.dense_weight)
+
+    async def _rerank(
+        self, request: SearchRequest, candidates: list[Candidate], top_k: int
+    ) -> list[Candidate]:
+        if request.rerank is Rerank.MMR:
+            vectors = await self._store.dense_vectors([c.point_id for c in candidates])
+            return mmr(candidates, vectors, limit=top_k)
+        if request.rerank is Rerank.CROSS_ENCODER and self._reranker is not None:
+            return await self._reranker.rerank(request.query, candidates)
+        return candidates
+
+    async def _current_documents(
+        self, principal: Principal, candidates: list[Candidate]
+    ) -> dict[uuid.UUID, Document]:
+        """The visible documents `candidates` came from, with the generation each serves.
+
+        The vector filter already limits hits to the caller's and shared documents; checking
+        against the database as well hides a replaced generation the moment the new one is
+        published (the atomic swap) and the passages of a document deleted a moment ago.
+        """
+        async with self._sessions.begin() as s:
+            documents = await queries.current_generations(
+                s, owner_id=principal.user_id, document_ids={_document_of(c) for c in candidates}
+            )
+        return documents
+
+
+def _document_of(candidate: Candidate) -> uuid.UUID:
+    return uuid.UUID(candidate.payload["document_id"])
+
+
+def _is_served(candidate: Candidate, documents: dict[uuid.UUID, Document]) -> bool:
+    document = documents.get(_document_of(candidate))
+    return document is not None and document.generation == candidate.payload["generation"]
+
+
+def _passage(candidate: Candidate, document: Document) -> Passage:
+    payload = candidate.payload
+    return Passage(
+        chunk_id=candidate.point_id,
+        document_id=document.id,
+        document_title=document.title,
+        text=payload["text"],
+        score=candidate.score,
+        page=int(payload["page"]),
+        start=int(payload["start"]),
+        end=int(payload["end"]),
+        chunk_index=int(payload["chunk_index"]),
+        legs=frozenset(candidate.legs),
+    )
+
+
+def _validate_upload(upload: Upload, max_bytes: int) -> uuid.UUID | None:
+    """Check the request's fields; returns the id of the document to replace, if any."""
+    if len(upload.content) > max_bytes:
+        raise ResourceExhausted(
+            f"the document is {len(upload.content)} bytes; the limit is {max_bytes} bytes",
+            reason="DOCUMENT_TOO_LARGE",
+        )
+    violations = Violations()
+    if not upload.filename.strip():
+        violations.add("filename", "is required")
+    elif len(upload.filename) > MAX_FILENAME or "/" in upload.filename or "\\" in upload.filename:
+        violations.add("filename", f"must be a file name of at most {MAX_FILENAME} characters")
+    if len(upload.title) > MAX_TITLE:
+        violations.add("title", f"must be at most {MAX_TITLE} characters")
+    metadata = upload.metadata or {}
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        violations.add("metadata", f"must have at most {MAX_METADATA_ENTRIES} entries")
+    for key, value in metadata.items():
+        if not key or len(key) > MAX_METADATA_KEY:
+            violations.add("metadata", f"keys must be 1 to {MAX_METADATA_KEY} characters")
+        if len(value) > MAX_METADATA_VALUE:
+            violations.add(f"metadata[{key}]", f"must be at most {MAX_METADATA_VALUE} characters")
+    replaces = None
+    if upload.document_id:
+        replaces = parse_uuid(upload.document_id)
+        if replaces is None:
+            violations.add("document_id", "must be a UUID")
+    violations.raise_if_any()
+    return replaces
+
+
+def _validate_search(request: SearchRequest) -> tuple[int, tuple[uuid.UUID, ...]]:
+    violations = Violations()
+    if not request.query.strip():
+        violations.add("query", "is required")
+    elif len(request.query) > MAX_QUERY:
+        violations.add("query", f"must be at most {MAX_QUERY} characters")
+    if not 0 <= request.top_k <= MAX_TOP_K:
+        violations.add("top_k", f"must be between 1 and {MAX_TOP_K} (0 means {DEFAULT_TOP_K})")
+    if not math.isfinite(request.min_score):
+        violations.add("min_score", "must be a finite number")
+    document_ids = []
+    for index, raw in enumerate(request.document_ids):
+        parsed = parse_uuid(raw)
+        if parsed is None:
+            violations.add(f"document_ids[{index}]", "must be a UUID")
+        else:
+            document_ids.append(parsed)
+    violations.raise_if_any()
+    return request.top_k or DEFAULT_TOP_K, tuple(document_ids)
+
+
+def _document_id(raw: str) -> uuid.UUID:
+    parsed = parse_uuid(raw)
+    if parsed is None:
+        raise InvalidArgument.of("document_id", "must be a UUID")
+    return parsed
+
+
+def _same_live_content(document: Document, digest: str) -> bool:
+    return document.content_sha256 == digest and document.status != DocumentStatus.FAILED
+
+
+def _default_title(filename: str) -> str:
+    stem = filename.rsplit(".", 1)[0] if "." in filename.strip(".") else filename
+    return stem[:MAX_TITLE]
+
+
+def _sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def _not_found() -> NotFound:
+    return NotFound("document not found", reason="DOCUMENT_NOT_FOUND")
