@@ -394,7 +394,7 @@ async def test_replacing_content_swaps_passages_atomically(app: Application, stu
     document = await ingest(stubs, account, "animals.txt", old.encode())
     assert document.chunk_count > 5
     response = await upload(
-        stubs, account, "animals.txt", new.encode(), document_id=document.document_id
+        stubs, account, "animals-v2.txt", new.encode(), document_id=document.document_id
     )
     assert response.document.document_id == document.document_id
     assert response.document.status == kb_pb.DOCUMENT_STATUS_PROCESSING
@@ -417,6 +417,7 @@ async def test_replacing_content_swaps_passages_atomically(app: Application, stu
     assert seen[0] == "zebra" and seen[-1] == "giraffe"
     assert seen == sorted(seen, key=lambda v: v == "giraffe"), "went back to the old version"
     final = await get_document(stubs, account, document.document_id)
+    assert final.title == "animals" and final.content_sha256 != document.content_sha256
     assert await app.domain.knowledge.indexed_chunks(uuid.UUID(document.document_id)) == (
         final.chunk_count
     )

@@ -197,10 +197,6 @@ class IngestionQueue:
     def submit(self, job: Job) -> None:
         self._queue.put_nowait(job)
 
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize()
-
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]
 

@@ -182,7 +182,8 @@ class KnowledgeService:
             if replaces is not None and _same_live_content(document, digest):
                 return UploadResult(document, deduplicated=True)
             document.filename = upload.filename
-            document.title = upload.title or _default_title(upload.filename)
+            # A replacement keeps its title unless the request names a new one.
+            document.title = upload.title or document.title or _default_title(upload.filename)
             document.document_type = fmt.value
             document.size_bytes = len(upload.content)
             document.content_sha256 = digest

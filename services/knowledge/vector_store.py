@@ -219,13 +219,6 @@ class VectorStore:
         result = await self._client.count(self._collection, count_filter=condition, exact=True)
         return result.count
 
-    async def healthy(self) -> bool:
-        try:
-            await self._client.collection_exists(self._collection)
-        except Exception:  # any failure means "not reachable now"; callers only report it
-            return False
-        return True
-
     async def close(self) -> None:
         await self._client.close()
 
