@@ -80,8 +80,8 @@ class Settings(BaseSettings):
 
     embedding_model: str | None = None
     """sentence-transformers model name or local path; unset: the packaged all-MiniLM-L6-v2."""
-    embedding_batch_size: int = Field(default=32, gt=0)
-    """Chunks per embedding batch."""
+    embedding_batch_size: int = Field(default=1, gt=0)
+    """Chunks per forward pass; 1 spares the single-threaded CPU workers any padding."""
     embedding_threads: int = Field(default=0, ge=0)
     """Parallel single-threaded embedding workers; 0: one per CPU core."""
     query_cache_size: int = Field(default=1024, ge=0)

@@ -12,6 +12,8 @@ import numpy as np
 import numpy.typing as npt
 
 Vector = list[float]
+# Most chunks one worker takes at once (waiting requests merged into one encode call).
+MERGE_LIMIT = 32
 
 
 def packaged_model_path() -> str:
@@ -24,7 +26,7 @@ def packaged_model_path() -> str:
 @dataclass(frozen=True)
 class EmbedderSettings:
     model: str
-    batch_size: int = 32
+    batch_size: int = 1
     threads: int = 0
     query_cache_size: int = 1024
 
@@ -41,11 +43,13 @@ class Embedder:
     Each encode runs single-threaded in torch, and passage batches run in parallel on
     `workers` threads (one per core by default). On a small CPU this beats one encode using
     every core: there is no per-operation barrier between torch's threads, so the event
-    loop and database work taking a core for a moment slows one batch, not all of them
-    (measured on 2 cores, Cranfield through the whole pipeline: 0.66 of a bare encode's
-    throughput with one encode on both cores, 0.75 with one per core).
-    Requests that arrive while the workers are busy are merged into the next batch, and
-    queries have their own thread, so a search never waits behind a document's batch.
+    loop and database work taking a core for a moment slows one batch, not all of them.
+    Requests that arrive while the workers are busy are merged into the next call, which
+    feeds the model `batch_size` passages (default 1) per forward pass: a single thread gains
+    little from batching and loses more to padding passages of mixed lengths. Measured on
+    2 cores, Cranfield through the whole pipeline against a bare encode: 0.66 with one
+    encode on both cores, 0.75 with one per core, 0.84 with one passage per pass.
+    Queries have their own thread, so a search never waits behind a document's batch.
     """
 
     def __init__(self, model: Any, settings: EmbedderSettings) -> None:
@@ -82,11 +86,13 @@ class Embedder:
     def tokenizer(self) -> Any:
         return self._model.tokenizer
 
-    def encode_passages_sync(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        """Unit-length embeddings of `texts`, batched (blocking; for the compute thread)."""
+    def encode_passages_sync(
+        self, texts: list[str], batch_size: int | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Unit-length embeddings of `texts` (blocking; for a worker thread)."""
         vectors = self._model.encode(
             texts,
-            batch_size=self._settings.batch_size,
+            batch_size=batch_size or self._settings.batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
@@ -110,7 +116,7 @@ class Embedder:
             await free.acquire()
             batch = [await pending.get()]
             size = len(batch[0].texts)
-            while size < self._settings.batch_size and not pending.empty():
+            while size < MERGE_LIMIT and not pending.empty():
                 batch.append(pending.get_nowait())
                 size += len(batch[-1].texts)
             task = asyncio.create_task(self._encode_batch(batch))
