@@ -8,9 +8,11 @@ The dot product of the two is then the document's BM25 score.
 """
 
 import re
+import threading
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import snowballstemmer  # type: ignore[import-untyped]
 
@@ -46,12 +48,19 @@ class LexicalEncoder:
     """Terms → hashed indices (CRC-32, stable across processes and versions)."""
 
     def __init__(self) -> None:
-        self._stemmer = snowballstemmer.stemmer("english")
+        # A snowball stemmer keeps the word being stemmed in the object: one per thread.
+        self._local = threading.local()
 
     def terms(self, text: str) -> list[str]:
         """Lower-cased, stop-word-free, stemmed terms of `text`."""
         words = [w for w in TOKEN.findall(text.lower()) if w not in STOP_WORDS]
-        return list(self._stemmer.stemWords(words))
+        return list(self._stemmer().stemWords(words))
+
+    def _stemmer(self) -> Any:
+        stemmer = getattr(self._local, "stemmer", None)
+        if stemmer is None:
+            stemmer = self._local.stemmer = snowballstemmer.stemmer("english")
+        return stemmer
 
     def encode_passage(self, text: str) -> SparseVector:
         counts = Counter(self.terms(text))
