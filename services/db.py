@@ -17,6 +17,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
+from services.errors import InvalidArgument
+
 # Deterministic constraint names, so Alembic migrations name things the same on both DBs.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -64,6 +66,14 @@ def parse_uuid(value: str) -> uuid.UUID | None:
         return uuid.UUID(value)
     except (ValueError, AttributeError, TypeError):
         return None
+
+
+def require_uuid(raw: str, *, field: str) -> uuid.UUID:
+    """The UUID in `raw`; INVALID_ARGUMENT on `field` when it is not one."""
+    parsed = parse_uuid(raw)
+    if parsed is None:
+        raise InvalidArgument.of(field, "must be a UUID")
+    return parsed
 
 
 def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:

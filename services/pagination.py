@@ -6,6 +6,7 @@ import binascii
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol, TypeVar
 from uuid import UUID
 
 from services.errors import FieldViolation, InvalidArgument
@@ -29,6 +30,26 @@ def page_size(
     if requested < 0:
         raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
     return min(requested or default, maximum)
+
+
+class Keyed(Protocol):
+    """A row ordered by (created_at, id), as every keyset-paged list here is."""
+
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def id(self) -> UUID: ...
+
+
+RowT = TypeVar("RowT", bound=Keyed)
+
+
+def split_page(rows: list[RowT], size: int) -> tuple[list[RowT], str]:
+    """The page in `rows` (fetched with limit size + 1) and the token of the next, if any."""
+    if len(rows) <= size:
+        return rows, ""
+    last = rows[size - 1]
+    return rows[:size], encode_cursor(Cursor(last.created_at, last.id))
 
 
 def encode_cursor(cursor: Cursor) -> str:

@@ -12,15 +12,14 @@ from services.auth.models import User
 from services.auth.principal import Principal, Role
 from services.auth.service import count_admins, get_user, get_user_by_email
 from services.auth.validation import clean_full_name, normalize_email
-from services.db import parse_uuid, utcnow
+from services.db import require_uuid, utcnow
 from services.errors import (
     AlreadyExists,
     FailedPrecondition,
-    InvalidArgument,
     NotFound,
     Violations,
 )
-from services.pagination import Cursor, decode_cursor, encode_cursor, page_size
+from services.pagination import decode_cursor, page_size, split_page
 
 SELF_UPDATABLE = frozenset({"full_name", "email"})
 ADMIN_UPDATABLE = frozenset({"full_name", "role"})
@@ -45,10 +44,7 @@ class UserPage:
 
 
 def require_user_id(raw: str, *, field: str = "user_id") -> uuid.UUID:
-    user_id = parse_uuid(raw)
-    if user_id is None:
-        raise InvalidArgument.of(field, "must be a UUID")
-    return user_id
+    return require_uuid(raw, field=field)
 
 
 class UserService:
@@ -90,10 +86,7 @@ class UserService:
             query = query.where(tuple_(User.created_at, User.id) > (cursor.at, cursor.id))
         async with self._sessions() as s:
             users = list((await s.scalars(query)).all())
-        if len(users) <= size:
-            return UserPage(users, "")
-        last = users[size - 1]
-        return UserPage(users[:size], encode_cursor(Cursor(last.created_at, last.id)))
+        return UserPage(*split_page(users, size))
 
     async def delete(self, user_id: uuid.UUID) -> None:
         """Delete an account and, by cascade, everything it owns."""

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.auth.principal import Principal
-from services.db import parse_uuid
+from services.db import parse_uuid, require_uuid
 from services.errors import (
     FailedPrecondition,
-    InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -37,7 +36,7 @@ from services.knowledge.retrieval import (
     single_leg,
 )
 from services.knowledge.vector_store import SearchScope, VectorStore
-from services.pagination import Cursor, decode_cursor, encode_cursor, page_size
+from services.pagination import decode_cursor, page_size, split_page
 
 MAX_FILENAME = 255
 MAX_TITLE = 300
@@ -224,10 +223,7 @@ class KnowledgeService:
             documents = await queries.list_owned(
                 s, owner_id=principal.user_id, status=status, after=after, limit=size + 1
             )
-        if len(documents) <= size:
-            return DocumentPage(documents, "")
-        last = documents[size - 1]
-        return DocumentPage(documents[:size], encode_cursor(Cursor(last.created_at, last.id)))
+        return DocumentPage(*split_page(documents, size))
 
     async def delete(self, principal: Principal, document_id: str) -> None:
         """Delete the caller's document, its waiting upload and its passages."""
@@ -398,10 +394,7 @@ def _validate_search(request: SearchRequest) -> tuple[int, tuple[uuid.UUID, ...]
 
 
 def _document_id(raw: str) -> uuid.UUID:
-    parsed = parse_uuid(raw)
-    if parsed is None:
-        raise InvalidArgument.of("document_id", "must be a UUID")
-    return parsed
+    return require_uuid(raw, field="document_id")
 
 
 def _same_live_content(document: Document, digest: str) -> bool:
