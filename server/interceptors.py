@@ -145,7 +145,9 @@ class RequestLogInterceptor(WrappingInterceptor):
     async def _begin(self, context: Context, method: str) -> RequestInfo:
         incoming = metadata_value(context, REQUEST_ID_HEADER)
         request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        info = RequestInfo(request_id=request_id, rpc=method)
+        # The peer is read now: once a call is cancelled, asking its context for the peer
+        # reaches into a released C call object (it crashed the process in a test).
+        info = RequestInfo(request_id=request_id, rpc=method, peer=context.peer())
         current_request.set(info)
         await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         return info
@@ -160,7 +162,7 @@ class RequestLogInterceptor(WrappingInterceptor):
                 "rpc": info.rpc,
                 "code": code,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-                "peer": context.peer(),
+                "peer": info.peer,
             },
         )
 

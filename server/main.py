@@ -10,7 +10,7 @@ import os
 import secrets
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -37,11 +37,25 @@ from server.config import Settings
 from server.envoy import EnvoyAddresses, EnvoySidecar, render_config
 from server.health import SERVING, ServiceHealth
 from server.interceptors import AuthInterceptor, ErrorInterceptor, RequestLogInterceptor
+from server.llm_sidecar import LocalLlmSidecar, packaged_model
 from server.logs import configure_logging
 from server.ops_http import OpsServer
+from server.servicers.agent import AgentServicer
 from server.servicers.auth import AuthServicer
 from server.servicers.knowledge import KnowledgeBaseServicer
 from server.servicers.users import UserServicer
+from services.agent.context import AgentDeps, AgentSettings
+from services.agent.conversations import ConversationStore
+from services.agent.llm import ChatModel, LlmSettings
+from services.agent.prompts import PromptManager
+from services.agent.service import AgentService
+from services.agent.tools.api_search import ApiSearchTool, ApiToolSettings
+from services.agent.tools.base import Tool
+from services.agent.tools.knowledge_search import KnowledgeSearchTool
+from services.agent.tools.outbound import OutboundHttp
+from services.agent.tools.registry import ToolRegistry
+from services.agent.tools.web_search import WebSearchSettings, WebSearchTool
+from services.agent.tracing import NoopTracer, Tracer
 from services.auth.passwords import PasswordHasher
 from services.auth.service import AuthService
 from services.auth.tokens import TokenCodec, TokenSettings
@@ -109,11 +123,31 @@ class Domain:
     auth: AuthService
     users: UserService
     knowledge: KnowledgeService
+    agent: AgentService
+    outbound: OutboundHttp
+    # The llama.cpp server of LLM_PROVIDER=local; the agent's client is made once it serves.
+    local_llm: LocalLlmSidecar | None = None
+    local_llm_settings: LlmSettings | None = None
 
     async def start(self) -> None:
         await self.knowledge.start()
+        if self.local_llm is not None and self.local_llm_settings is not None:
+            await self.local_llm.start()
+            self.agent.deps.llm = ChatModel(
+                replace(
+                    self.local_llm_settings,
+                    base_url=self.local_llm.base_url,
+                    model=self.local_llm.model,
+                    api_key=None,
+                )
+            )
+        await self.agent.start()
 
     async def close(self) -> None:
+        await self.agent.stop()
+        if self.local_llm is not None:
+            await self.local_llm.stop()
+        await self.outbound.close()
         await self.knowledge.stop()
         await self.engine.dispose()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -173,6 +207,101 @@ def build_knowledge(
     )
 
 
+def build_tools(
+    settings: Settings, knowledge: KnowledgeService, outbound: OutboundHttp
+) -> list[Tool]:
+    """The knowledge-base tool, plus web and API search when their services are configured."""
+    tools: list[Tool] = [KnowledgeSearchTool(knowledge, settings.agent_top_k)]
+    if settings.web_search_provider:
+        key = settings.web_search_api_key
+        web = WebSearchSettings(
+            provider=settings.web_search_provider,
+            url=settings.web_search_url,
+            api_key=key.get_secret_value() if key else None,
+            top_k=settings.agent_top_k,
+            timeout=settings.tool_timeout_seconds,
+        )
+        tools.append(WebSearchTool(outbound, web))
+    if settings.api_tool_url:
+        auth = settings.api_tool_auth_value
+        api = ApiToolSettings(
+            url=settings.api_tool_url,
+            method=settings.api_tool_method,
+            body_template=settings.api_tool_body_template,
+            auth_header=settings.api_tool_auth_header,
+            auth_value=auth.get_secret_value() if auth else None,
+            results_path=settings.api_tool_results_path,
+            title_field=settings.api_tool_title_field,
+            url_field=settings.api_tool_url_field,
+            snippet_field=settings.api_tool_snippet_field,
+            description=settings.api_tool_description,
+            admin_only=settings.api_tool_admin_only,
+            top_k=settings.agent_top_k,
+            timeout=settings.tool_timeout_seconds,
+        )
+        tools.append(ApiSearchTool(outbound, api))
+    return tools
+
+
+def llm_settings(settings: Settings, base_url: str | None = None) -> LlmSettings:
+    key = settings.llm_api_key
+    return LlmSettings(
+        base_url=base_url or settings.llm_base_url,
+        api_key=key.get_secret_value() if key else None,
+        model=settings.llm_model,
+        timeout=settings.llm_timeout_seconds,
+        max_retries=settings.llm_max_retries,
+        temperature=settings.llm_temperature,
+        max_tokens=settings.llm_max_tokens,
+    )
+
+
+def build_tracer(settings: Settings) -> Tracer:
+    """Langfuse when both keys are set; otherwise no tracing."""
+    if settings.langfuse_public_key and settings.langfuse_secret_key:
+        # Imported only when configured: the SDK pulls in OpenTelemetry's exporter stack.
+        from services.agent.tracing_langfuse import LangfuseTracer
+
+        return LangfuseTracer(
+            host=settings.langfuse_host or "https://cloud.langfuse.com",
+            public_key=settings.langfuse_public_key,
+            secret_key=settings.langfuse_secret_key.get_secret_value(),
+        )
+    return NoopTracer()
+
+
+def build_agent(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    knowledge: KnowledgeService,
+    outbound: OutboundHttp,
+) -> AgentService:
+    """The agent: prompts, tools, the LLM client (none in extractive mode) and the graph."""
+    prompts = PromptManager(settings.prompts_dir, auto_reload=settings.prompts_auto_reload)
+    provider = settings.resolved_llm_provider
+    # The local provider's client is made when its sidecar has started (Application.start).
+    llm = ChatModel(llm_settings(settings)) if provider == "openai" else None
+    agent_settings = AgentSettings(
+        max_query_chars=settings.max_query_chars,
+        context_messages=settings.context_messages,
+        context_token_budget=settings.context_token_budget,
+        intent_confidence=settings.intent_confidence,
+        tool_timeout=settings.tool_timeout_seconds,
+        run_timeout=settings.agent_run_timeout_seconds,
+        max_runs_per_user=settings.max_concurrent_runs_per_user,
+        fallback_extractive=settings.llm_fallback_extractive,
+    )
+    deps = AgentDeps(
+        prompts=prompts,
+        registry=ToolRegistry(build_tools(settings, knowledge, outbound), prompts),
+        embedder=knowledge.embedder,
+        llm=llm,
+        store=ConversationStore(sessions),
+        settings=agent_settings,
+    )
+    return AgentService(deps, build_tracer(settings))
+
+
 def build_domain(settings: Settings) -> Domain:
     engine = create_engine(settings.resolved_database_url)
     sessions = create_sessionmaker(engine)
@@ -187,6 +316,14 @@ def build_domain(settings: Settings) -> Domain:
         )
     )
     knowledge = build_knowledge(settings, sessions)
+    outbound = OutboundHttp(settings.outbound_allowed_networks)
+    local_llm = None
+    if settings.resolved_llm_provider == "local":
+        local_llm = LocalLlmSidecar(
+            packaged_model(settings.data_dir),
+            threads=settings.local_llm_threads,
+            workdir=settings.data_dir / "llm",
+        )
     return Domain(
         engine=engine,
         sessions=sessions,
@@ -195,6 +332,10 @@ def build_domain(settings: Settings) -> Domain:
         auth=AuthService(sessions, PasswordHasher(executor), tokens),
         users=UserService(sessions, on_deleted=knowledge.purge_owner),
         knowledge=knowledge,
+        agent=build_agent(settings, sessions, knowledge, outbound),
+        outbound=outbound,
+        local_llm=local_llm,
+        local_llm_settings=llm_settings(settings),
     )
 
 
@@ -237,15 +378,12 @@ def build_application(settings: Settings) -> Application:
     )
     auth_grpc.add_AuthServiceServicer_to_server(AuthServicer(domain.auth), server)
     users_grpc.add_UserServiceServicer_to_server(UserServicer(domain.users), server)
-    # Contract-only services (their issues implement them): the generated base servicers
-    # raise NotImplementedError, which the error interceptor reports as UNIMPLEMENTED.
-    agent_grpc.add_AgentServiceServicer_to_server(
-        agent_grpc.AgentServiceServicer(),  # type: ignore[abstract]
-        server,
-    )
+    agent_grpc.add_AgentServiceServicer_to_server(AgentServicer(domain.agent), server)
     knowledge_grpc.add_KnowledgeBaseServiceServicer_to_server(
         KnowledgeBaseServicer(domain.knowledge), server
     )
+    # Contract-only services (their issues implement them): the generated base servicers
+    # raise NotImplementedError, which the error interceptor reports as UNIMPLEMENTED.
     feedback_grpc.add_FeedbackServiceServicer_to_server(
         feedback_grpc.FeedbackServiceServicer(),  # type: ignore[abstract]
         server,
@@ -304,6 +442,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app.domain.agent.reload_prompts)
     try:
         if sidecar is not None:
             await sidecar.start()

@@ -13,6 +13,7 @@ class RequestInfo:
 
     request_id: str
     rpc: str
+    peer: str = ""
     principal: Principal | None = None
 
 

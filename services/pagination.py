@@ -4,6 +4,7 @@ item of the previous page, never an offset."""
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, TypeVar
@@ -44,12 +45,15 @@ class Keyed(Protocol):
 RowT = TypeVar("RowT", bound=Keyed)
 
 
-def split_page(rows: list[RowT], size: int) -> tuple[list[RowT], str]:
-    """The page in `rows` (fetched with limit size + 1) and the token of the next, if any."""
+def split_page(
+    rows: list[RowT], size: int, at: Callable[[RowT], datetime] | None = None
+) -> tuple[list[RowT], str]:
+    """The page in `rows` (fetched with limit size + 1) and the token of the next, if any;
+    `at` is the timestamp the rows are ordered by (created_at unless given)."""
     if len(rows) <= size:
         return rows, ""
     last = rows[size - 1]
-    return rows[:size], encode_cursor(Cursor(last.created_at, last.id))
+    return rows[:size], encode_cursor(Cursor(at(last) if at else last.created_at, last.id))
 
 
 def encode_cursor(cursor: Cursor) -> str:

@@ -29,3 +29,12 @@ def field_violations(error: grpc.aio.AioRpcError) -> dict[str, list[str]]:
                 result.setdefault(violation.field, []).append(violation.description)
             return result
     raise AssertionError("no BadRequest detail")
+
+
+def retry_delay(error: grpc.aio.AioRpcError) -> float:
+    """Seconds from the RetryInfo detail."""
+    for detail in status_of(error).details:
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return float(info.retry_delay.ToTimedelta().total_seconds())
+    raise AssertionError("no RetryInfo detail")

@@ -9,9 +9,10 @@ from typing import Any
 
 import grpc
 import pytest
-from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
 from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
+from agentmesh.feedback.v1 import feedback_service_pb2 as feedback_pb
+from agentmesh.feedback.v1 import feedback_service_pb2_grpc as feedback_grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -80,19 +81,15 @@ async def test_a_method_missing_from_the_access_table_is_refused(
 
 async def test_contract_only_rpcs_are_unimplemented(stubs: Stubs) -> None:
     user = await new_user(stubs, "early")
+    feedback = feedback_grpc.FeedbackServiceStub(stubs.channel)
     error = await expect_code(
-        stubs.agent.Query(agent_pb.QueryRequest(query="hello"), metadata=user.metadata),
+        feedback.SubmitFeedback(
+            feedback_pb.SubmitFeedbackRequest(message_id=str(uuid.uuid4())),
+            metadata=user.metadata,
+        ),
         grpc.StatusCode.UNIMPLEMENTED,
     )
     assert error_info(error).reason == "UNIMPLEMENTED"
-    # A streaming RPC goes through the same mapping.
-    stream = stubs.agent.StreamQuery(
-        agent_pb.StreamQueryRequest(query="hello"), metadata=user.metadata
-    )
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        async for _ in stream:
-            pass
-    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 async def test_unexpected_failures_are_internal_without_details(

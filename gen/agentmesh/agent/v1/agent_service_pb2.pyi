@@ -279,9 +279,9 @@ class RunStarted(_message.Message):
     conversation_id: _builtins.str
     """The conversation of the run."""
     user_message_id: _builtins.str
-    """The identifier of the stored question."""
+    """The identifier the question will be stored under when the run completes."""
     assistant_message_id: _builtins.str
-    """The identifier the answer will be stored under."""
+    """The identifier the answer will be stored under when the run completes."""
     conversation_created: _builtins.bool
     """True when this run created the conversation."""
     def __init__(

@@ -32,7 +32,10 @@ class AgentServiceStub:
     search, the configured external API, knowledge-base search), runs them and writes an
     answer that cites its sources. Every RPC returns UNAUTHENTICATED without a valid access
     token, and Query and StreamQuery return RESOURCE_EXHAUSTED with QuotaFailure and
-    RetryInfo details when a quota or rate limit is used up.
+    RetryInfo details when a quota or rate limit is used up or the caller already has the
+    most runs in flight, and RESOURCE_EXHAUSTED when a run exceeds its time budget. A run
+    stores its question and answer together when it completes; a failed or cancelled run
+    stores nothing.
     """
 
     def __init__(self, channel):
@@ -75,7 +78,10 @@ class AgentServiceServicer:
     search, the configured external API, knowledge-base search), runs them and writes an
     answer that cites its sources. Every RPC returns UNAUTHENTICATED without a valid access
     token, and Query and StreamQuery return RESOURCE_EXHAUSTED with QuotaFailure and
-    RetryInfo details when a quota or rate limit is used up.
+    RetryInfo details when a quota or rate limit is used up or the caller already has the
+    most runs in flight, and RESOURCE_EXHAUSTED when a run exceeds its time budget. A run
+    stores its question and answer together when it completes; a failed or cancelled run
+    stores nothing.
     """
 
     def Query(self, request, context):
@@ -177,7 +183,10 @@ class AgentService:
     search, the configured external API, knowledge-base search), runs them and writes an
     answer that cites its sources. Every RPC returns UNAUTHENTICATED without a valid access
     token, and Query and StreamQuery return RESOURCE_EXHAUSTED with QuotaFailure and
-    RetryInfo details when a quota or rate limit is used up.
+    RetryInfo details when a quota or rate limit is used up or the caller already has the
+    most runs in flight, and RESOURCE_EXHAUSTED when a run exceeds its time budget. A run
+    stores its question and answer together when it completes; a failed or cancelled run
+    stores nothing.
     """
 
     @staticmethod

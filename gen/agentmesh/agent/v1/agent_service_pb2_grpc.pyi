@@ -33,7 +33,10 @@ class AgentServiceStub:
     search, the configured external API, knowledge-base search), runs them and writes an
     answer that cites its sources. Every RPC returns UNAUTHENTICATED without a valid access
     token, and Query and StreamQuery return RESOURCE_EXHAUSTED with QuotaFailure and
-    RetryInfo details when a quota or rate limit is used up.
+    RetryInfo details when a quota or rate limit is used up or the caller already has the
+    most runs in flight, and RESOURCE_EXHAUSTED when a run exceeds its time budget. A run
+    stores its question and answer together when it completes; a failed or cancelled run
+    stores nothing.
     """
 
     @_typing.overload
@@ -85,7 +88,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     search, the configured external API, knowledge-base search), runs them and writes an
     answer that cites its sources. Every RPC returns UNAUTHENTICATED without a valid access
     token, and Query and StreamQuery return RESOURCE_EXHAUSTED with QuotaFailure and
-    RetryInfo details when a quota or rate limit is used up.
+    RetryInfo details when a quota or rate limit is used up or the caller already has the
+    most runs in flight, and RESOURCE_EXHAUSTED when a run exceeds its time budget. A run
+    stores its question and answer together when it completes; a failed or cancelled run
+    stores nothing.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -133,7 +139,10 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     search, the configured external API, knowledge-base search), runs them and writes an
     answer that cites its sources. Every RPC returns UNAUTHENTICATED without a valid access
     token, and Query and StreamQuery return RESOURCE_EXHAUSTED with QuotaFailure and
-    RetryInfo details when a quota or rate limit is used up.
+    RetryInfo details when a quota or rate limit is used up or the caller already has the
+    most runs in flight, and RESOURCE_EXHAUSTED when a run exceeds its time budget. A run
+    stores its question and answer together when it completes; a failed or cancelled run
+    stores nothing.
     """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,1 @@
+"""Agent tools: the interface (base), the registry and the three tools."""

@@ -1,0 +1,45 @@
+"""knowledge_base_search: the hybrid retrieval of the knowledge base, as the caller."""
+
+from typing import ClassVar
+
+from pydantic import BaseModel, Field
+
+from services.agent.tools.base import Source, SourceKind, Tool, ToolCallContext, ToolResult
+from services.knowledge.service import KnowledgeService, SearchRequest
+
+
+class KnowledgeSearchArgs(BaseModel):
+    query: str = Field(min_length=1, max_length=1000, description="The search query.")
+
+
+class KnowledgeSearchTool(Tool):
+    name = "knowledge_base_search"
+    kind = SourceKind.KNOWLEDGE_BASE
+    Args: ClassVar[type[BaseModel]] = KnowledgeSearchArgs
+    guidance_prompt = "tools/kb_search_query.j2"
+
+    def __init__(self, knowledge: KnowledgeService, top_k: int) -> None:
+        self._knowledge = knowledge
+        self._top_k = top_k
+
+    async def execute(self, args: BaseModel, call: ToolCallContext) -> ToolResult:
+        assert isinstance(args, KnowledgeSearchArgs)
+        # The same search the SearchKnowledgeBase RPC runs, with the caller's own scope.
+        passages = await self._knowledge.search(
+            call.principal, SearchRequest(query=args.query, top_k=self._top_k)
+        )
+        sources = [
+            Source(
+                kind=SourceKind.KNOWLEDGE_BASE,
+                title=p.document_title,
+                text=p.text,
+                document_id=str(p.document_id),
+                chunk_id=p.chunk_id,
+                page=p.page,
+                start=p.start,
+                end=p.end,
+                score=p.score,
+            )
+            for p in passages
+        ]
+        return ToolResult(sources, f"{len(sources)} passages", retrieval=passages)
