@@ -105,7 +105,7 @@ async def test_outbound_client_refuses_non_public_addresses(fake_web: FakeWeb, u
     http = OutboundHttp([])
     try:
         # aiohttp itself refuses a decimal host as an invalid URL; either way nothing is sent.
-        with pytest.raises(OutboundRefused, match="non-public address|InvalidUrl"):
+        with pytest.raises(OutboundRefused, match=r"non-public address|InvalidUrl"):
             await http.json("GET", url.format(port=fake_web.port), timeout=5)
     finally:
         await http.close()

@@ -3,7 +3,7 @@ listing (most recently updated first) and deletion with messages and feedback.""
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import timedelta
 
 from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -100,7 +100,7 @@ class ConversationStore:
                 question.conversation_id = answer.conversation_id = conversation_id
                 question.created_at = now
                 # Strictly after the question, so history reads back in order.
-                answer.created_at = datetime.fromtimestamp(now.timestamp() + 1e-3, now.tzinfo)
+                answer.created_at = now + timedelta(milliseconds=1)
                 s.add_all([question, answer])
         except IntegrityError:
             raise _not_found() from None
