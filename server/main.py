@@ -43,6 +43,7 @@ from server.logs import configure_logging
 from server.ops_http import OpsServer
 from server.servicers.agent import AgentServicer
 from server.servicers.auth import AuthServicer
+from server.servicers.feedback import FeedbackServicer
 from server.servicers.knowledge import KnowledgeBaseServicer
 from server.servicers.users import UserServicer
 from services.agent.context import AgentDeps, AgentSettings
@@ -62,6 +63,7 @@ from services.auth.service import AuthService
 from services.auth.tokens import TokenCodec, TokenSettings
 from services.auth.users import UserService
 from services.db import create_engine, create_sessionmaker
+from services.feedback.service import FeedbackService
 from services.knowledge.chunking import ChunkingPolicy
 from services.knowledge.embeddings import Embedder, EmbedderSettings, packaged_model_path
 from services.knowledge.ingestion import IngestionPipeline, IngestionQueue
@@ -125,6 +127,7 @@ class Domain:
     users: UserService
     knowledge: KnowledgeService
     agent: AgentService
+    feedback: FeedbackService
     outbound: OutboundHttp
     # The llama.cpp server of LLM_PROVIDER=local; the agent's client is made once it serves.
     local_llm: LocalLlmSidecar | None = None
@@ -334,6 +337,7 @@ def build_domain(settings: Settings) -> Domain:
         users=UserService(sessions, on_deleted=knowledge.purge_owner),
         knowledge=knowledge,
         agent=build_agent(settings, sessions, knowledge, outbound),
+        feedback=FeedbackService(sessions),
         outbound=outbound,
         local_llm=local_llm,
         local_llm_settings=llm_settings(settings),
@@ -383,12 +387,9 @@ def build_application(settings: Settings) -> Application:
     knowledge_grpc.add_KnowledgeBaseServiceServicer_to_server(
         KnowledgeBaseServicer(domain.knowledge), server
     )
-    # Contract-only services (their issues implement them): the generated base servicers
-    # raise NotImplementedError, which the error interceptor reports as UNIMPLEMENTED.
-    feedback_grpc.add_FeedbackServiceServicer_to_server(
-        feedback_grpc.FeedbackServiceServicer(),  # type: ignore[abstract]
-        server,
-    )
+    feedback_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(domain.feedback), server)
+    # Contract-only service (its issue implements it): the generated base servicer raises
+    # NotImplementedError, which the error interceptor reports as UNIMPLEMENTED.
     analytics_grpc.add_AnalyticsServiceServicer_to_server(
         analytics_grpc.AnalyticsServiceServicer(),  # type: ignore[abstract]
         server,

@@ -5,7 +5,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, MetaData, event
+from sqlalchemy import DateTime, MetaData, event, func
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
     AsyncAttrs,
@@ -99,3 +99,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def utc_day(column: Any, dialect: str) -> Any:
+    """A SQL expression for the UTC calendar day of a UTCDateTime column, as YYYY-MM-DD
+    text, on SQLite (which stores UTC text) and PostgreSQL (timestamptz)."""
+    if dialect == "postgresql":
+        return func.to_char(func.timezone("UTC", column), "YYYY-MM-DD")
+    return func.strftime("%Y-%m-%d", column)

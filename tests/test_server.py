@@ -9,10 +9,10 @@ from typing import Any
 
 import grpc
 import pytest
+from agentmesh.analytics.v1 import analytics_service_pb2 as analytics_pb
+from agentmesh.analytics.v1 import analytics_service_pb2_grpc as analytics_grpc
 from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
-from agentmesh.feedback.v1 import feedback_service_pb2 as feedback_pb
-from agentmesh.feedback.v1 import feedback_service_pb2_grpc as feedback_grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -81,12 +81,9 @@ async def test_a_method_missing_from_the_access_table_is_refused(
 
 async def test_contract_only_rpcs_are_unimplemented(stubs: Stubs) -> None:
     user = await new_user(stubs, "early")
-    feedback = feedback_grpc.FeedbackServiceStub(stubs.channel)
+    analytics = analytics_grpc.AnalyticsServiceStub(stubs.channel)
     error = await expect_code(
-        feedback.SubmitFeedback(
-            feedback_pb.SubmitFeedbackRequest(message_id=str(uuid.uuid4())),
-            metadata=user.metadata,
-        ),
+        analytics.GetUsage(analytics_pb.GetUsageRequest(), metadata=user.metadata),
         grpc.StatusCode.UNIMPLEMENTED,
     )
     assert error_info(error).reason == "UNIMPLEMENTED"
