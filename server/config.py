@@ -180,6 +180,11 @@ class Settings(BaseSettings):
     outbound_allowed_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Private networks tools may reach (comma-separated CIDRs); public ones are always allowed."""
 
+    events_flush_seconds: float = Field(default=1.0, gt=0)
+    """How often buffered usage events are written; a crash loses at most this much."""
+    events_buffer_capacity: int = Field(default=50_000, gt=0)
+    """Usage events kept while the database is unreachable; beyond it the oldest are dropped."""
+
     langfuse_host: str | None = None
     """Langfuse server URL for traces; tracing is off unless both keys are set."""
     langfuse_public_key: str | None = None

@@ -19,6 +19,7 @@ from google.rpc import status_pb2
 from server.access import Access, access_for
 from server.errors import INTERNAL, UNIMPLEMENTED, rich_status, to_grpc_status
 from server.request_context import RequestInfo, current_request
+from services.analytics.recorder import EventKind, EventRecorder
 from services.auth.principal import Principal
 from services.auth.tokens import TokenCodec
 from services.errors import DomainError, PermissionDenied, Unauthenticated
@@ -137,10 +138,12 @@ def _code_name(context: Context, failed: BaseException | None) -> str:
 
 class RequestLogInterceptor(WrappingInterceptor):
     """Gives every RPC a request id (from `x-request-id` or new), echoes it in the response
-    headers, and writes one structured log line per RPC: id, rpc, code, latency, user."""
+    headers, and writes one structured log line per RPC: id, rpc, code, latency, user. A
+    call that ends with an error is also recorded as a usage event (errors by code)."""
 
-    def __init__(self, logger: logging.Logger) -> None:
+    def __init__(self, logger: logging.Logger, events: EventRecorder) -> None:
         self._log = logger
+        self._events = events
 
     async def _begin(self, context: Context, method: str) -> RequestInfo:
         incoming = metadata_value(context, REQUEST_ID_HEADER)
@@ -156,15 +159,20 @@ class RequestLogInterceptor(WrappingInterceptor):
         self, info: RequestInfo, context: Context, started: float, failed: BaseException | None
     ) -> None:
         code = _code_name(context, failed)
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
         self._log.info(
             "rpc finished",
-            extra={
-                "rpc": info.rpc,
-                "code": code,
-                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-                "peer": info.peer,
-            },
+            extra={"rpc": info.rpc, "code": code, "latency_ms": latency_ms, "peer": info.peer},
         )
+        if code != "OK":
+            self._events.record(
+                EventKind.ERROR,
+                user_id=info.principal.user_id if info.principal else None,
+                rpc=info.rpc,
+                code=code,
+                latency_ms=latency_ms,
+                success=False,
+            )
 
     async def unary(self, call: UnaryCall, context: Context, method: str) -> Any:
         started = time.perf_counter()

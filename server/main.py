@@ -58,6 +58,7 @@ from services.agent.tools.outbound import OutboundHttp
 from services.agent.tools.registry import ToolRegistry
 from services.agent.tools.web_search import WebSearchSettings, WebSearchTool
 from services.agent.tracing import NoopTracer, Tracer
+from services.analytics.recorder import EventRecorder, RecorderSettings
 from services.auth.passwords import PasswordHasher
 from services.auth.service import AuthService
 from services.auth.tokens import TokenCodec, TokenSettings
@@ -128,12 +129,14 @@ class Domain:
     knowledge: KnowledgeService
     agent: AgentService
     feedback: FeedbackService
+    events: EventRecorder
     outbound: OutboundHttp
     # The llama.cpp server of LLM_PROVIDER=local; the agent's client is made once it serves.
     local_llm: LocalLlmSidecar | None = None
     local_llm_settings: LlmSettings | None = None
 
     async def start(self) -> None:
+        await self.events.start()
         await self.knowledge.start()
         if self.local_llm is not None and self.local_llm_settings is not None:
             await self.local_llm.start()
@@ -153,12 +156,13 @@ class Domain:
             await self.local_llm.stop()
         await self.outbound.close()
         await self.knowledge.stop()
+        await self.events.stop()  # after everything that records events
         await self.engine.dispose()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def build_knowledge(
-    settings: Settings, sessions: async_sessionmaker[AsyncSession]
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], events: EventRecorder
 ) -> KnowledgeService:
     """The knowledge base: embedding model (loaded here), Qdrant, ingestion workers."""
     embedder = Embedder.load(
@@ -207,7 +211,7 @@ def build_knowledge(
         parse_limits=limits,
     )
     return KnowledgeService(
-        sessions, store, embedder, lexical, queue, executor, knowledge_settings, reranker
+        sessions, store, embedder, lexical, queue, executor, knowledge_settings, events, reranker
     )
 
 
@@ -279,6 +283,7 @@ def build_agent(
     sessions: async_sessionmaker[AsyncSession],
     knowledge: KnowledgeService,
     outbound: OutboundHttp,
+    events: EventRecorder,
 ) -> AgentService:
     """The agent: prompts, tools, the LLM client (none in extractive mode) and the graph."""
     prompts = PromptManager(settings.prompts_dir, auto_reload=settings.prompts_auto_reload)
@@ -302,6 +307,7 @@ def build_agent(
         llm=llm,
         store=ConversationStore(sessions),
         settings=agent_settings,
+        events=events,
     )
     return AgentService(deps, build_tracer(settings))
 
@@ -319,7 +325,14 @@ def build_domain(settings: Settings) -> Domain:
             refresh_ttl=timedelta(seconds=settings.refresh_token_ttl_seconds),
         )
     )
-    knowledge = build_knowledge(settings, sessions)
+    events = EventRecorder(
+        sessions,
+        RecorderSettings(
+            flush_interval=settings.events_flush_seconds,
+            capacity=settings.events_buffer_capacity,
+        ),
+    )
+    knowledge = build_knowledge(settings, sessions, events)
     outbound = OutboundHttp(settings.outbound_allowed_networks)
     local_llm = None
     if settings.resolved_llm_provider == "local":
@@ -333,11 +346,12 @@ def build_domain(settings: Settings) -> Domain:
         sessions=sessions,
         executor=executor,
         tokens=tokens,
-        auth=AuthService(sessions, PasswordHasher(executor), tokens),
+        auth=AuthService(sessions, PasswordHasher(executor), tokens, events),
         users=UserService(sessions, on_deleted=knowledge.purge_owner),
         knowledge=knowledge,
-        agent=build_agent(settings, sessions, knowledge, outbound),
-        feedback=FeedbackService(sessions),
+        agent=build_agent(settings, sessions, knowledge, outbound, events),
+        feedback=FeedbackService(sessions, events),
+        events=events,
         outbound=outbound,
         local_llm=local_llm,
         local_llm_settings=llm_settings(settings),
@@ -375,7 +389,7 @@ def build_application(settings: Settings) -> Application:
     rpc_log = logging.getLogger("agentmesh.rpc")
     server = grpc.aio.server(
         interceptors=[
-            RequestLogInterceptor(rpc_log),
+            RequestLogInterceptor(rpc_log, domain.events),
             AuthInterceptor(domain.tokens),
             ErrorInterceptor(rpc_log),
         ],

@@ -9,6 +9,7 @@ from services.agent.llm import ChatModel
 from services.agent.prompts import PromptManager
 from services.agent.tools.registry import ToolRegistry
 from services.agent.tracing import RunTrace
+from services.analytics.recorder import EventRecorder
 from services.auth.principal import Principal
 from services.knowledge.embeddings import Embedder
 
@@ -38,6 +39,7 @@ class AgentDeps:
     llm: ChatModel | None  # None: extractive mode
     store: ConversationStore
     settings: AgentSettings
+    events: EventRecorder
     intents: IntentExamples | None = None  # embedded at start()
 
 

@@ -21,9 +21,10 @@ from services.agent.intents import IntentExamples
 from services.agent.state import AgentState, Turn
 from services.agent.text import clean_query, title_from
 from services.agent.tracing import NoopTracer, Tracer
+from services.analytics.recorder import EventKind
 from services.auth.principal import Principal
 from services.db import new_id
-from services.errors import QuotaViolation, ResourceExhausted
+from services.errors import DomainError, QuotaViolation, ResourceExhausted
 
 
 @dataclass(frozen=True)
@@ -123,17 +124,54 @@ class AgentService:
                 async for event in self._graph.astream(
                     state, context=context, stream_mode="custom"
                 ):
+                    if isinstance(event, RunCompleted):
+                        self._record_completed(principal, event)
                     yield run_id, cast(Event, event)
         except TimeoutError:
             if not window.expired():
                 raise
             context.trace.end(answer="", intent="", error="run timeout")
+            self._record_failed(principal, context, "AGENT_RUN_TIMEOUT")
             raise ResourceExhausted(
                 f"the run took longer than its {budget:g} s budget", reason="AGENT_RUN_TIMEOUT"
             ) from None
         except BaseException as error:  # cancellation included: the trace says how it ended
             context.trace.end(answer="", intent="", error=type(error).__name__)
+            reason = error.reason if isinstance(error, DomainError) else type(error).__name__
+            self._record_failed(principal, context, reason)
             raise
+
+    def _record_completed(self, principal: Principal, completed: RunCompleted) -> None:
+        """Usage events of a finished run: the query, and each tool call it made."""
+        message, events = completed.message, self._deps.events
+        for call in message.tool_calls:
+            events.record(
+                EventKind.TOOL_CALL,
+                user_id=principal.user_id,
+                tool=call["name"],
+                code=call["outcome"],
+                latency_ms=call["latency_ms"],
+                success=call["outcome"] == "ok",
+            )
+        events.record(
+            EventKind.AGENT_QUERY,
+            user_id=principal.user_id,
+            model=message.model,
+            tokens_in=message.prompt_tokens,
+            tokens_out=message.completion_tokens,
+            latency_ms=message.latency_ms,
+            success=True,
+            data={"mode": message.mode, "tools": [c["name"] for c in message.tool_calls]},
+        )
+
+    def _record_failed(self, principal: Principal, context: RunContext, reason: str) -> None:
+        self._deps.events.record(
+            EventKind.AGENT_QUERY,
+            user_id=principal.user_id,
+            latency_ms=(time.perf_counter() - context.started) * 1000,
+            success=False,
+            code=reason,
+        )
 
     @contextlib.contextmanager
     def _admitted(self, principal: Principal) -> Iterator[None]:

@@ -16,6 +16,7 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.analytics.recorder import EventKind, EventRecorder
 from services.auth.models import RefreshToken, User
 from services.auth.passwords import PasswordHasher, password_problems
 from services.auth.principal import Principal, Role
@@ -79,11 +80,16 @@ class AuthService:
     """Accounts and tokens."""
 
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], hasher: PasswordHasher, tokens: TokenCodec
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        hasher: PasswordHasher,
+        tokens: TokenCodec,
+        events: EventRecorder,
     ) -> None:
         self._sessions = sessions
         self._hasher = hasher
         self._tokens = tokens
+        self._events = events
 
     async def register(
         self, *, email: str, password: str, full_name: str, role: Role = Role.USER
@@ -109,6 +115,7 @@ class AuthService:
                 s.add(user)
         except IntegrityError:  # registered concurrently
             raise AlreadyExists("an account with this email exists", reason="EMAIL_TAKEN") from None
+        self._events.record(EventKind.REGISTRATION, user_id=user.id, success=True)
         return user
 
     async def has_admin(self) -> bool:
@@ -129,6 +136,7 @@ class AuthService:
             not await self._hasher.verify(user.password_hash if user else None, password)
             or not user
         ):
+            self._events.record(EventKind.LOGIN, user_id=user.id if user else None, success=False)
             raise Unauthenticated("wrong email or password", reason="INVALID_CREDENTIALS")
         # Upgrade hashes made with weaker parameters, before holding a transaction open.
         upgraded = (
@@ -142,7 +150,9 @@ class AuthService:
                 await s.execute(
                     update(User).where(User.id == user.id).values(password_hash=upgraded)
                 )
-            return await self._issue_pair(s, user, family_id=uuid.uuid4(), now=now)
+            pair = await self._issue_pair(s, user, family_id=uuid.uuid4(), now=now)
+        self._events.record(EventKind.LOGIN, user_id=user.id, success=True)
+        return pair
 
     async def refresh(self, *, refresh_token: str) -> TokenPair:
         """Exchange a refresh token for a new pair (rotation, with reuse detection)."""

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.agent.models import Conversation, Message
+from services.analytics.recorder import EventKind, EventRecorder
 from services.auth.principal import Principal
 from services.db import parse_uuid, require_uuid, utc_day, utcnow
 from services.errors import InvalidArgument, NotFound, Violations
@@ -107,17 +108,25 @@ def _not_found() -> NotFound:
 
 
 class FeedbackService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], events: EventRecorder) -> None:
         self._sessions = sessions
+        self._events = events
 
     async def submit(self, principal: Principal, submission: Submission) -> tuple[Feedback, bool]:
         """Store the caller's feedback on one of their assistant messages; (feedback, created)."""
         message_id = _validate(submission)
         try:
-            return await self._upsert(principal, message_id, submission)
+            feedback, created = await self._upsert(principal, message_id, submission)
         except IntegrityError:
             # A concurrent first submission won the insert: this one becomes the update.
-            return await self._upsert(principal, message_id, submission)
+            feedback, created = await self._upsert(principal, message_id, submission)
+        self._events.record(
+            EventKind.FEEDBACK,
+            user_id=principal.user_id,
+            success=True,
+            data={"rating": feedback.rating, "score": feedback.score, "created": created},
+        )
+        return feedback, created
 
     async def _upsert(
         self, principal: Principal, message_id: uuid.UUID, submission: Submission

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.analytics.recorder import EventKind, EventRecorder
 from services.auth.principal import Principal
 from services.db import parse_uuid, require_uuid
 from services.errors import (
@@ -24,7 +25,7 @@ from services.knowledge.embeddings import Embedder
 from services.knowledge.ingestion import IngestionQueue, Job
 from services.knowledge.lexical import LexicalEncoder
 from services.knowledge.models import Document, DocumentStatus, Stage
-from services.knowledge.parsing import ParseLimits, inspect_upload
+from services.knowledge.parsing import DocumentFormat, ParseLimits, inspect_upload
 from services.knowledge.reranking import CrossEncoderReranker
 from services.knowledge.retrieval import (
     Candidate,
@@ -114,8 +115,10 @@ class KnowledgeService:
         ingestion: IngestionQueue,
         executor: ThreadPoolExecutor,
         settings: KnowledgeSettings,
+        events: EventRecorder,
         reranker: CrossEncoderReranker | None = None,
     ) -> None:
+        self._events = events
         self._sessions = sessions
         self._store = store
         self._embedder = embedder
@@ -175,10 +178,12 @@ class KnowledgeService:
                     s, owner_id=principal.user_id, sha256=digest
                 )
                 if document is not None:
+                    self._uploaded(principal, upload, fmt, deduplicated=True)
                     return UploadResult(document, deduplicated=True)
                 document = Document(owner_id=principal.user_id)
                 s.add(document)
             if replaces is not None and _same_live_content(document, digest):
+                self._uploaded(principal, upload, fmt, deduplicated=True)
                 return UploadResult(document, deduplicated=True)
             document.filename = upload.filename
             # A replacement keeps its title unless the request names a new one.
@@ -197,7 +202,18 @@ class KnowledgeService:
                 s, document_id=document.id, generation=generation, content=upload.content
             )
         self._ingestion.submit(Job(document.id, generation))
+        self._uploaded(principal, upload, fmt, deduplicated=False)
         return UploadResult(document, deduplicated=False)
+
+    def _uploaded(
+        self, principal: Principal, upload: Upload, fmt: DocumentFormat, *, deduplicated: bool
+    ) -> None:
+        self._events.record(
+            EventKind.DOCUMENT_UPLOAD,
+            user_id=principal.user_id,
+            success=True,
+            data={"format": fmt.value, "bytes": len(upload.content), "deduplicated": deduplicated},
+        )
 
     async def get(self, principal: Principal, document_id: str) -> Document:
         """A document the caller owns or that is shared; NOT_FOUND otherwise."""

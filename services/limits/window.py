@@ -1,0 +1,110 @@
+"""Sliding-window-log rate limiting: the interface and the in-process implementation.
+
+A call is admitted when fewer than `limit` calls were admitted in the `window_seconds`
+that end now; refused calls are not recorded, so a client that keeps retrying while
+refused does not push its own recovery further away.
+"""
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one call: admitted or not, calls left, seconds until a slot frees."""
+
+    allowed: bool
+    remaining: int
+    retry_after: float
+
+
+class RateLimiter(Protocol):
+    """Admits at most `limit` calls per key in any `window_seconds` interval."""
+
+    async def hit(self, key: str, limit: int, window_seconds: float) -> Decision:
+        """Record a call for `key` if the window has room, and say whether it had."""
+        ...
+
+
+def check_limit(limit: int, window_seconds: float) -> None:
+    """Reject a limit that cannot admit anything (a configuration mistake, not a refusal)."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    if not window_seconds > 0:
+        raise ValueError(f"window_seconds must be positive, got {window_seconds}")
+
+
+class _Log:
+    """One key's admitted timestamps, oldest first, and when the newest one expires."""
+
+    __slots__ = ("expires_at", "stamps")
+
+    def __init__(self) -> None:
+        self.stamps: deque[float] = deque()
+        self.expires_at = 0.0
+
+
+class InProcessRateLimiter:
+    """A sliding-window log per key in this process's memory (the embedded mode).
+
+    Not thread-safe: it belongs to one event loop, and `hit` never awaits, so concurrent
+    tasks cannot interleave inside a decision.
+    """
+
+    def __init__(
+        self, *, max_keys: int | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if max_keys is not None and max_keys < 1:
+            raise ValueError(f"max_keys must be at least 1, got {max_keys}")
+        self._max_keys = max_keys
+        self._clock = clock
+        # Ordered by last hit, least recent first: the LRU victim and the likeliest
+        # expired key are both at the front.
+        self._logs: OrderedDict[str, _Log] = OrderedDict()
+
+    def __len__(self) -> int:
+        """The number of keys currently tracked."""
+        return len(self._logs)
+
+    async def hit(self, key: str, limit: int, window_seconds: float) -> Decision:
+        """Record a call for `key` if the window has room, and say whether it had."""
+        check_limit(limit, window_seconds)
+        now = self._clock()
+        self._drop_expired(now)
+        log = self._log_for(key)
+        stamps = log.stamps
+        horizon = now - window_seconds
+        while stamps and stamps[0] <= horizon:
+            stamps.popleft()
+        if len(stamps) < limit:
+            stamps.append(now)
+            log.expires_at = now + window_seconds
+            return Decision(allowed=True, remaining=limit - len(stamps), retry_after=0.0)
+        # A lowered limit can leave more than `limit` stamps; the one that must expire
+        # before another call fits is `limit` places from the newest.
+        frees_at = stamps[len(stamps) - limit] + window_seconds
+        return Decision(allowed=False, remaining=0, retry_after=frees_at - now)
+
+    def _log_for(self, key: str) -> _Log:
+        log = self._logs.get(key)
+        if log is not None:
+            self._logs.move_to_end(key)
+            return log
+        if self._max_keys is not None and len(self._logs) >= self._max_keys:
+            # Evicting forgets that key's calls (it starts afresh): the cap trades
+            # exactness for bounded memory under a flood of distinct keys.
+            self._logs.popitem(last=False)
+        log = self._logs[key] = _Log()
+        return log
+
+    def _drop_expired(self, now: float) -> None:
+        # Amortised O(1): only the least recently hit keys are looked at, so a key with a
+        # long window can shelter younger expired keys until it expires itself.
+        while self._logs:
+            key, log = next(iter(self._logs.items()))
+            if log.expires_at > now:
+                return
+            del self._logs[key]
