@@ -10,7 +10,7 @@ GOOGLEAPIS := build/third_party
 PROTOS := $(shell find protos -name '*.proto')
 DESCRIPTOR := gen/agentmesh.binpb
 
-.PHONY: help install gen gen-check lint fmt migrate admin run test bench bench-rest bench-agent bench-retrieval clean
+.PHONY: help install gen gen-check lint fmt migrate admin run test bench bench-rest bench-agent bench-limits bench-retrieval clean
 
 help:
 	@echo "make run     set up and run agentmesh (gRPC :50051, REST+gRPC via Envoy :8080)"
@@ -77,13 +77,16 @@ run: migrate
 test: $(GOOGLEAPIS)/.copied
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: bench-rest bench-agent bench-retrieval
+bench: bench-rest bench-agent bench-limits bench-retrieval
 
 bench-rest: install
 	$(BIN)/python -m bench.rest_tax $(BENCH_ARGS)
 
 bench-agent: install
 	$(BIN)/python -m bench.agent_stream $(BENCH_ARGS)
+
+bench-limits: install
+	$(BIN)/python -m bench.rate_limit $(BENCH_ARGS)
 
 bench-retrieval: install
 	$(BIN)/python -m bench.retrieval $(BENCH_ARGS)

@@ -52,6 +52,13 @@ class Server:
 async def start_server(data_dir: Path, extra_env: dict[str, str] | None = None) -> Server:
     """`agentmesh serve` (after `agentmesh migrate`) on free ports, with `extra_env` settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}
+    # One client hammers the server from one address: limits it cannot reach (the
+    # limiter still runs on every call, as in production).
+    env.update(
+        AGENTMESH_RATE_LIMIT_PER_USER="100000000",
+        AGENTMESH_RATE_LIMIT_PER_IP="100000000",
+        AGENTMESH_RATE_LIMIT_CREDENTIALS_PER_IP="100000000",
+    )
     env.update(extra_env or {})
     env.update(
         AGENTMESH_DATA_DIR=str(data_dir),

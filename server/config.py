@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     database_url: str | None = None
     """SQLAlchemy URL (postgresql+asyncpg://... in production); unset: SQLite in DATA_DIR."""
     redis_url: str | None = None
-    """Redis URL for the shared cache, quotas and rate limits (reserved: not read yet)."""
+    """Redis URL (redis://host:6379/0) for rate limits shared by replicas; unset: in process."""
+    redis_key_prefix: str = "agentmesh:"
+    """Prefix of every Redis key agentmesh writes."""
     qdrant_url: str | None = None
     """Qdrant server URL (http://host:6333); unset: embedded Qdrant in DATA_DIR/qdrant."""
     qdrant_api_key: SecretStr | None = None
@@ -180,6 +182,24 @@ class Settings(BaseSettings):
     outbound_allowed_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Private networks tools may reach (comma-separated CIDRs); public ones are always allowed."""
 
+    rate_limit_enabled: bool = True
+    """Apply the per-user and per-IP rate limits below."""
+    rate_limit_window_seconds: float = Field(default=60.0, gt=0)
+    """Length of the sliding window the rate limits count calls in."""
+    rate_limit_per_user: int = Field(default=600, gt=0)
+    """Calls one user may make per window."""
+    rate_limit_per_ip: int = Field(default=1200, gt=0)
+    """Calls one client IP may make per window (all users behind it together)."""
+    rate_limit_credentials_per_ip: int = Field(default=20, gt=0)
+    """Register, Login and RefreshToken calls one client IP may make per window."""
+    rate_limit_fail_open: bool = True
+    """When Redis cannot decide in time: admit the call (true) or refuse it (false)."""
+    rate_limit_timeout_seconds: float = Field(default=0.05, gt=0)
+    """Longest one Redis rate-limit decision may take."""
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"]
+    )
+    """Peers (CIDRs) whose x-forwarded-for names the client: the Envoy sidecar on loopback."""
     events_flush_seconds: float = Field(default=1.0, gt=0)
     """How often buffered usage events are written; a crash loses at most this much."""
     events_buffer_capacity: int = Field(default=50_000, gt=0)
@@ -201,7 +221,9 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     """json: one JSON object per line (request id, rpc, code, latency, user id)."""
 
-    @field_validator("cors_allowed_origins", "outbound_allowed_networks", mode="before")
+    @field_validator(
+        "cors_allowed_origins", "outbound_allowed_networks", "trusted_proxies", mode="before"
+    )
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):

@@ -32,6 +32,7 @@ from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as knowledge_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from server.config import Settings
@@ -41,6 +42,7 @@ from server.interceptors import AuthInterceptor, ErrorInterceptor, RequestLogInt
 from server.llm_sidecar import LocalLlmSidecar, packaged_model
 from server.logs import configure_logging
 from server.ops_http import OpsServer
+from server.rate_limits import RateLimitInterceptor, RateLimits
 from server.servicers.agent import AgentServicer
 from server.servicers.auth import AuthServicer
 from server.servicers.feedback import FeedbackServicer
@@ -73,6 +75,7 @@ from services.knowledge.parsing import ParseLimits
 from services.knowledge.reranking import CrossEncoderReranker
 from services.knowledge.service import KnowledgeService, KnowledgeSettings
 from services.knowledge.vector_store import VectorStore
+from services.limits import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 
 SERVICE_NAMES = [
     auth_pb.DESCRIPTOR.services_by_name["AuthService"].full_name,
@@ -131,6 +134,8 @@ class Domain:
     feedback: FeedbackService
     events: EventRecorder
     outbound: OutboundHttp
+    limiter: RateLimiter
+    redis: Redis | None
     # The llama.cpp server of LLM_PROVIDER=local; the agent's client is made once it serves.
     local_llm: LocalLlmSidecar | None = None
     local_llm_settings: LlmSettings | None = None
@@ -157,6 +162,8 @@ class Domain:
         await self.outbound.close()
         await self.knowledge.stop()
         await self.events.stop()  # after everything that records events
+        if self.redis is not None:
+            await self.redis.aclose()
         await self.engine.dispose()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -312,6 +319,30 @@ def build_agent(
     return AgentService(deps, build_tracer(settings))
 
 
+def build_limiter(settings: Settings) -> tuple[RateLimiter, Redis | None]:
+    """Redis-backed rate limits when REDIS_URL is set (shared by replicas), else in process."""
+    if not settings.redis_url:
+        return InProcessRateLimiter(max_keys=100_000), None
+    timeout = settings.rate_limit_timeout_seconds
+    # A blocking pool: the default one raises past its size, which would wave a burst
+    # through (fail open) instead of queueing it within the decision timeout.
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=64,
+        timeout=None,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+    )
+    redis = Redis.from_pool(pool)
+    limiter = RedisRateLimiter(
+        redis,
+        prefix=f"{settings.redis_key_prefix}rl:",
+        timeout=timeout,
+        fail_open=settings.rate_limit_fail_open,
+    )
+    return limiter, redis
+
+
 def build_domain(settings: Settings) -> Domain:
     engine = create_engine(settings.resolved_database_url)
     sessions = create_sessionmaker(engine)
@@ -334,6 +365,7 @@ def build_domain(settings: Settings) -> Domain:
     )
     knowledge = build_knowledge(settings, sessions, events)
     outbound = OutboundHttp(settings.outbound_allowed_networks)
+    limiter, redis = build_limiter(settings)
     local_llm = None
     if settings.resolved_llm_provider == "local":
         local_llm = LocalLlmSidecar(
@@ -352,6 +384,8 @@ def build_domain(settings: Settings) -> Domain:
         agent=build_agent(settings, sessions, knowledge, outbound, events),
         feedback=FeedbackService(sessions, events),
         events=events,
+        limiter=limiter,
+        redis=redis,
         outbound=outbound,
         local_llm=local_llm,
         local_llm_settings=llm_settings(settings),
@@ -384,6 +418,16 @@ class Application:
         await self.domain.close()
 
 
+def rate_limits(settings: Settings) -> RateLimits:
+    return RateLimits(
+        window_seconds=settings.rate_limit_window_seconds,
+        per_user=settings.rate_limit_per_user,
+        per_ip=settings.rate_limit_per_ip,
+        credentials_per_ip=settings.rate_limit_credentials_per_ip,
+        trusted_proxies=tuple(settings.trusted_proxies),
+    )
+
+
 def build_application(settings: Settings) -> Application:
     domain = build_domain(settings)
     rpc_log = logging.getLogger("agentmesh.rpc")
@@ -391,6 +435,11 @@ def build_application(settings: Settings) -> Application:
         interceptors=[
             RequestLogInterceptor(rpc_log, domain.events),
             AuthInterceptor(domain.tokens),
+            *(
+                [RateLimitInterceptor(domain.limiter, rate_limits(settings), domain.events)]
+                if settings.rate_limit_enabled
+                else []
+            ),
             ErrorInterceptor(rpc_log),
         ],
         options=server_options(settings),

@@ -38,6 +38,10 @@ def settings_for(database_url: str, data_dir: Path, **overrides: Any) -> Setting
         "jwt_secret": TEST_JWT_SECRET,
         "log_format": "text",
         "shutdown_grace_seconds": 1.0,
+        # Every test talks from 127.0.0.1: limits that only the rate-limit tests reach.
+        "rate_limit_per_user": 1_000_000,
+        "rate_limit_per_ip": 1_000_000,
+        "rate_limit_credentials_per_ip": 1_000_000,
         **overrides,
     }
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -5,7 +5,6 @@ Without it the Redis tests skip, except under CI=true, where they fail.
 """
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -20,6 +19,7 @@ from redis.exceptions import RedisError
 
 from services.limits import Decision, InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from tests.backends import require_service
+from tests.tcp_proxy import TcpProxy
 
 REDIS_URL = os.environ.get("AGENTMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 IMPLEMENTATIONS = ["in_process", "redis"]
@@ -33,55 +33,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class TcpProxy:
-    """Forwards a local port to Redis; `stop` drops every connection, `start` listens again."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self.port = 0
-
-    async def start(self) -> None:
-        # Same port on restart, so the client's pool reconnects to where it was.
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
-        writers, self._writers = self._writers, set()
-        for writer in writers:
-            writer.close()
-        for writer in writers:
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
-        except OSError:
-            writer.close()
-            return
-        self._writers.add(upstream_writer)
-        await asyncio.gather(
-            self._pipe(reader, upstream_writer),
-            self._pipe(upstream_reader, writer),
-            return_exceptions=True,
-        )
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.close()
 
 
 def closed_port() -> int:
@@ -143,6 +94,17 @@ async def test_different_keys_are_independent(limiter: RateLimiter) -> None:
     assert not (await limiter.hit("user:a", 1, 60)).allowed
     assert (await limiter.hit("user:b", 1, 60)).allowed
     assert not (await limiter.hit("user:b", 1, 60)).allowed
+
+
+async def test_several_windows_admit_all_or_nothing(limiter: RateLimiter) -> None:
+    ip, user = f"ip-{uuid.uuid4().hex}", f"user-{uuid.uuid4().hex}"
+    assert await limiter.hit_all([(ip, 3), (user, 1)], 60) == (-1, Decision(True, 0, 0.0))
+    refused_at, decision = await limiter.hit_all([(ip, 3), (user, 1)], 60)
+    assert refused_at == 1 and not decision.allowed and 0 < decision.retry_after <= 60
+    # The refused call was not counted under the IP either: two of its three are left.
+    assert await limiter.hit_all([(ip, 3)], 60) == (-1, Decision(True, 1, 0.0))
+    assert await limiter.hit_all([(ip, 3)], 60) == (-1, Decision(True, 0, 0.0))
+    assert (await limiter.hit_all([(ip, 3)], 60))[0] == 0
 
 
 async def test_nonsense_limits_are_rejected(limiter: RateLimiter) -> None:

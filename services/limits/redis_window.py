@@ -16,35 +16,46 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.limits.window import Decision, check_limit
+from services.limits.window import Check, Decision, check_limit
 
 logger = logging.getLogger("agentmesh.limits")
 
-# KEYS[1]: the key's log, a sorted set of admitted calls scored by server time (µs).
-# ARGV: limit, window (µs), a member name unique to this call (two calls can share a
-# microsecond, and Lua 5.1 prints numbers with 14 digits, so the time cannot name it).
-# Returns {allowed (0|1), remaining, retry_after (µs)}. Time comes from the server, so
-# replicas with drifting clocks still share one window; microseconds since the epoch
-# (~1.8e15) fit a double's 53-bit mantissa exactly.
+# KEYS: the keys' logs, sorted sets of admitted calls scored by server time (µs).
+# ARGV: window (µs), a member name unique to this call (two calls can share a microsecond,
+# and Lua 5.1 prints numbers with 14 digits, so the time cannot name it), one limit per key.
+# All or nothing: returns {0, smallest remaining, 0} when every key had room (the call is
+# recorded under each), else {1-based index of the first full key, 0, retry_after (µs)}.
+# Time comes from the server, so replicas with drifting clocks still share one window;
+# microseconds since the epoch (~1.8e15) fit a double's 53-bit mantissa exactly.
 _SLIDING_WINDOW_LUA = """
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
-local limit = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-local count = redis.call('ZCARD', KEYS[1])
-if count < limit then
-  redis.call('ZADD', KEYS[1], now, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
-  return {1, limit - count - 1, 0}
+local window = tonumber(ARGV[1])
+local member = ARGV[2]
+local counts = {}
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[2 + i])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  local count = redis.call('ZCARD', KEYS[i])
+  if count >= limit then
+    local blocking = redis.call('ZRANGE', KEYS[i], count - limit, count - limit, 'WITHSCORES')
+    return {i, 0, tonumber(blocking[2]) + window - now}
+  end
+  counts[i] = count
 end
-local blocking = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
-return {0, 0, tonumber(blocking[2]) + window - now}
+local remaining = -1
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], now, member)
+  redis.call('PEXPIRE', KEYS[i], math.ceil(window / 1000))
+  local left = tonumber(ARGV[2 + i]) - counts[i] - 1
+  if remaining < 0 or left < remaining then remaining = left end
+end
+return {0, remaining, 0}
 """
 
 _MICROSECONDS = 1_000_000
@@ -82,19 +93,27 @@ class RedisRateLimiter:
 
     async def hit(self, key: str, limit: int, window_seconds: float) -> Decision:
         """Record a call for `key` if the window has room, and say whether it had."""
-        check_limit(limit, window_seconds)
+        return (await self.hit_all([(key, limit)], window_seconds))[1]
+
+    async def hit_all(self, checks: Sequence[Check], window_seconds: float) -> tuple[int, Decision]:
+        """Record a call under every key if all their windows have room, in one round trip
+        (the keys must live on one Redis node: no cluster slots)."""
+        for _, limit in checks:
+            check_limit(limit, window_seconds)
         window_us = max(1, round(window_seconds * _MICROSECONDS))
         member = f"{self._nonce}:{next(self._sequence)}"
         try:
             async with asyncio.timeout(self._timeout):
-                allowed, remaining, retry_us = await self._script(
-                    keys=[self._prefix + key], args=[limit, window_us, member]
+                refused_at, remaining, retry_us = await self._script(
+                    keys=[self._prefix + key for key, _ in checks],
+                    args=[window_us, member, *(limit for _, limit in checks)],
                 )
         except (RedisError, OSError) as error:  # TimeoutError is an OSError
-            return self._without_redis(error)
-        return Decision(
-            allowed=bool(allowed), remaining=int(remaining), retry_after=retry_us / _MICROSECONDS
+            return -1, self._without_redis(error)
+        decision = Decision(
+            allowed=not refused_at, remaining=int(remaining), retry_after=retry_us / _MICROSECONDS
         )
+        return int(refused_at) - 1, decision
 
     def _without_redis(self, error: Exception) -> Decision:
         self.failures += 1

@@ -7,7 +7,7 @@ refused does not push its own recovery further away.
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,11 +21,20 @@ class Decision:
     retry_after: float
 
 
+Check = tuple[str, int]  # (key, limit)
+
+
 class RateLimiter(Protocol):
     """Admits at most `limit` calls per key in any `window_seconds` interval."""
 
     async def hit(self, key: str, limit: int, window_seconds: float) -> Decision:
         """Record a call for `key` if the window has room, and say whether it had."""
+        ...
+
+    async def hit_all(self, checks: Sequence[Check], window_seconds: float) -> tuple[int, Decision]:
+        """Record a call under every key if all their windows have room (all or nothing).
+        Returns the index of the first check that refused, or -1, with its decision
+        (`remaining` is the smallest left over all keys when admitted)."""
         ...
 
 
@@ -71,22 +80,32 @@ class InProcessRateLimiter:
 
     async def hit(self, key: str, limit: int, window_seconds: float) -> Decision:
         """Record a call for `key` if the window has room, and say whether it had."""
-        check_limit(limit, window_seconds)
+        return (await self.hit_all([(key, limit)], window_seconds))[1]
+
+    async def hit_all(self, checks: Sequence[Check], window_seconds: float) -> tuple[int, Decision]:
+        """Record a call under every key if all their windows have room (all or nothing)."""
+        for _, limit in checks:
+            check_limit(limit, window_seconds)
         now = self._clock()
         self._drop_expired(now)
-        log = self._log_for(key)
-        stamps = log.stamps
         horizon = now - window_seconds
-        while stamps and stamps[0] <= horizon:
-            stamps.popleft()
-        if len(stamps) < limit:
-            stamps.append(now)
+        logs = [self._log_for(key) for key, _ in checks]
+        for index, (log, (_, limit)) in enumerate(zip(logs, checks, strict=True)):
+            stamps = log.stamps
+            while stamps and stamps[0] <= horizon:
+                stamps.popleft()
+            if len(stamps) >= limit:
+                # A lowered limit can leave more than `limit` stamps; the one that must
+                # expire before another call fits is `limit` places from the newest.
+                frees_at = stamps[len(stamps) - limit] + window_seconds
+                return index, Decision(allowed=False, remaining=0, retry_after=frees_at - now)
+        for log in logs:
+            log.stamps.append(now)
             log.expires_at = now + window_seconds
-            return Decision(allowed=True, remaining=limit - len(stamps), retry_after=0.0)
-        # A lowered limit can leave more than `limit` stamps; the one that must expire
-        # before another call fits is `limit` places from the newest.
-        frees_at = stamps[len(stamps) - limit] + window_seconds
-        return Decision(allowed=False, remaining=0, retry_after=frees_at - now)
+        remaining = min(
+            limit - len(log.stamps) for log, (_, limit) in zip(logs, checks, strict=True)
+        )
+        return -1, Decision(allowed=True, remaining=remaining, retry_after=0.0)
 
     def _log_for(self, key: str) -> _Log:
         log = self._logs.get(key)

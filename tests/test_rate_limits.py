@@ -1,0 +1,224 @@
+"""Rate limiting through the real server: per user, per client IP, stricter for the
+credential RPCs, in process and on the real Redis (including Redis going away mid-test),
+and HTTP 429 through Envoy."""
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
+from agentmesh.auth.v1 import user_service_pb2 as users_pb
+from google.rpc import error_details_pb2
+from redis.asyncio import Redis
+
+from server import migrations
+from server.main import Application
+from server.rate_limits import ClientAddress
+from tests.backends import require_service
+from tests.harness import PASSWORD, Account, Stubs, envoy_for, login, new_user, running_app
+from tests.rpc_errors import error_info, retry_delay, status_of
+from tests.tcp_proxy import TcpProxy
+
+REDIS_URL = os.environ.get("AGENTMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+GENEROUS = 1_000_000
+
+
+async def redis_up() -> None:
+    client = Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        await client.ping()
+    except Exception:
+        require_service(f"Redis is not reachable at {REDIS_URL}")
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def limited_app(tmp_path: Path, **settings: Any) -> AsyncIterator[tuple[Application, Stubs]]:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+    await asyncio.to_thread(migrations.upgrade, url)
+    limits = {
+        "rate_limit_per_user": GENEROUS,
+        "rate_limit_per_ip": GENEROUS,
+        "rate_limit_credentials_per_ip": GENEROUS,
+        "redis_key_prefix": f"agentmesh-test-{uuid.uuid4().hex}:",
+        **settings,
+    }
+    async with running_app(url, tmp_path / "data", **limits) as running:
+        yield running
+
+
+async def me(stubs: Stubs, account: Account) -> None:
+    await stubs.users.GetCurrentUser(users_pb.GetCurrentUserRequest(), metadata=account.metadata)
+
+
+def quota_subjects(error: grpc.aio.AioRpcError) -> list[str]:
+    for detail in status_of(error).details:
+        failure = error_details_pb2.QuotaFailure()
+        if detail.Unpack(failure):
+            return [v.subject for v in failure.violations]
+    raise AssertionError("no QuotaFailure detail")
+
+
+async def refused(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(caught.value).reason == "RATE_LIMITED"
+    return caught.value
+
+
+@pytest.mark.parametrize("store", ["in_process", "redis"])
+async def test_a_user_over_the_limit_is_refused_with_retry_info(tmp_path: Path, store: str) -> None:
+    extra = {}
+    if store == "redis":
+        await redis_up()
+        extra["redis_url"] = REDIS_URL
+    async with limited_app(tmp_path, rate_limit_per_user=5, **extra) as (_, stubs):
+        user, other = await new_user(stubs), await new_user(stubs)
+        for _ in range(5):
+            await me(stubs, user)
+        error = await refused(me(stubs, user))
+        assert 0 < retry_delay(error) <= 60
+        assert quota_subjects(error) == [f"user:{user.user_id}"]
+        await me(stubs, other)  # another user has a window of their own
+
+
+async def test_redis_limit_is_exact_under_concurrency(tmp_path: Path) -> None:
+    await redis_up()
+    async with limited_app(
+        tmp_path, redis_url=REDIS_URL, rate_limit_per_user=50, rate_limit_timeout_seconds=2.0
+    ) as (_, stubs):
+        user = await new_user(stubs)
+        results = await asyncio.gather(
+            *(me(stubs, user) for _ in range(200)), return_exceptions=True
+        )
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(results) - len(errors) == 50
+    assert {e.code() for e in errors if isinstance(e, grpc.aio.AioRpcError)} == {
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    }
+    assert len(errors) == 150
+
+
+async def test_the_ip_limit_covers_every_user_behind_it(tmp_path: Path) -> None:
+    async with limited_app(tmp_path, rate_limit_per_ip=6) as (_, stubs):
+        alice, bob = await new_user(stubs), await new_user(stubs)  # credential RPCs: own window
+        for account in (alice, bob, alice, bob, alice, bob):
+            await me(stubs, account)
+        error = await refused(me(stubs, bob))
+        assert quota_subjects(error) == ["ip:127.0.0.1"]
+
+
+async def test_credential_rpcs_have_a_stricter_window(tmp_path: Path) -> None:
+    async with limited_app(tmp_path, rate_limit_credentials_per_ip=3) as (app, stubs):
+        email = f"guess-{uuid.uuid4().hex[:8]}@example.com"
+        await app.domain.auth.register(email=email, password=PASSWORD, full_name="Target")
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as wrong:
+                await stubs.auth.Login(auth_pb.LoginRequest(email=email, password="x" * 12))
+            assert wrong.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # Even the right password waits now: guessing is what this window stops.
+        await refused(login(stubs, email))
+
+
+async def test_rest_clients_get_429_and_cannot_spoof_their_address(tmp_path: Path) -> None:
+    async with limited_app(tmp_path, rate_limit_per_ip=2) as (app, stubs):
+        sidecar = envoy_for(app, tmp_path / "envoy")
+        await sidecar.start()
+        try:
+            user = await new_user(stubs)
+            async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{sidecar.port}") as rest:
+
+                async def get(claimed_ip: str) -> tuple[int, Any]:
+                    headers = {
+                        "authorization": f"Bearer {user.access_token}",
+                        "x-forwarded-for": claimed_ip,
+                    }
+                    async with rest.get("/v1/users/me", headers=headers) as response:
+                        return response.status, await response.json()
+
+                assert [(await get("203.0.113.7"))[0] for _ in range(2)] == [200, 200]
+                status, body = await get("203.0.113.7")
+                assert status == 429
+                details = {d["@type"].rsplit(".", 1)[-1]: d for d in body["details"]}
+                assert "RetryInfo" in details
+                subject = details["QuotaFailure"]["violations"][0]["subject"]
+                # Envoy appends the address it really saw, and that one counts: a client
+                # claiming another address in x-forwarded-for gets no fresh window.
+                assert subject.startswith("ip:") and subject != "ip:203.0.113.7"
+                status, body = await get("198.51.100.9")
+                assert status == 429
+                again = {d["@type"].rsplit(".", 1)[-1]: d for d in body["details"]}
+                assert again["QuotaFailure"]["violations"][0]["subject"] == subject
+        finally:
+            await sidecar.stop()
+
+
+async def test_a_trusted_proxys_forwarded_address_is_the_client(tmp_path: Path) -> None:
+    # A direct gRPC caller on loopback is a trusted proxy by default: what it forwards counts.
+    async with limited_app(tmp_path, rate_limit_per_ip=1) as (_, stubs):
+        user = await new_user(stubs)
+
+        async def me_as(client_ip: str) -> None:
+            await stubs.users.GetCurrentUser(
+                users_pb.GetCurrentUserRequest(),
+                metadata=(*user.metadata, ("x-forwarded-for", client_ip)),
+            )
+
+        await me_as("198.51.100.4")
+        await me_as("198.51.100.5")  # another client behind the proxy
+        error = await refused(me_as("198.51.100.4"))
+        assert quota_subjects(error) == ["ip:198.51.100.4"]
+
+
+def test_forwarded_for_is_believed_only_from_trusted_proxies() -> None:
+    addresses = ClientAddress(("127.0.0.0/8", "10.0.0.0/8"))
+    assert addresses.of("ipv4:127.0.0.1:5555", "198.51.100.4, 10.1.2.3") == "198.51.100.4"
+    assert addresses.of("ipv4:127.0.0.1:5555", "1.1.1.1, 198.51.100.4") == "198.51.100.4"
+    assert addresses.of("ipv4:203.0.113.9:5555", "198.51.100.4") == "203.0.113.9"
+    assert addresses.of("ipv6:[2001:db8::1]:443", None) == "2001:db8::1"
+    assert addresses.of("ipv4:127.0.0.1:1", "10.0.0.1") == "10.0.0.1"  # only proxies seen
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+async def test_redis_going_away_follows_the_setting_and_recovers(
+    tmp_path: Path, fail_open: bool
+) -> None:
+    await redis_up()
+    host, port = REDIS_URL.split("//", 1)[1].split("/", 1)[0].split(":")
+    proxy = TcpProxy(host, int(port))
+    await proxy.start()
+    try:
+        async with limited_app(
+            tmp_path,
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+            rate_limit_per_user=3,
+            rate_limit_fail_open=fail_open,
+        ) as (app, stubs):
+            user = await new_user(stubs)
+            for _ in range(3):
+                await me(stubs, user)
+            await refused(me(stubs, user))
+
+            await proxy.stop()
+            if fail_open:  # admitted without a decision, counted
+                for _ in range(3):
+                    await me(stubs, user)
+                assert app.domain.limiter.failures >= 3  # type: ignore[attr-defined]
+            else:
+                error = await refused(me(stubs, user))
+                assert retry_delay(error) > 0
+
+            await proxy.start()  # Redis is back: the same window is enforced again
+            await refused(me(stubs, user))
+    finally:
+        with contextlib.suppress(AssertionError):
+            await proxy.stop()
