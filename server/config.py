@@ -182,6 +182,22 @@ class Settings(BaseSettings):
     outbound_allowed_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Private networks tools may reach (comma-separated CIDRs); public ones are always allowed."""
 
+    quota_user_daily_queries: int = Field(default=200, ge=0)
+    """Agent queries a user may run per UTC day; 0: unlimited."""
+    quota_user_monthly_queries: int = Field(default=3000, ge=0)
+    """Agent queries a user may run per calendar month; 0: unlimited."""
+    quota_user_daily_tokens: int = Field(default=200_000, ge=0)
+    """LLM tokens a user's queries may use per UTC day; 0: unlimited."""
+    quota_user_monthly_tokens: int = Field(default=3_000_000, ge=0)
+    """LLM tokens a user's queries may use per calendar month; 0: unlimited."""
+    quota_admin_daily_queries: int = Field(default=0, ge=0)
+    """Agent queries an administrator may run per UTC day; 0: unlimited."""
+    quota_admin_monthly_queries: int = Field(default=0, ge=0)
+    """Agent queries an administrator may run per calendar month; 0: unlimited."""
+    quota_admin_daily_tokens: int = Field(default=0, ge=0)
+    """LLM tokens an administrator's queries may use per UTC day; 0: unlimited."""
+    quota_admin_monthly_tokens: int = Field(default=0, ge=0)
+    """LLM tokens an administrator's queries may use per calendar month; 0: unlimited."""
     rate_limit_enabled: bool = True
     """Apply the per-user and per-IP rate limits below."""
     rate_limit_window_seconds: float = Field(default=60.0, gt=0)

@@ -62,6 +62,7 @@ from services.agent.tools.web_search import WebSearchSettings, WebSearchTool
 from services.agent.tracing import NoopTracer, Tracer
 from services.analytics.recorder import EventRecorder, RecorderSettings
 from services.auth.passwords import PasswordHasher
+from services.auth.principal import Role
 from services.auth.service import AuthService
 from services.auth.tokens import TokenCodec, TokenSettings
 from services.auth.users import UserService
@@ -76,6 +77,8 @@ from services.knowledge.reranking import CrossEncoderReranker
 from services.knowledge.service import KnowledgeService, KnowledgeSettings
 from services.knowledge.vector_store import VectorStore
 from services.limits import InProcessRateLimiter, RateLimiter, RedisRateLimiter
+from services.quotas.counters import Counters, InProcessCounters, RedisCounters
+from services.quotas.service import Limits, QuotaService
 
 SERVICE_NAMES = [
     auth_pb.DESCRIPTOR.services_by_name["AuthService"].full_name,
@@ -291,6 +294,7 @@ def build_agent(
     knowledge: KnowledgeService,
     outbound: OutboundHttp,
     events: EventRecorder,
+    quotas: QuotaService,
 ) -> AgentService:
     """The agent: prompts, tools, the LLM client (none in extractive mode) and the graph."""
     prompts = PromptManager(settings.prompts_dir, auto_reload=settings.prompts_auto_reload)
@@ -315,12 +319,14 @@ def build_agent(
         store=ConversationStore(sessions),
         settings=agent_settings,
         events=events,
+        quotas=quotas,
     )
     return AgentService(deps, build_tracer(settings))
 
 
 def build_limiter(settings: Settings) -> tuple[RateLimiter, Redis | None]:
-    """Redis-backed rate limits when REDIS_URL is set (shared by replicas), else in process."""
+    """Redis-backed rate limits when REDIS_URL is set (shared by replicas), else in process;
+    the Redis client (if any) is shared with the quota counters."""
     if not settings.redis_url:
         return InProcessRateLimiter(max_keys=100_000), None
     timeout = settings.rate_limit_timeout_seconds
@@ -341,6 +347,28 @@ def build_limiter(settings: Settings) -> tuple[RateLimiter, Redis | None]:
         fail_open=settings.rate_limit_fail_open,
     )
     return limiter, redis
+
+
+def build_quotas(settings: Settings, redis: Redis | None) -> QuotaService:
+    """Per-role quotas, counted in Redis when it is configured (shared by replicas)."""
+    counters: Counters = (
+        RedisCounters(redis, settings.redis_key_prefix) if redis else InProcessCounters()
+    )
+    limits = {
+        Role.USER: Limits(
+            daily_queries=settings.quota_user_daily_queries,
+            monthly_queries=settings.quota_user_monthly_queries,
+            daily_tokens=settings.quota_user_daily_tokens,
+            monthly_tokens=settings.quota_user_monthly_tokens,
+        ),
+        Role.ADMIN: Limits(
+            daily_queries=settings.quota_admin_daily_queries,
+            monthly_queries=settings.quota_admin_monthly_queries,
+            daily_tokens=settings.quota_admin_daily_tokens,
+            monthly_tokens=settings.quota_admin_monthly_tokens,
+        ),
+    }
+    return QuotaService(counters, limits)
 
 
 def build_domain(settings: Settings) -> Domain:
@@ -366,6 +394,7 @@ def build_domain(settings: Settings) -> Domain:
     knowledge = build_knowledge(settings, sessions, events)
     outbound = OutboundHttp(settings.outbound_allowed_networks)
     limiter, redis = build_limiter(settings)
+    quotas = build_quotas(settings, redis)
     local_llm = None
     if settings.resolved_llm_provider == "local":
         local_llm = LocalLlmSidecar(
@@ -381,7 +410,7 @@ def build_domain(settings: Settings) -> Domain:
         auth=AuthService(sessions, PasswordHasher(executor), tokens, events),
         users=UserService(sessions, on_deleted=knowledge.purge_owner),
         knowledge=knowledge,
-        agent=build_agent(settings, sessions, knowledge, outbound, events),
+        agent=build_agent(settings, sessions, knowledge, outbound, events, quotas),
         feedback=FeedbackService(sessions, events),
         events=events,
         limiter=limiter,

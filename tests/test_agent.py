@@ -516,7 +516,9 @@ async def test_llm_down_sends_an_error_event_and_saves_nothing(stubs_: Stubs, ll
 async def test_cancelling_the_stream_stops_generation(stubs_: Stubs, llm: FakeLlm) -> None:
     user = await new_user(stubs_)
     gate = asyncio.Event()
-    llm.script = Script(intent="greeting", answer="word " * 200, gate=gate)
+    # Tokens keep coming after the gate, paced, so the closed connection is noticed
+    # (writes into a closed socket's buffer can succeed for a while).
+    llm.script = Script(intent="greeting", answer="word " * 200, gate=gate, token_delay=0.01)
     call = stubs_.agent.StreamQuery(
         agent_pb.StreamQueryRequest(query="hello"), metadata=user.metadata
     )
@@ -783,7 +785,7 @@ async def test_with_fallback_enabled_an_llm_outage_answers_extractively(
 async def test_the_rpc_deadline_cancels_the_llm_call(stubs_: Stubs, llm: FakeLlm) -> None:
     user = await new_user(stubs_)
     gate = asyncio.Event()
-    llm.script = Script(intent="greeting", answer="word " * 50, gate=gate)
+    llm.script = Script(intent="greeting", answer="word " * 200, gate=gate, token_delay=0.01)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stream_with_timeout(stubs_, user, "hello", timeout=2.0)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -836,7 +838,7 @@ async def test_a_run_over_its_time_budget_is_stopped(
         llm_max_retries=0,
         agent_run_timeout_seconds=1.5,
     ) as (_, stubs):
-        llm.reset(Script(intent="greeting", answer="word " * 50, gate=gate))
+        llm.reset(Script(intent="greeting", answer="word " * 200, gate=gate, token_delay=0.01))
         user = await new_user(stubs)
         received: list[agent_pb.StreamQueryResponse] = []
         with pytest.raises(grpc.aio.AioRpcError) as caught:

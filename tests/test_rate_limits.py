@@ -4,9 +4,7 @@ and HTTP 429 through Envoy."""
 
 import asyncio
 import contextlib
-import os
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,43 +14,12 @@ import pytest
 from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
 from google.rpc import error_details_pb2
-from redis.asyncio import Redis
 
-from server import migrations
-from server.main import Application
 from server.rate_limits import ClientAddress
-from tests.backends import require_service
-from tests.harness import PASSWORD, Account, Stubs, envoy_for, login, new_user, running_app
+from tests.harness import PASSWORD, Account, Stubs, envoy_for, login, new_user
+from tests.limited import REDIS_URL, limited_app, redis_up
 from tests.rpc_errors import error_info, retry_delay, status_of
 from tests.tcp_proxy import TcpProxy
-
-REDIS_URL = os.environ.get("AGENTMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-GENEROUS = 1_000_000
-
-
-async def redis_up() -> None:
-    client = Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        await client.ping()
-    except Exception:
-        require_service(f"Redis is not reachable at {REDIS_URL}")
-    finally:
-        await client.aclose()
-
-
-@contextlib.asynccontextmanager
-async def limited_app(tmp_path: Path, **settings: Any) -> AsyncIterator[tuple[Application, Stubs]]:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
-    await asyncio.to_thread(migrations.upgrade, url)
-    limits = {
-        "rate_limit_per_user": GENEROUS,
-        "rate_limit_per_ip": GENEROUS,
-        "rate_limit_credentials_per_ip": GENEROUS,
-        "redis_key_prefix": f"agentmesh-test-{uuid.uuid4().hex}:",
-        **settings,
-    }
-    async with running_app(url, tmp_path / "data", **limits) as running:
-        yield running
 
 
 async def me(stubs: Stubs, account: Account) -> None:

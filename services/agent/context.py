@@ -12,6 +12,7 @@ from services.agent.tracing import RunTrace
 from services.analytics.recorder import EventRecorder
 from services.auth.principal import Principal
 from services.knowledge.embeddings import Embedder
+from services.quotas.service import QuotaService
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class AgentDeps:
     store: ConversationStore
     settings: AgentSettings
     events: EventRecorder
+    quotas: QuotaService
     intents: IntentExamples | None = None  # embedded at start()
 
 

@@ -74,6 +74,13 @@ class AgentService:
         else:
             cid, history, title = new_id(), [], title_from(question)
         with self._admitted(principal):
+            try:
+                await self._deps.quotas.admit_query(principal)
+            except ResourceExhausted as error:
+                self._deps.events.record(
+                    EventKind.QUOTA_REFUSED, user_id=principal.user_id, code=error.reason
+                )
+                raise
             async for item in self._run(principal, question, cid, history, title, request_id):
                 yield item
 
@@ -126,6 +133,10 @@ class AgentService:
                 ):
                     if isinstance(event, RunCompleted):
                         self._record_completed(principal, event)
+                        message = event.message
+                        await self._deps.quotas.add_tokens(
+                            principal, message.prompt_tokens + message.completion_tokens
+                        )
                     yield run_id, cast(Event, event)
         except TimeoutError:
             if not window.expired():

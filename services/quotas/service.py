@@ -1,0 +1,116 @@
+"""Quotas: agent queries and tokens per user per UTC day and calendar month, with limits
+per role (0 means unlimited). A query is admitted by counting it first and taking the count
+back when that went over a limit, so concurrent queries can never exceed it; tokens are
+added when a run completes, so the run that crosses a token limit finishes and the next is
+refused."""
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from services.auth.principal import Principal, Role
+from services.db import utcnow
+from services.errors import QuotaViolation, ResourceExhausted
+from services.quotas.counters import Counters
+
+
+class Period(enum.StrEnum):
+    DAY = "day"
+    MONTH = "month"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One role's limits; 0 is unlimited."""
+
+    daily_queries: int = 0
+    monthly_queries: int = 0
+    daily_tokens: int = 0
+    monthly_tokens: int = 0
+
+    def queries(self, period: Period) -> int:
+        return self.daily_queries if period is Period.DAY else self.monthly_queries
+
+    def tokens(self, period: Period) -> int:
+        return self.daily_tokens if period is Period.DAY else self.monthly_tokens
+
+
+def period_bounds(period: Period, now: datetime) -> tuple[datetime, datetime]:
+    """The UTC day or calendar month holding `now`: [start, end)."""
+    if period is Period.DAY:
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start, start + timedelta(days=1)
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = (start + timedelta(days=32)).replace(day=1)
+    return start, end
+
+
+class QuotaService:
+    def __init__(
+        self,
+        counters: Counters,
+        limits: dict[Role, Limits],
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._counters = counters
+        self._limits = limits
+        self._clock = clock
+
+    def limits_for(self, principal: Principal) -> Limits:
+        return self._limits.get(principal.role, Limits())
+
+    def _key(self, principal: Principal, metric: str, period: Period, start: datetime) -> str:
+        stamp = start.strftime("%Y-%m-%d" if period is Period.DAY else "%Y-%m")
+        return f"quota:{principal.user_id}:{metric}:{stamp}"
+
+    async def admit_query(self, principal: Principal) -> None:
+        """Count one agent query, or refuse it (RESOURCE_EXHAUSTED, QuotaFailure, RetryInfo)
+        when a query or token limit of the day or month is used up."""
+        limits, now = self.limits_for(principal), self._clock()
+        for period in Period:
+            start, end = period_bounds(period, now)
+            token_limit = limits.tokens(period)
+            if token_limit:
+                [used] = await self._counters.read([self._key(principal, "tokens", period, start)])
+                if used >= token_limit:
+                    raise _exhausted(principal, f"{period} agent tokens", token_limit, end - now)
+        counted: list[tuple[str, int]] = []
+        try:
+            for period in Period:
+                start, end = period_bounds(period, now)
+                limit = limits.queries(period)
+                if not limit:
+                    continue
+                key = self._key(principal, "queries", period, start)
+                ttl = int((end - now).total_seconds()) + 3600
+                value = await self._counters.add(key, 1, ttl)
+                counted.append((key, ttl))
+                if value > limit:
+                    raise _exhausted(principal, f"{period} agent queries", limit, end - now)
+        except ResourceExhausted:
+            for key, ttl in counted:  # an admitted-then-refused query uses up nothing
+                await self._counters.add(key, -1, ttl)
+            raise
+
+    async def add_tokens(self, principal: Principal, tokens: int) -> None:
+        """Count the tokens a completed run used."""
+        limits, now = self.limits_for(principal), self._clock()
+        if tokens <= 0:
+            return
+        for period in Period:
+            if limits.tokens(period):
+                start, end = period_bounds(period, now)
+                ttl = int((end - now).total_seconds()) + 3600
+                await self._counters.add(self._key(principal, "tokens", period, start), tokens, ttl)
+
+
+def _exhausted(
+    principal: Principal, what: str, limit: int, until_reset: timedelta
+) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"quota used up: {limit} {what}",
+        retry_after=until_reset.total_seconds(),
+        violations=[QuotaViolation(f"user:{principal.user_id}", f"{limit} {what}")],
+        reason="QUOTA_EXCEEDED",
+    )

@@ -1,0 +1,143 @@
+"""Quotas on agent queries and tokens: through the real server (in process and on the
+real Redis, concurrently), and the day and month resets with a fixed clock."""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
+from google.rpc import error_details_pb2
+
+from services.auth.principal import Principal, Role
+from services.errors import ResourceExhausted
+from services.quotas.counters import InProcessCounters
+from services.quotas.service import Limits, QuotaService
+from tests.fake_llm import FakeLlm, Script
+from tests.harness import Account, Stubs, new_admin, new_user
+from tests.limited import REDIS_URL, limited_app, redis_up
+from tests.rpc_errors import error_info, retry_delay, status_of
+
+
+async def ask(stubs: Stubs, account: Account) -> agent_pb.QueryResponse:
+    reply: agent_pb.QueryResponse = await stubs.agent.Query(
+        agent_pb.QueryRequest(query="hello"), metadata=account.metadata
+    )
+    return reply
+
+
+def quota_failure(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    for detail in status_of(error).details:
+        failure = error_details_pb2.QuotaFailure()
+        if detail.Unpack(failure):
+            return [(v.subject, v.description) for v in failure.violations]
+    raise AssertionError("no QuotaFailure detail")
+
+
+async def refused(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(caught.value).reason == "QUOTA_EXCEEDED"
+    return caught.value
+
+
+async def test_daily_query_quota_refuses_with_details_and_spares_admins(tmp_path: Path) -> None:
+    async with limited_app(tmp_path, quota_user_daily_queries=2) as (app, stubs):
+        user, other = await new_user(stubs), await new_user(stubs)
+        admin = await new_admin(app, stubs)
+        for _ in range(2):
+            await ask(stubs, user)
+        error = await refused(ask(stubs, user))
+        assert quota_failure(error) == [(f"user:{user.user_id}", "2 day agent queries")]
+        now = datetime.now(UTC)
+        midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        assert 0 < retry_delay(error) <= (midnight - now).total_seconds() + 1
+        # The refused query stored nothing, and others are unaffected.
+        listed = await stubs.agent.ListConversations(
+            agent_pb.ListConversationsRequest(), metadata=user.metadata
+        )
+        assert len(listed.conversations) == 2
+        await ask(stubs, other)
+        for _ in range(3):  # administrators are unlimited by default
+            await ask(stubs, admin)
+
+
+@pytest.fixture
+async def llm() -> AsyncIterator[FakeLlm]:
+    server = FakeLlm()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_the_run_that_uses_up_the_tokens_finishes_and_the_next_is_refused(
+    tmp_path: Path, llm: FakeLlm
+) -> None:
+    llm.script = Script(intent="greeting", answer="Hello there, friend.")
+    async with limited_app(
+        tmp_path, llm_base_url=llm.base_url, llm_max_retries=0, quota_user_daily_tokens=10
+    ) as (_, stubs):
+        user = await new_user(stubs)
+        first = await ask(stubs, user)
+        assert first.message.usage.total_tokens > 10
+        error = await refused(ask(stubs, user))
+        assert quota_failure(error) == [(f"user:{user.user_id}", "10 day agent tokens")]
+
+
+async def test_concurrent_queries_never_exceed_the_quota_on_redis(tmp_path: Path) -> None:
+    await redis_up()
+    async with limited_app(
+        tmp_path,
+        redis_url=REDIS_URL,
+        quota_user_daily_queries=5,
+        max_concurrent_runs_per_user=100,
+    ) as (_, stubs):
+        user = await new_user(stubs)
+        results = await asyncio.gather(
+            *(ask(stubs, user) for _ in range(20)), return_exceptions=True
+        )
+    ok = [r for r in results if isinstance(r, agent_pb.QueryResponse)]
+    errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(ok) == 5 and len(errors) == 15
+    assert {error_info(e).reason for e in errors} == {"QUOTA_EXCEEDED"}
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def test_quotas_reset_at_midnight_and_month_start_and_refunds_refusals() -> None:
+    clock = Clock(datetime(2026, 1, 31, 23, 59, 59, tzinfo=UTC))
+    counters = InProcessCounters()
+    quotas = QuotaService(
+        counters, {Role.USER: Limits(daily_queries=1, monthly_queries=2)}, clock=clock
+    )
+    user = Principal(uuid.uuid4(), Role.USER)
+    await quotas.admit_query(user)
+    with pytest.raises(ResourceExhausted) as daily:
+        await quotas.admit_query(user)
+    assert daily.value.retry_after == pytest.approx(1.0)
+    assert daily.value.violations[0].description == "1 day agent queries"
+
+    clock.now = datetime(2026, 2, 1, 0, 0, 0, tzinfo=UTC)  # a new day and a new month
+    await quotas.admit_query(user)
+    clock.now = datetime(2026, 2, 2, 12, 0, tzinfo=UTC)
+    await quotas.admit_query(user)  # the second of February's two
+    clock.now = datetime(2026, 2, 3, 12, 0, tzinfo=UTC)
+    with pytest.raises(ResourceExhausted) as monthly:
+        await quotas.admit_query(user)
+    assert monthly.value.violations[0].description == "2 month agent queries"
+    assert monthly.value.retry_after == pytest.approx(
+        (datetime(2026, 3, 1, tzinfo=UTC) - clock.now).total_seconds()
+    )
+    # The refused query's daily count was taken back: the day still has its one query.
+    assert await counters.read([f"quota:{user.user_id}:queries:2026-02-03"]) == [0]
