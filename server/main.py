@@ -44,6 +44,7 @@ from server.logs import configure_logging
 from server.ops_http import OpsServer
 from server.rate_limits import RateLimitInterceptor, RateLimits
 from server.servicers.agent import AgentServicer
+from server.servicers.analytics import AnalyticsServicer
 from server.servicers.auth import AuthServicer
 from server.servicers.feedback import FeedbackServicer
 from server.servicers.knowledge import KnowledgeBaseServicer
@@ -61,6 +62,7 @@ from services.agent.tools.registry import ToolRegistry
 from services.agent.tools.web_search import WebSearchSettings, WebSearchTool
 from services.agent.tracing import NoopTracer, Tracer
 from services.analytics.recorder import EventRecorder, RecorderSettings
+from services.analytics.usage import UsageService
 from services.auth.passwords import PasswordHasher
 from services.auth.principal import Role
 from services.auth.service import AuthService
@@ -136,6 +138,7 @@ class Domain:
     agent: AgentService
     feedback: FeedbackService
     events: EventRecorder
+    usage: UsageService
     outbound: OutboundHttp
     limiter: RateLimiter
     redis: Redis | None
@@ -413,6 +416,7 @@ def build_domain(settings: Settings) -> Domain:
         agent=build_agent(settings, sessions, knowledge, outbound, events, quotas),
         feedback=FeedbackService(sessions, events),
         events=events,
+        usage=UsageService(sessions, quotas),
         limiter=limiter,
         redis=redis,
         outbound=outbound,
@@ -480,10 +484,10 @@ def build_application(settings: Settings) -> Application:
         KnowledgeBaseServicer(domain.knowledge), server
     )
     feedback_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(domain.feedback), server)
-    # Contract-only service (its issue implements it): the generated base servicer raises
-    # NotImplementedError, which the error interceptor reports as UNIMPLEMENTED.
+    # GetSystemStats and GetUserStats are not implemented yet: the generated base methods
+    # raise NotImplementedError, which the error interceptor reports as UNIMPLEMENTED.
     analytics_grpc.add_AnalyticsServiceServicer_to_server(
-        analytics_grpc.AnalyticsServiceServicer(),  # type: ignore[abstract]
+        AnalyticsServicer(domain.usage),  # type: ignore[abstract]
         server,
     )
     health = ServiceHealth(SERVICE_NAMES)

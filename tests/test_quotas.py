@@ -1,5 +1,7 @@
 """Quotas on agent queries and tokens: through the real server (in process and on the
-real Redis, concurrently), and the day and month resets with a fixed clock."""
+real Redis, concurrently), the day and month resets with a fixed clock, and GetUsage."""
+
+from __future__ import annotations  # the Async stub types exist only in the .pyi files
 
 import asyncio
 import uuid
@@ -11,6 +13,8 @@ from typing import Any
 import grpc
 import pytest
 from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
+from agentmesh.analytics.v1 import analytics_pb2, analytics_service_pb2
+from agentmesh.analytics.v1 import analytics_service_pb2_grpc as analytics_grpc
 from google.rpc import error_details_pb2
 
 from services.auth.principal import Principal, Role
@@ -19,6 +23,7 @@ from services.quotas.counters import InProcessCounters
 from services.quotas.service import Limits, QuotaService
 from tests.fake_llm import FakeLlm, Script
 from tests.harness import Account, Stubs, new_admin, new_user
+from tests.knowledge import upload
 from tests.limited import REDIS_URL, limited_app, redis_up
 from tests.rpc_errors import error_info, retry_delay, status_of
 
@@ -141,3 +146,43 @@ async def test_quotas_reset_at_midnight_and_month_start_and_refunds_refusals() -
     )
     # The refused query's daily count was taken back: the day still has its one query.
     assert await counters.read([f"quota:{user.user_id}:queries:2026-02-03"]) == [0]
+
+
+async def test_get_usage_reports_windows_and_quotas(tmp_path: Path, llm: FakeLlm) -> None:
+    llm.script = Script(intent="greeting", answer="Hello there, friend.")
+    async with limited_app(
+        tmp_path,
+        llm_base_url=llm.base_url,
+        llm_max_retries=0,
+        quota_user_daily_queries=10,
+        quota_user_daily_tokens=5000,
+    ) as (app, stubs):
+        user = await new_user(stubs)
+        admin = await new_admin(app, stubs)
+        replies = [await ask(stubs, user) for _ in range(2)]
+        await upload(stubs, user, "note.txt", b"Quarterly figures are in the appendix.")
+        analytics = analytics_grpc.AnalyticsServiceStub(stubs.channel)
+        async with asyncio.timeout(30):  # events are written within a second
+            while True:
+                usage = await analytics.GetUsage(
+                    analytics_service_pb2.GetUsageRequest(), metadata=user.metadata
+                )
+                if usage.today.queries == 2 and usage.today.documents_uploaded == 1:
+                    break
+                await asyncio.sleep(0.2)
+        admin_usage = await analytics.GetUsage(
+            analytics_service_pb2.GetUsageRequest(), metadata=admin.metadata
+        )
+    tokens_in = sum(r.message.usage.prompt_tokens for r in replies)
+    tokens_out = sum(r.message.usage.completion_tokens for r in replies)
+    for window in (usage.today, usage.this_week, usage.this_month):
+        assert (window.queries, window.tokens_in, window.tokens_out) == (2, tokens_in, tokens_out)
+        assert window.documents_uploaded == 1
+    assert usage.this_week.start_time.ToDatetime().weekday() == 0  # ISO weeks start on Monday
+    quotas = {(q.metric, q.granularity): q for q in usage.quotas}
+    day_queries = quotas[(analytics_pb2.QUOTA_METRIC_AGENT_QUERIES, analytics_pb2.GRANULARITY_DAY)]
+    assert (day_queries.limit, day_queries.used, day_queries.remaining) == (10, 2, 8)
+    assert day_queries.resets_at == usage.today.end_time and not day_queries.unlimited
+    day_tokens = quotas[(analytics_pb2.QUOTA_METRIC_TOKENS, analytics_pb2.GRANULARITY_DAY)]
+    assert (day_tokens.limit, day_tokens.used) == (5000, tokens_in + tokens_out)
+    assert all(q.unlimited and q.remaining == 0 for q in admin_usage.quotas)

@@ -134,7 +134,7 @@ async def test_unimplemented_rpcs_are_501(
     app: Application, stubs: Stubs, rest: aiohttp.ClientSession
 ) -> None:
     admin = await new_admin(app, stubs)
-    status, body, _ = await call(rest, "GET", "/v1/analytics/usage", token=admin.access_token)
+    status, body, _ = await call(rest, "GET", "/v1/analytics/system", token=admin.access_token)
     assert status == 501 and details_of(body, "ErrorInfo")["reason"] == "UNIMPLEMENTED"
 
 

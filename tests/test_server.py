@@ -25,7 +25,15 @@ from server.logs import RequestContextFilter
 from server.main import SERVICE_NAMES, Application, build_application
 from services.db import create_engine
 from tests.backends import Database
-from tests.harness import PASSWORD, Stubs, new_user, running_app, settings_for, unique_email
+from tests.harness import (
+    PASSWORD,
+    Stubs,
+    new_admin,
+    new_user,
+    running_app,
+    settings_for,
+    unique_email,
+)
 from tests.rpc_errors import error_info
 from tests.test_auth import expect_code
 
@@ -79,11 +87,11 @@ async def test_a_method_missing_from_the_access_table_is_refused(
         await app.stop(grace=0)
 
 
-async def test_contract_only_rpcs_are_unimplemented(stubs: Stubs) -> None:
-    user = await new_user(stubs, "early")
+async def test_contract_only_rpcs_are_unimplemented(app: Application, stubs: Stubs) -> None:
+    admin = await new_admin(app, stubs)
     analytics = analytics_grpc.AnalyticsServiceStub(stubs.channel)
     error = await expect_code(
-        analytics.GetUsage(analytics_pb.GetUsageRequest(), metadata=user.metadata),
+        analytics.GetSystemStats(analytics_pb.GetSystemStatsRequest(), metadata=admin.metadata),
         grpc.StatusCode.UNIMPLEMENTED,
     )
     assert error_info(error).reason == "UNIMPLEMENTED"

@@ -46,6 +46,25 @@ def period_bounds(period: Period, now: datetime) -> tuple[datetime, datetime]:
     return start, end
 
 
+@dataclass(frozen=True)
+class QuotaStatus:
+    """One quota of a user: its limit (0 with `unlimited`), use and reset in this period."""
+
+    metric: str  # "queries" | "tokens"
+    period: Period
+    limit: int
+    used: int
+    resets_at: datetime
+
+    @property
+    def unlimited(self) -> bool:
+        return self.limit == 0
+
+    @property
+    def remaining(self) -> int:
+        return 0 if self.unlimited else max(self.limit - self.used, 0)
+
+
 class QuotaService:
     def __init__(
         self,
@@ -80,29 +99,38 @@ class QuotaService:
             for period in Period:
                 start, end = period_bounds(period, now)
                 limit = limits.queries(period)
-                if not limit:
-                    continue
                 key = self._key(principal, "queries", period, start)
                 ttl = int((end - now).total_seconds()) + 3600
-                value = await self._counters.add(key, 1, ttl)
+                value = await self._counters.add(key, 1, ttl)  # counted even when unlimited
                 counted.append((key, ttl))
-                if value > limit:
+                if limit and value > limit:
                     raise _exhausted(principal, f"{period} agent queries", limit, end - now)
         except ResourceExhausted:
             for key, ttl in counted:  # an admitted-then-refused query uses up nothing
                 await self._counters.add(key, -1, ttl)
             raise
 
+    async def status(self, principal: Principal) -> list[QuotaStatus]:
+        """Every quota of the caller with its use in the current day and month."""
+        limits, now = self.limits_for(principal), self._clock()
+        found = []
+        for metric in ("queries", "tokens"):
+            for period in Period:
+                start, end = period_bounds(period, now)
+                [used] = await self._counters.read([self._key(principal, metric, period, start)])
+                limit = limits.queries(period) if metric == "queries" else limits.tokens(period)
+                found.append(QuotaStatus(metric, period, limit, used, end))
+        return found
+
     async def add_tokens(self, principal: Principal, tokens: int) -> None:
         """Count the tokens a completed run used."""
-        limits, now = self.limits_for(principal), self._clock()
+        now = self._clock()
         if tokens <= 0:
             return
         for period in Period:
-            if limits.tokens(period):
-                start, end = period_bounds(period, now)
-                ttl = int((end - now).total_seconds()) + 3600
-                await self._counters.add(self._key(principal, "tokens", period, start), tokens, ttl)
+            start, end = period_bounds(period, now)
+            ttl = int((end - now).total_seconds()) + 3600
+            await self._counters.add(self._key(principal, "tokens", period, start), tokens, ttl)
 
 
 def _exhausted(

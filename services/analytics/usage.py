@@ -1,0 +1,101 @@
+"""A user's own usage today, this ISO week and this calendar month, from the events
+table (written within EVENTS_FLUSH_SECONDS of the call), with their quota status."""
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, case, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.analytics.models import Event
+from services.analytics.recorder import EventKind
+from services.auth.principal import Principal
+from services.db import utcnow
+from services.quotas.service import QuotaService, QuotaStatus
+
+
+class Window(enum.StrEnum):
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+
+
+@dataclass(frozen=True)
+class WindowUsage:
+    window: Window
+    start: datetime
+    end: datetime
+    queries: int
+    tokens_in: int
+    tokens_out: int
+    documents_uploaded: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    windows: list[WindowUsage]
+    quotas: list[QuotaStatus]
+
+
+def window_bounds(window: Window, now: datetime) -> tuple[datetime, datetime]:
+    """The UTC day, ISO week (from Monday) or calendar month holding `now`: [start, end)."""
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if window is Window.DAY:
+        return day, day + timedelta(days=1)
+    if window is Window.WEEK:
+        start = day - timedelta(days=day.weekday())
+        return start, start + timedelta(days=7)
+    start = day.replace(day=1)
+    return start, (start + timedelta(days=32)).replace(day=1)
+
+
+class UsageService:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        quotas: QuotaService,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._sessions = sessions
+        self._quotas = quotas
+        self._clock = clock
+
+    async def usage(self, principal: Principal) -> Usage:
+        now = self._clock()
+        is_query = Event.kind == EventKind.AGENT_QUERY.value
+        windows = []
+        async with self._sessions() as s:
+            for window in Window:
+                start, end = window_bounds(window, now)
+                queries, tokens_in, tokens_out, uploads = (
+                    await s.execute(
+                        select(
+                            func.sum(case((is_query, 1), else_=0)),
+                            func.sum(case((is_query, Event.tokens_in), else_=0)),
+                            func.sum(case((is_query, Event.tokens_out), else_=0)),
+                            func.sum(
+                                case((Event.kind == EventKind.DOCUMENT_UPLOAD.value, 1), else_=0)
+                            ),
+                        ).where(
+                            and_(
+                                Event.user_id == principal.user_id,
+                                Event.occurred_at >= start,
+                                Event.occurred_at < end,
+                            )
+                        )
+                    )
+                ).one()
+                windows.append(
+                    WindowUsage(
+                        window,
+                        start,
+                        end,
+                        int(queries or 0),
+                        int(tokens_in or 0),
+                        int(tokens_out or 0),
+                        int(uploads or 0),
+                    )
+                )
+        return Usage(windows, await self._quotas.status(principal))
