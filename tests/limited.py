@@ -6,16 +6,19 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
+import grpc
+import pytest
 from redis.asyncio import Redis
 
 from server import migrations
 from server.main import Application
 from tests.backends import require_service
 from tests.harness import Stubs, running_app
+from tests.rpc_errors import error_info
 
 REDIS_URL = os.environ.get("AGENTMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 GENEROUS = 1_000_000
@@ -44,3 +47,12 @@ async def limited_app(tmp_path: Path, **settings: Any) -> AsyncIterator[tuple[Ap
     }
     async with running_app(url, tmp_path / "data", **limits) as running:
         yield running
+
+
+async def exhausted(call: Awaitable[Any], reason: str) -> grpc.aio.AioRpcError:
+    """The RESOURCE_EXHAUSTED error `call` fails with, checked to carry `reason`."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(caught.value).reason == reason
+    return caught.value

@@ -38,3 +38,12 @@ def retry_delay(error: grpc.aio.AioRpcError) -> float:
         if detail.Unpack(info):
             return float(info.retry_delay.ToTimedelta().total_seconds())
     raise AssertionError("no RetryInfo detail")
+
+
+def quota_violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    """(subject, description) pairs from the QuotaFailure detail."""
+    for detail in status_of(error).details:
+        failure = error_details_pb2.QuotaFailure()
+        if detail.Unpack(failure):
+            return [(v.subject, v.description) for v in failure.violations]
+    raise AssertionError("no QuotaFailure detail")

@@ -15,7 +15,6 @@ import pytest
 from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
 from agentmesh.analytics.v1 import analytics_pb2, analytics_service_pb2
 from agentmesh.analytics.v1 import analytics_service_pb2_grpc as analytics_grpc
-from google.rpc import error_details_pb2
 
 from services.auth.principal import Principal, Role
 from services.errors import ResourceExhausted
@@ -24,8 +23,8 @@ from services.quotas.service import Limits, QuotaService
 from tests.fake_llm import FakeLlm, Script
 from tests.harness import Account, Stubs, new_admin, new_user
 from tests.knowledge import upload
-from tests.limited import REDIS_URL, limited_app, redis_up
-from tests.rpc_errors import error_info, retry_delay, status_of
+from tests.limited import REDIS_URL, exhausted, limited_app, redis_up
+from tests.rpc_errors import error_info, quota_violations, retry_delay
 
 
 async def ask(stubs: Stubs, account: Account) -> agent_pb.QueryResponse:
@@ -35,20 +34,8 @@ async def ask(stubs: Stubs, account: Account) -> agent_pb.QueryResponse:
     return reply
 
 
-def quota_failure(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
-    for detail in status_of(error).details:
-        failure = error_details_pb2.QuotaFailure()
-        if detail.Unpack(failure):
-            return [(v.subject, v.description) for v in failure.violations]
-    raise AssertionError("no QuotaFailure detail")
-
-
 async def refused(call: Any) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error_info(caught.value).reason == "QUOTA_EXCEEDED"
-    return caught.value
+    return await exhausted(call, "QUOTA_EXCEEDED")
 
 
 async def test_daily_query_quota_refuses_with_details_and_spares_admins(tmp_path: Path) -> None:
@@ -58,7 +45,7 @@ async def test_daily_query_quota_refuses_with_details_and_spares_admins(tmp_path
         for _ in range(2):
             await ask(stubs, user)
         error = await refused(ask(stubs, user))
-        assert quota_failure(error) == [(f"user:{user.user_id}", "2 day agent queries")]
+        assert quota_violations(error) == [(f"user:{user.user_id}", "2 day agent queries")]
         now = datetime.now(UTC)
         midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
         assert 0 < retry_delay(error) <= (midnight - now).total_seconds() + 1
@@ -91,7 +78,7 @@ async def test_the_run_that_uses_up_the_tokens_finishes_and_the_next_is_refused(
         first = await ask(stubs, user)
         assert first.message.usage.total_tokens > 10
         error = await refused(ask(stubs, user))
-        assert quota_failure(error) == [(f"user:{user.user_id}", "10 day agent tokens")]
+        assert quota_violations(error) == [(f"user:{user.user_id}", "10 day agent tokens")]
 
 
 async def test_concurrent_queries_never_exceed_the_quota_on_redis(tmp_path: Path) -> None:

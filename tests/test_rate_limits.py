@@ -13,12 +13,11 @@ import grpc
 import pytest
 from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
-from google.rpc import error_details_pb2
 
 from server.rate_limits import ClientAddress
 from tests.harness import PASSWORD, Account, Stubs, envoy_for, login, new_user
-from tests.limited import REDIS_URL, limited_app, redis_up
-from tests.rpc_errors import error_info, retry_delay, status_of
+from tests.limited import REDIS_URL, exhausted, limited_app, redis_up
+from tests.rpc_errors import quota_violations, retry_delay
 from tests.tcp_proxy import TcpProxy
 
 
@@ -26,20 +25,8 @@ async def me(stubs: Stubs, account: Account) -> None:
     await stubs.users.GetCurrentUser(users_pb.GetCurrentUserRequest(), metadata=account.metadata)
 
 
-def quota_subjects(error: grpc.aio.AioRpcError) -> list[str]:
-    for detail in status_of(error).details:
-        failure = error_details_pb2.QuotaFailure()
-        if detail.Unpack(failure):
-            return [v.subject for v in failure.violations]
-    raise AssertionError("no QuotaFailure detail")
-
-
 async def refused(call: Any) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error_info(caught.value).reason == "RATE_LIMITED"
-    return caught.value
+    return await exhausted(call, "RATE_LIMITED")
 
 
 @pytest.mark.parametrize("store", ["in_process", "redis"])
@@ -54,7 +41,7 @@ async def test_a_user_over_the_limit_is_refused_with_retry_info(tmp_path: Path, 
             await me(stubs, user)
         error = await refused(me(stubs, user))
         assert 0 < retry_delay(error) <= 60
-        assert quota_subjects(error) == [f"user:{user.user_id}"]
+        assert [subject for subject, _ in quota_violations(error)] == [f"user:{user.user_id}"]
         await me(stubs, other)  # another user has a window of their own
 
 
@@ -81,7 +68,7 @@ async def test_the_ip_limit_covers_every_user_behind_it(tmp_path: Path) -> None:
         for account in (alice, bob, alice, bob, alice, bob):
             await me(stubs, account)
         error = await refused(me(stubs, bob))
-        assert quota_subjects(error) == ["ip:127.0.0.1"]
+        assert [subject for subject, _ in quota_violations(error)] == ["ip:127.0.0.1"]
 
 
 async def test_credential_rpcs_have_a_stricter_window(tmp_path: Path) -> None:
@@ -143,7 +130,7 @@ async def test_a_trusted_proxys_forwarded_address_is_the_client(tmp_path: Path) 
         await me_as("198.51.100.4")
         await me_as("198.51.100.5")  # another client behind the proxy
         error = await refused(me_as("198.51.100.4"))
-        assert quota_subjects(error) == ["ip:198.51.100.4"]
+        assert [subject for subject, _ in quota_violations(error)] == ["ip:198.51.100.4"]
 
 
 def test_forwarded_for_is_believed_only_from_trusted_proxies() -> None:

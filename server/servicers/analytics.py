@@ -8,17 +8,14 @@ from agentmesh.analytics.v1 import analytics_service_pb2_grpc as analytics_grpc
 
 from server.request_context import current_principal
 from server.servicers.timestamps import to_timestamp
-from services.analytics.usage import UsageService, Window, WindowUsage
-from services.quotas.service import Period, QuotaStatus
+from services.analytics.usage import UsageService, WindowUsage
+from services.periods import Window
+from services.quotas.service import QuotaStatus
 
 GRANULARITY = {
     Window.DAY: analytics_pb2.GRANULARITY_DAY,
     Window.WEEK: analytics_pb2.GRANULARITY_WEEK,
     Window.MONTH: analytics_pb2.GRANULARITY_MONTH,
-}
-PERIOD_GRANULARITY = {
-    Period.DAY: analytics_pb2.GRANULARITY_DAY,
-    Period.MONTH: analytics_pb2.GRANULARITY_MONTH,
 }
 METRIC = {
     "queries": analytics_pb2.QUOTA_METRIC_AGENT_QUERIES,
@@ -41,7 +38,7 @@ def window_to_proto(usage: WindowUsage) -> analytics_pb2.UsageWindow:
 def quota_to_proto(quota: QuotaStatus) -> analytics_pb2.QuotaStatus:
     return analytics_pb2.QuotaStatus(
         metric=METRIC[quota.metric],
-        granularity=PERIOD_GRANULARITY[quota.period],
+        granularity=GRANULARITY[quota.period],
         limit=quota.limit,
         used=quota.used,
         remaining=quota.remaining,

@@ -1,10 +1,9 @@
 """A user's own usage today, this ISO week and this calendar month, from the events
 table (written within EVENTS_FLUSH_SECONDS of the call), with their quota status."""
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import and_, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -13,13 +12,8 @@ from services.analytics.models import Event
 from services.analytics.recorder import EventKind
 from services.auth.principal import Principal
 from services.db import utcnow
+from services.periods import Window, window_bounds
 from services.quotas.service import QuotaService, QuotaStatus
-
-
-class Window(enum.StrEnum):
-    DAY = "day"
-    WEEK = "week"
-    MONTH = "month"
 
 
 @dataclass(frozen=True)
@@ -37,18 +31,6 @@ class WindowUsage:
 class Usage:
     windows: list[WindowUsage]
     quotas: list[QuotaStatus]
-
-
-def window_bounds(window: Window, now: datetime) -> tuple[datetime, datetime]:
-    """The UTC day, ISO week (from Monday) or calendar month holding `now`: [start, end)."""
-    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    if window is Window.DAY:
-        return day, day + timedelta(days=1)
-    if window is Window.WEEK:
-        start = day - timedelta(days=day.weekday())
-        return start, start + timedelta(days=7)
-    start = day.replace(day=1)
-    return start, (start + timedelta(days=32)).replace(day=1)
 
 
 class UsageService:

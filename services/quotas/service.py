@@ -4,7 +4,6 @@ back when that went over a limit, so concurrent queries can never exceed it; tok
 added when a run completes, so the run that crosses a token limit finishes and the next is
 refused."""
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -12,12 +11,11 @@ from datetime import datetime, timedelta
 from services.auth.principal import Principal, Role
 from services.db import utcnow
 from services.errors import QuotaViolation, ResourceExhausted
+from services.periods import Window, window_bounds
 from services.quotas.counters import Counters
 
-
-class Period(enum.StrEnum):
-    DAY = "day"
-    MONTH = "month"
+# The periods quotas count in and reset on.
+PERIODS = (Window.DAY, Window.MONTH)
 
 
 @dataclass(frozen=True)
@@ -29,21 +27,16 @@ class Limits:
     daily_tokens: int = 0
     monthly_tokens: int = 0
 
-    def queries(self, period: Period) -> int:
-        return self.daily_queries if period is Period.DAY else self.monthly_queries
+    def queries(self, period: Window) -> int:
+        return self.daily_queries if period is Window.DAY else self.monthly_queries
 
-    def tokens(self, period: Period) -> int:
-        return self.daily_tokens if period is Period.DAY else self.monthly_tokens
+    def tokens(self, period: Window) -> int:
+        return self.daily_tokens if period is Window.DAY else self.monthly_tokens
 
 
-def period_bounds(period: Period, now: datetime) -> tuple[datetime, datetime]:
-    """The UTC day or calendar month holding `now`: [start, end)."""
-    if period is Period.DAY:
-        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        return start, start + timedelta(days=1)
-    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = (start + timedelta(days=32)).replace(day=1)
-    return start, end
+def _until_end(now: datetime, end: datetime) -> int:
+    """A counter's lifetime: to the end of its period, and an hour beyond for clock skew."""
+    return int((end - now).total_seconds()) + 3600
 
 
 @dataclass(frozen=True)
@@ -51,7 +44,7 @@ class QuotaStatus:
     """One quota of a user: its limit (0 with `unlimited`), use and reset in this period."""
 
     metric: str  # "queries" | "tokens"
-    period: Period
+    period: Window
     limit: int
     used: int
     resets_at: datetime
@@ -79,16 +72,16 @@ class QuotaService:
     def limits_for(self, principal: Principal) -> Limits:
         return self._limits.get(principal.role, Limits())
 
-    def _key(self, principal: Principal, metric: str, period: Period, start: datetime) -> str:
-        stamp = start.strftime("%Y-%m-%d" if period is Period.DAY else "%Y-%m")
+    def _key(self, principal: Principal, metric: str, period: Window, start: datetime) -> str:
+        stamp = start.strftime("%Y-%m-%d" if period is Window.DAY else "%Y-%m")
         return f"quota:{principal.user_id}:{metric}:{stamp}"
 
     async def admit_query(self, principal: Principal) -> None:
         """Count one agent query, or refuse it (RESOURCE_EXHAUSTED, QuotaFailure, RetryInfo)
         when a query or token limit of the day or month is used up."""
         limits, now = self.limits_for(principal), self._clock()
-        for period in Period:
-            start, end = period_bounds(period, now)
+        for period in PERIODS:
+            start, end = window_bounds(period, now)
             token_limit = limits.tokens(period)
             if token_limit:
                 [used] = await self._counters.read([self._key(principal, "tokens", period, start)])
@@ -96,11 +89,11 @@ class QuotaService:
                     raise _exhausted(principal, f"{period} agent tokens", token_limit, end - now)
         counted: list[tuple[str, int]] = []
         try:
-            for period in Period:
-                start, end = period_bounds(period, now)
+            for period in PERIODS:
+                start, end = window_bounds(period, now)
                 limit = limits.queries(period)
                 key = self._key(principal, "queries", period, start)
-                ttl = int((end - now).total_seconds()) + 3600
+                ttl = _until_end(now, end)
                 value = await self._counters.add(key, 1, ttl)  # counted even when unlimited
                 counted.append((key, ttl))
                 if limit and value > limit:
@@ -115,8 +108,8 @@ class QuotaService:
         limits, now = self.limits_for(principal), self._clock()
         found = []
         for metric in ("queries", "tokens"):
-            for period in Period:
-                start, end = period_bounds(period, now)
+            for period in PERIODS:
+                start, end = window_bounds(period, now)
                 [used] = await self._counters.read([self._key(principal, metric, period, start)])
                 limit = limits.queries(period) if metric == "queries" else limits.tokens(period)
                 found.append(QuotaStatus(metric, period, limit, used, end))
@@ -127,9 +120,9 @@ class QuotaService:
         now = self._clock()
         if tokens <= 0:
             return
-        for period in Period:
-            start, end = period_bounds(period, now)
-            ttl = int((end - now).total_seconds()) + 3600
+        for period in PERIODS:
+            start, end = window_bounds(period, now)
+            ttl = _until_end(now, end)
             await self._counters.add(self._key(principal, "tokens", period, start), tokens, ttl)
 
 
