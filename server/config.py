@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     database_url: str | None = None
     """SQLAlchemy URL (postgresql+asyncpg://... in production); unset: SQLite in DATA_DIR."""
     redis_url: str | None = None
-    """Redis URL (redis://host:6379/0) for rate limits shared by replicas; unset: in process."""
+    """Redis URL (redis://host:6379/0) for limits, quotas and caches; unset: in process."""
     redis_key_prefix: str = "agentmesh:"
     """Prefix of every Redis key agentmesh writes."""
     qdrant_url: str | None = None
@@ -220,6 +220,12 @@ class Settings(BaseSettings):
     """How often buffered usage events are written; a crash loses at most this much."""
     events_buffer_capacity: int = Field(default=50_000, gt=0)
     """Usage events kept while the database is unreachable; beyond it the oldest are dropped."""
+    stats_cache_seconds: float = Field(default=30.0, gt=0)
+    """How long statistics of a range holding the present are cached (their staleness bound)."""
+    stats_cache_closed_seconds: float = Field(default=3600.0, gt=0)
+    """How long statistics of a range that ended over a minute ago are cached."""
+    stats_max_buckets: int = Field(default=400, gt=0)
+    """Most buckets one statistics request may ask for."""
 
     langfuse_host: str | None = None
     """Langfuse server URL for traces; tracing is off unless both keys are set."""

@@ -34,6 +34,9 @@ UnaryCall = Callable[[], Awaitable[Any]]
 StreamCall = Callable[[], AsyncIterator[Any]]
 
 REQUEST_ID_HEADER = "x-request-id"
+# Method-name prefixes of the RPCs recorded as usage events (probes and grpcurl's
+# reflection calls are not usage).
+RECORDED_RPCS = "/agentmesh."
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -138,8 +141,9 @@ def _code_name(context: Context, failed: BaseException | None) -> str:
 
 class RequestLogInterceptor(WrappingInterceptor):
     """Gives every RPC a request id (from `x-request-id` or new), echoes it in the response
-    headers, and writes one structured log line per RPC: id, rpc, code, latency, user. A
-    call that ends with an error is also recorded as a usage event (errors by code)."""
+    headers, and writes one structured log line per RPC: id, rpc, code, latency, user.
+    Every call of an agentmesh service (not health checks or reflection) is also recorded
+    as a usage event, the denominator of the error rate."""
 
     def __init__(self, logger: logging.Logger, events: EventRecorder) -> None:
         self._log = logger
@@ -164,14 +168,14 @@ class RequestLogInterceptor(WrappingInterceptor):
             "rpc finished",
             extra={"rpc": info.rpc, "code": code, "latency_ms": latency_ms, "peer": info.peer},
         )
-        if code != "OK":
+        if info.rpc.startswith(RECORDED_RPCS):
             self._events.record(
-                EventKind.ERROR,
+                EventKind.RPC,
                 user_id=info.principal.user_id if info.principal else None,
                 rpc=info.rpc,
                 code=code,
                 latency_ms=latency_ms,
-                success=False,
+                success=code == "OK",
             )
 
     async def unary(self, call: UnaryCall, context: Context, method: str) -> Any:

@@ -62,12 +62,14 @@ from services.agent.tools.registry import ToolRegistry
 from services.agent.tools.web_search import WebSearchSettings, WebSearchTool
 from services.agent.tracing import NoopTracer, Tracer
 from services.analytics.recorder import EventRecorder, RecorderSettings
+from services.analytics.stats import StatsService, StatsSettings
 from services.analytics.usage import UsageService
 from services.auth.passwords import PasswordHasher
 from services.auth.principal import Role
 from services.auth.service import AuthService
 from services.auth.tokens import TokenCodec, TokenSettings
 from services.auth.users import UserService
+from services.cache import Cache, InProcessCache, RedisCache
 from services.db import create_engine, create_sessionmaker
 from services.feedback.service import FeedbackService
 from services.knowledge.chunking import ChunkingPolicy
@@ -139,6 +141,7 @@ class Domain:
     feedback: FeedbackService
     events: EventRecorder
     usage: UsageService
+    stats: StatsService
     outbound: OutboundHttp
     limiter: RateLimiter
     redis: Redis | None
@@ -374,6 +377,26 @@ def build_quotas(settings: Settings, redis: Redis | None) -> QuotaService:
     return QuotaService(counters, limits)
 
 
+def build_stats(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], redis: Redis | None
+) -> StatsService:
+    """Statistics from the events table, cached in Redis when it is configured."""
+    cache: Cache = (
+        RedisCache(redis, f"{settings.redis_key_prefix}cache:") if redis else InProcessCache()
+    )
+    return StatsService(
+        sessions,
+        cache,
+        StatsSettings(
+            max_buckets=settings.stats_max_buckets,
+            open_ttl=settings.stats_cache_seconds,
+            closed_ttl=settings.stats_cache_closed_seconds,
+            # Events reach the table within one flush; a minute covers a slow write.
+            settle_seconds=settings.events_flush_seconds + 60,
+        ),
+    )
+
+
 def build_domain(settings: Settings) -> Domain:
     engine = create_engine(settings.resolved_database_url)
     sessions = create_sessionmaker(engine)
@@ -417,6 +440,7 @@ def build_domain(settings: Settings) -> Domain:
         feedback=FeedbackService(sessions, events),
         events=events,
         usage=UsageService(sessions, quotas),
+        stats=build_stats(settings, sessions, redis),
         limiter=limiter,
         redis=redis,
         outbound=outbound,
@@ -484,11 +508,8 @@ def build_application(settings: Settings) -> Application:
         KnowledgeBaseServicer(domain.knowledge), server
     )
     feedback_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(domain.feedback), server)
-    # GetSystemStats and GetUserStats are not implemented yet: the generated base methods
-    # raise NotImplementedError, which the error interceptor reports as UNIMPLEMENTED.
     analytics_grpc.add_AnalyticsServiceServicer_to_server(
-        AnalyticsServicer(domain.usage),  # type: ignore[abstract]
-        server,
+        AnalyticsServicer(domain.usage, domain.stats), server
     )
     health = ServiceHealth(SERVICE_NAMES)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)

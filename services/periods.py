@@ -20,3 +20,20 @@ def window_bounds(window: Window, now: datetime) -> tuple[datetime, datetime]:
         return start, start + timedelta(days=7)
     start = day.replace(day=1)
     return start, (start + timedelta(days=32)).replace(day=1)
+
+
+def previous_start(window: Window, moment: datetime) -> datetime:
+    """The start of the period just before the one that ends at (or holds) `moment`."""
+    start, _ = window_bounds(window, moment - timedelta(microseconds=1))
+    return start
+
+
+def periods(window: Window, start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
+    """[start, end) cut at the period boundaries of `window`, oldest first; the first and
+    last pieces are partial when the range does not start or end on a boundary."""
+    pieces = []
+    while start < end:
+        _, period_end = window_bounds(window, start)
+        pieces.append((start, min(period_end, end)))
+        start = period_end
+    return pieces

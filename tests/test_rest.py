@@ -130,14 +130,6 @@ async def test_unknown_paths_and_parameters_are_rejected(rest: aiohttp.ClientSes
     assert status == 400 and body["code"] == 3 and "debug" in body["message"]
 
 
-async def test_unimplemented_rpcs_are_501(
-    app: Application, stubs: Stubs, rest: aiohttp.ClientSession
-) -> None:
-    admin = await new_admin(app, stubs)
-    status, body, _ = await call(rest, "GET", "/v1/analytics/system", token=admin.access_token)
-    assert status == 501 and details_of(body, "ErrorInfo")["reason"] == "UNIMPLEMENTED"
-
-
 async def test_health_endpoint(rest: aiohttp.ClientSession) -> None:
     status, body, _ = await call(rest, "GET", "/health")
     assert status == 200

@@ -9,8 +9,6 @@ from typing import Any
 
 import grpc
 import pytest
-from agentmesh.analytics.v1 import analytics_service_pb2 as analytics_pb
-from agentmesh.analytics.v1 import analytics_service_pb2_grpc as analytics_grpc
 from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
 from google.protobuf import descriptor_pool
@@ -28,7 +26,6 @@ from tests.backends import Database
 from tests.harness import (
     PASSWORD,
     Stubs,
-    new_admin,
     new_user,
     running_app,
     settings_for,
@@ -85,16 +82,6 @@ async def test_a_method_missing_from_the_access_table_is_refused(
         assert calls == []
     finally:
         await app.stop(grace=0)
-
-
-async def test_contract_only_rpcs_are_unimplemented(app: Application, stubs: Stubs) -> None:
-    admin = await new_admin(app, stubs)
-    analytics = analytics_grpc.AnalyticsServiceStub(stubs.channel)
-    error = await expect_code(
-        analytics.GetSystemStats(analytics_pb.GetSystemStatsRequest(), metadata=admin.metadata),
-        grpc.StatusCode.UNIMPLEMENTED,
-    )
-    assert error_info(error).reason == "UNIMPLEMENTED"
 
 
 async def test_unexpected_failures_are_internal_without_details(

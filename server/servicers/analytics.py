@@ -1,4 +1,4 @@
-"""AnalyticsService: the caller's usage and quotas (system and user statistics: later)."""
+"""AnalyticsService: the caller's usage and quotas; installation and user statistics."""
 
 from typing import Any
 
@@ -7,8 +7,10 @@ from agentmesh.analytics.v1 import analytics_service_pb2 as analytics_pb
 from agentmesh.analytics.v1 import analytics_service_pb2_grpc as analytics_grpc
 
 from server.request_context import current_principal
-from server.servicers.timestamps import to_timestamp
+from server.servicers.timestamps import optional_time, to_timestamp
+from services.analytics.stats import Bucket, StatsRequest, StatsService
 from services.analytics.usage import UsageService, WindowUsage
+from services.errors import InvalidArgument
 from services.periods import Window
 from services.quotas.service import QuotaStatus
 
@@ -17,6 +19,8 @@ GRANULARITY = {
     Window.WEEK: analytics_pb2.GRANULARITY_WEEK,
     Window.MONTH: analytics_pb2.GRANULARITY_MONTH,
 }
+WINDOW = {proto: window for window, proto in GRANULARITY.items()}
+WINDOW[analytics_pb2.GRANULARITY_UNSPECIFIED] = Window.DAY
 METRIC = {
     "queries": analytics_pb2.QUOTA_METRIC_AGENT_QUERIES,
     "tokens": analytics_pb2.QUOTA_METRIC_TOKENS,
@@ -47,11 +51,49 @@ def quota_to_proto(quota: QuotaStatus) -> analytics_pb2.QuotaStatus:
     )
 
 
-class AnalyticsServicer(analytics_grpc.AnalyticsServiceServicer):
-    """GetSystemStats and GetUserStats are still the generated UNIMPLEMENTED stubs."""
+def bucket_to_proto(bucket: Bucket) -> analytics_pb2.StatsBucket:
+    return analytics_pb2.StatsBucket(
+        start_time=to_timestamp(bucket.start),
+        end_time=to_timestamp(bucket.end),
+        active_users=bucket.active_users,
+        queries=bucket.queries,
+        failed_queries=bucket.failed_queries,
+        tokens_in=bucket.tokens_in,
+        tokens_out=bucket.tokens_out,
+        latency_p50_ms=bucket.latency_p50_ms,
+        latency_p95_ms=bucket.latency_p95_ms,
+        tool_usage=[
+            analytics_pb2.ToolUsage(tool=t.tool, calls=t.calls, failures=t.failures)
+            for t in bucket.tool_usage
+        ],
+        error_rate=bucket.error_rate,
+        errors=[analytics_pb2.ErrorCount(code=code, count=n) for code, n in bucket.errors],
+        feedback_count=bucket.feedback_count,
+        feedback_positive_ratio=bucket.feedback_positive_ratio,
+        documents_uploaded=bucket.documents_uploaded,
+        registrations=bucket.registrations,
+        logins=bucket.logins,
+        rate_limited=bucket.rate_limited,
+        quota_refused=bucket.quota_refused,
+    )
 
-    def __init__(self, usage: UsageService) -> None:
+
+def stats_request(request: Any, user_id: str | None = None) -> StatsRequest:
+    window = WINDOW.get(request.granularity)
+    if window is None:
+        raise InvalidArgument.of("granularity", "must be a day, week or month")
+    return StatsRequest(
+        window=window,
+        start=optional_time(request, "start_time"),
+        end=optional_time(request, "end_time"),
+        user_id=user_id,
+    )
+
+
+class AnalyticsServicer(analytics_grpc.AnalyticsServiceServicer):
+    def __init__(self, usage: UsageService, stats: StatsService) -> None:
         self._usage = usage
+        self._stats = stats
 
     async def GetUsage(
         self, request: analytics_pb.GetUsageRequest, context: Any
@@ -63,4 +105,23 @@ class AnalyticsServicer(analytics_grpc.AnalyticsServiceServicer):
             this_week=week,
             this_month=month,
             quotas=[quota_to_proto(q) for q in usage.quotas],
+        )
+
+    async def GetSystemStats(
+        self, request: analytics_pb.GetSystemStatsRequest, context: Any
+    ) -> analytics_pb.GetSystemStatsResponse:
+        stats = await self._stats.stats(stats_request(request))
+        return analytics_pb.GetSystemStatsResponse(
+            buckets=[bucket_to_proto(b) for b in stats.buckets],
+            totals=bucket_to_proto(stats.totals),
+        )
+
+    async def GetUserStats(
+        self, request: analytics_pb.GetUserStatsRequest, context: Any
+    ) -> analytics_pb.GetUserStatsResponse:
+        stats = await self._stats.stats(stats_request(request, request.user_id))
+        return analytics_pb.GetUserStatsResponse(
+            user_id=str(stats.user_id),
+            buckets=[bucket_to_proto(b) for b in stats.buckets],
+            totals=bucket_to_proto(stats.totals),
         )

@@ -1,15 +1,13 @@
 """FeedbackService: users' judgements of answers, and the administrators' view of them."""
 
-from datetime import UTC, datetime
 from typing import Any
 
 from agentmesh.feedback.v1 import feedback_pb2 as feedback_pb
 from agentmesh.feedback.v1 import feedback_service_pb2 as service_pb
 from agentmesh.feedback.v1 import feedback_service_pb2_grpc as feedback_grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from server.request_context import current_principal
-from server.servicers.timestamps import to_timestamp
+from server.servicers.timestamps import optional_time, to_timestamp
 from services.errors import InvalidArgument
 from services.feedback.models import Feedback
 from services.feedback.service import (
@@ -50,13 +48,6 @@ def feedback_to_proto(feedback: Feedback) -> feedback_pb.Feedback:
     )
 
 
-def _time(request: Any, name: str) -> datetime | None:
-    if not request.HasField(name):
-        return None
-    value: Timestamp = getattr(request, name)
-    return value.ToDatetime(tzinfo=UTC)
-
-
 def _filter(request: service_pb.ListFeedbackRequest) -> FeedbackFilter:
     if request.rating and request.rating not in RATING_FROM_PROTO:
         raise InvalidArgument.of("rating", "is not a known rating")
@@ -67,8 +58,8 @@ def _filter(request: service_pb.ListFeedbackRequest) -> FeedbackFilter:
         reason=REASON_FROM_PROTO.get(request.reason),
         user_id=request.user_id,
         conversation_id=request.conversation_id,
-        start=_time(request, "start_time"),
-        end=_time(request, "end_time"),
+        start=optional_time(request, "start_time"),
+        end=optional_time(request, "end_time"),
     )
 
 
@@ -103,7 +94,9 @@ class FeedbackServicer(feedback_grpc.FeedbackServiceServicer):
     async def GetFeedbackStats(
         self, request: service_pb.GetFeedbackStatsRequest, context: Any
     ) -> service_pb.GetFeedbackStatsResponse:
-        stats = await self._feedback.stats(_time(request, "start_time"), _time(request, "end_time"))
+        stats = await self._feedback.stats(
+            optional_time(request, "start_time"), optional_time(request, "end_time")
+        )
         return service_pb.GetFeedbackStatsResponse(
             total=stats.total,
             positive=stats.positive,

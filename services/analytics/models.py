@@ -14,7 +14,9 @@ class Event(Base):
     """One thing that happened: a login, a query, a tool call, a refused call, an error.
 
     `user_id` deliberately has no foreign key: history outlives deleted accounts, and
-    appending never waits on the users table.
+    appending never waits on the users table. `code` is the kind's outcome: the status
+    code name of an RPC, the reason a query failed or was refused, a tool call's outcome,
+    the rating of feedback.
     """
 
     __tablename__ = "events"

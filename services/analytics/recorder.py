@@ -32,7 +32,7 @@ class EventKind(enum.StrEnum):
     FEEDBACK = "feedback"
     RATE_LIMITED = "rate_limited"
     QUOTA_REFUSED = "quota_refused"
-    ERROR = "error"
+    RPC = "rpc"  # every finished RPC of an agentmesh service, with its status code
 
 
 @dataclass(frozen=True)

@@ -123,8 +123,9 @@ class FeedbackService:
         self._events.record(
             EventKind.FEEDBACK,
             user_id=principal.user_id,
+            code=feedback.rating,
             success=True,
-            data={"rating": feedback.rating, "score": feedback.score, "created": created},
+            data={"score": feedback.score, "created": created},
         )
         return feedback, created
 

@@ -92,11 +92,13 @@ class GetSystemStatsRequest(_message.Message):
     """The bucket width; days by default."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """The start of the range (inclusive); defaults to 30 days before `end_time`."""
+        """The start of the range (inclusive); defaults to 30 days, 12 weeks or 12 months
+        before `end_time`, by granularity.
+        """
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """The end of the range (exclusive); defaults to now."""
+        """The end of the range (exclusive); defaults to the end of the bucket holding now."""
 
     def __init__(
         self,
@@ -123,7 +125,9 @@ class GetSystemStatsResponse(_message.Message):
     TOTALS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[_analytics_pb2.StatsBucket]:
-        """One bucket per granularity step in the range, oldest first."""
+        """One bucket per calendar period in the range, oldest first; the first and last are
+        cut to the range when it does not start or end on a period boundary.
+        """
 
     @_builtins.property
     def totals(self) -> _analytics_pb2.StatsBucket:
@@ -159,11 +163,13 @@ class GetUserStatsRequest(_message.Message):
     """The bucket width; days by default."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """The start of the range (inclusive); defaults to 30 days before `end_time`."""
+        """The start of the range (inclusive); defaults to 30 days, 12 weeks or 12 months
+        before `end_time`, by granularity.
+        """
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """The end of the range (exclusive); defaults to now."""
+        """The end of the range (exclusive); defaults to the end of the bucket holding now."""
 
     def __init__(
         self,
@@ -194,7 +200,9 @@ class GetUserStatsResponse(_message.Message):
     """The user reported on."""
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[_analytics_pb2.StatsBucket]:
-        """One bucket per granularity step in the range, oldest first."""
+        """One bucket per calendar period in the range, oldest first; the first and last are
+        cut to the range when it does not start or end on a period boundary.
+        """
 
     @_builtins.property
     def totals(self) -> _analytics_pb2.StatsBucket:
