@@ -128,7 +128,7 @@ def metadata_value(context: Context, key: str) -> str | None:
     return None
 
 
-def _code_name(context: Context, failed: BaseException | None) -> str:
+def code_name(context: Context, failed: BaseException | None) -> str:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code.name
@@ -162,7 +162,7 @@ class RequestLogInterceptor(WrappingInterceptor):
     def _end(
         self, info: RequestInfo, context: Context, started: float, failed: BaseException | None
     ) -> None:
-        code = _code_name(context, failed)
+        code = code_name(context, failed)
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         self._log.info(
             "rpc finished",

@@ -43,6 +43,14 @@ from server.llm_sidecar import LocalLlmSidecar, packaged_model
 from server.logs import configure_logging
 from server.ops_http import OpsServer
 from server.rate_limits import RateLimitInterceptor, RateLimits
+from server.rpc_metrics import RpcMetricsInterceptor
+from server.runtime_metrics import (
+    CountersCollector,
+    PoolCollector,
+    Probe,
+    RuntimeMonitor,
+    database_probe,
+)
 from server.servicers.agent import AgentServicer
 from server.servicers.analytics import AnalyticsServicer
 from server.servicers.auth import AuthServicer
@@ -81,6 +89,7 @@ from services.knowledge.reranking import CrossEncoderReranker
 from services.knowledge.service import KnowledgeService, KnowledgeSettings
 from services.knowledge.vector_store import VectorStore
 from services.limits import InProcessRateLimiter, RateLimiter, RedisRateLimiter
+from services.metrics import Metrics
 from services.quotas.counters import Counters, InProcessCounters, RedisCounters
 from services.quotas.service import Limits, QuotaService
 
@@ -145,6 +154,7 @@ class Domain:
     outbound: OutboundHttp
     limiter: RateLimiter
     redis: Redis | None
+    metrics: Metrics
     # The llama.cpp server of LLM_PROVIDER=local; the agent's client is made once it serves.
     local_llm: LocalLlmSidecar | None = None
     local_llm_settings: LlmSettings | None = None
@@ -160,7 +170,8 @@ class Domain:
                     base_url=self.local_llm.base_url,
                     model=self.local_llm.model,
                     api_key=None,
-                )
+                ),
+                self.metrics,
             )
         await self.agent.start()
 
@@ -178,7 +189,10 @@ class Domain:
 
 
 def build_knowledge(
-    settings: Settings, sessions: async_sessionmaker[AsyncSession], events: EventRecorder
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    events: EventRecorder,
+    metrics: Metrics,
 ) -> KnowledgeService:
     """The knowledge base: embedding model (loaded here), Qdrant, ingestion workers."""
     embedder = Embedder.load(
@@ -211,6 +225,7 @@ def build_knowledge(
         ),
         limits,
         executor,
+        metrics,
     )
     queue = IngestionQueue(
         pipeline, workers=settings.ingest_workers, capacity=settings.ingest_queue_size
@@ -227,7 +242,16 @@ def build_knowledge(
         parse_limits=limits,
     )
     return KnowledgeService(
-        sessions, store, embedder, lexical, queue, executor, knowledge_settings, events, reranker
+        sessions,
+        store,
+        embedder,
+        lexical,
+        queue,
+        executor,
+        knowledge_settings,
+        events,
+        metrics,
+        reranker,
     )
 
 
@@ -301,12 +325,13 @@ def build_agent(
     outbound: OutboundHttp,
     events: EventRecorder,
     quotas: QuotaService,
+    metrics: Metrics,
 ) -> AgentService:
     """The agent: prompts, tools, the LLM client (none in extractive mode) and the graph."""
     prompts = PromptManager(settings.prompts_dir, auto_reload=settings.prompts_auto_reload)
     provider = settings.resolved_llm_provider
     # The local provider's client is made when its sidecar has started (Application.start).
-    llm = ChatModel(llm_settings(settings)) if provider == "openai" else None
+    llm = ChatModel(llm_settings(settings), metrics) if provider == "openai" else None
     agent_settings = AgentSettings(
         max_query_chars=settings.max_query_chars,
         context_messages=settings.context_messages,
@@ -326,6 +351,7 @@ def build_agent(
         settings=agent_settings,
         events=events,
         quotas=quotas,
+        metrics=metrics,
     )
     return AgentService(deps, build_tracer(settings))
 
@@ -397,7 +423,9 @@ def build_stats(
     )
 
 
-def build_domain(settings: Settings) -> Domain:
+def build_domain(settings: Settings, registry: CollectorRegistry | None = None) -> Domain:
+    """The domain services; their metrics go to `registry` (none: a private one)."""
+    metrics = Metrics(registry)
     engine = create_engine(settings.resolved_database_url)
     sessions = create_sessionmaker(engine)
     executor = ThreadPoolExecutor(settings.password_hash_workers, thread_name_prefix="argon2")
@@ -416,8 +444,9 @@ def build_domain(settings: Settings) -> Domain:
             flush_interval=settings.events_flush_seconds,
             capacity=settings.events_buffer_capacity,
         ),
+        observer=metrics.observe_event,
     )
-    knowledge = build_knowledge(settings, sessions, events)
+    knowledge = build_knowledge(settings, sessions, events, metrics)
     outbound = OutboundHttp(settings.outbound_allowed_networks)
     limiter, redis = build_limiter(settings)
     quotas = build_quotas(settings, redis)
@@ -436,13 +465,14 @@ def build_domain(settings: Settings) -> Domain:
         auth=AuthService(sessions, PasswordHasher(executor), tokens, events),
         users=UserService(sessions, on_deleted=knowledge.purge_owner),
         knowledge=knowledge,
-        agent=build_agent(settings, sessions, knowledge, outbound, events, quotas),
+        agent=build_agent(settings, sessions, knowledge, outbound, events, quotas, metrics),
         feedback=FeedbackService(sessions, events),
         events=events,
         usage=UsageService(sessions, quotas),
         stats=build_stats(settings, sessions, redis),
         limiter=limiter,
         redis=redis,
+        metrics=metrics,
         outbound=outbound,
         local_llm=local_llm,
         local_llm_settings=llm_settings(settings),
@@ -459,11 +489,13 @@ class Application:
     health: ServiceHealth
     ops: OpsServer
     grpc_port: int
+    monitor: RuntimeMonitor
 
     async def start(self) -> None:
         await self.domain.start()
         await self.server.start()
         await self.ops.start()
+        await self.monitor.start()
         await self.health.set_all(SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -471,6 +503,7 @@ class Application:
         await self.health.shutdown()
         await asyncio.sleep(self.settings.shutdown_delay_seconds)
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        await self.monitor.stop()
         await self.ops.stop()
         await self.domain.close()
 
@@ -485,11 +518,30 @@ def rate_limits(settings: Settings) -> RateLimits:
     )
 
 
+def build_monitor(
+    settings: Settings, domain: Domain, registry: CollectorRegistry
+) -> RuntimeMonitor:
+    """Infrastructure metrics; dependencies are probed only where they are configured (the
+    embedded Qdrant and the in-process stores cannot be down on their own)."""
+    registry.register(PoolCollector(domain.engine))
+    registry.register(CountersCollector({"stats": domain.stats.cache}, domain.events))
+    probes: dict[str, Probe] = {"database": database_probe(domain.engine)}
+    if domain.redis is not None:
+        probes["redis"] = domain.redis.ping
+    if settings.qdrant_url:
+        probes["qdrant"] = domain.knowledge.ping_store
+    return RuntimeMonitor(registry, probes)
+
+
 def build_application(settings: Settings) -> Application:
-    domain = build_domain(settings)
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    domain = build_domain(settings, registry)
     rpc_log = logging.getLogger("agentmesh.rpc")
     server = grpc.aio.server(
         interceptors=[
+            RpcMetricsInterceptor(registry),
             RequestLogInterceptor(rpc_log, domain.events),
             AuthInterceptor(domain.tokens),
             *(
@@ -522,11 +574,9 @@ def build_application(settings: Settings) -> Application:
         server,
     )
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
     ops = OpsServer(health, registry, settings.metrics_host, settings.metrics_port)
-    return Application(settings, domain, server, health, ops, port)
+    monitor = build_monitor(settings, domain, registry)
+    return Application(settings, domain, server, health, ops, port, monitor)
 
 
 def envoy_sidecar(settings: Settings, app: Application) -> EnvoySidecar:

@@ -34,6 +34,8 @@ CREDENTIAL_RPCS = frozenset(
 )
 # Probes and tooling are never limited.
 UNLIMITED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# The scope of each window key prefix, as usage events and metrics name it.
+LIMIT_SCOPES = {"user": "user", "ip": "ip", "auth-ip": "credentials"}
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ class RateLimitInterceptor(WrappingInterceptor):
         )
         if decision.allowed:
             return
-        _, limit, subject = checks[max(refused_at, 0)]
+        key, limit, subject = checks[max(refused_at, 0)]
         info = current_request.get()
         self._events.record(
             EventKind.RATE_LIMITED,
@@ -120,7 +122,7 @@ class RateLimitInterceptor(WrappingInterceptor):
             rpc=method,
             code="RESOURCE_EXHAUSTED",
             success=False,
-            data={"limit": subject.split(":", 1)[0]},
+            data={"limit": LIMIT_SCOPES[key.split(":", 1)[0]]},
         )
         window = self._limits.window_seconds
         error = ResourceExhausted(

@@ -90,8 +90,9 @@ class ResourceExhausted(DomainError):
         retry_after: float | None = None,
         violations: list[QuotaViolation] | None = None,
         reason: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message, reason=reason)
+        super().__init__(message, reason=reason, metadata=metadata)
         self.retry_after = retry_after
         self.violations = violations or []
 

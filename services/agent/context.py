@@ -12,6 +12,7 @@ from services.agent.tracing import RunTrace
 from services.analytics.recorder import EventRecorder
 from services.auth.principal import Principal
 from services.knowledge.embeddings import Embedder
+from services.metrics import Metrics
 from services.quotas.service import QuotaService
 
 
@@ -42,6 +43,7 @@ class AgentDeps:
     settings: AgentSettings
     events: EventRecorder
     quotas: QuotaService
+    metrics: Metrics
     intents: IntentExamples | None = None  # embedded at start()
 
 

@@ -205,6 +205,10 @@ async def select_tools(state: AgentState, runtime: Ctx) -> dict[str, Any]:
 def _report_rejected(runtime: Ctx, rejected: RejectedCall) -> dict[str, Any]:
     """Announce a refused call as started and ended (it never ran); its stored record."""
     r, outcome = rejected, ToolOutcome.INVALID_ARGUMENTS
+    deps = runtime.context.deps
+    # The model may name a tool that does not exist: such names are not a metrics label.
+    known = r.tool_name if deps.registry.get_tool_by_name(r.tool_name) else "unknown"
+    deps.metrics.tool_calls.labels(known, outcome.value).inc()
     _emit(runtime, ToolCallStarted(r.call_id, r.tool_name, r.arguments_json))
     _emit(runtime, ToolCallFinished(r.call_id, r.tool_name, outcome, "", [], r.error, 0))
     return _tool_record(r.call_id, r.tool_name, r.arguments_json, outcome, r.error, 0)
@@ -269,6 +273,8 @@ async def execute_tools(state: AgentState, runtime: Ctx) -> dict[str, Any]:
         records.append(
             _tool_record(call.call_id, call.tool.name, call.arguments_json, outcome, error, latency)
         )
+        ctx.deps.metrics.tool_calls.labels(call.tool.name, outcome.value).inc()
+        ctx.deps.metrics.tool_call_seconds.labels(call.tool.name).observe(latency / 1000)
         ctx.trace.tool(
             name=call.tool.name,
             arguments=call.arguments_json,

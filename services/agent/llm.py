@@ -11,6 +11,7 @@ import openai
 from openai import AsyncOpenAI
 
 from services.errors import Unavailable
+from services.metrics import Metrics
 
 Messages = list[dict[str, Any]]
 
@@ -50,6 +51,19 @@ class RawToolCall:
     arguments: str
 
 
+# The metrics' `purpose` label of each prompt; other prompts are named by their file.
+PURPOSES = {
+    "agent/intent_classification.j2": "classify",
+    "agent/tool_selection.j2": "plan",
+    "agent/response_synthesis.j2": "synthesize",
+    "agent/conversation_summary.j2": "summarize",
+}
+
+
+def purpose_of(prompt_name: str) -> str:
+    return PURPOSES.get(prompt_name) or prompt_name.rsplit("/", 1)[-1].removesuffix(".j2")
+
+
 class LlmUnavailable(Unavailable):
     reason = "LLM_UNAVAILABLE"
 
@@ -71,8 +85,9 @@ def _elapsed_ms(started: float) -> int:
 class ChatModel:
     """Chat completions with streaming, function calling and structured output."""
 
-    def __init__(self, settings: LlmSettings) -> None:
+    def __init__(self, settings: LlmSettings, metrics: Metrics) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._client = AsyncOpenAI(
             base_url=settings.base_url,
             # Local endpoints take any key; the client insists on one.
@@ -94,6 +109,18 @@ class ChatModel:
             call.prompt_tokens = usage.prompt_tokens or 0
             call.completion_tokens = usage.completion_tokens or 0
 
+    def _observe(self, call: LlmCall, started: float, *, failed: bool) -> None:
+        """The call's metrics: outcome, duration, tokens and time to first token."""
+        m, purpose = self._metrics, purpose_of(call.prompt_name)
+        m.llm_calls.labels(call.model, purpose, "error" if failed else "ok").inc()
+        m.llm_call_seconds.labels(call.model, purpose).observe(time.perf_counter() - started)
+        if failed:
+            return
+        m.llm_tokens.labels(call.model, "in").inc(call.prompt_tokens)
+        m.llm_tokens.labels(call.model, "out").inc(call.completion_tokens)
+        if call.first_token_ms is not None:
+            m.llm_first_token_seconds.labels(call.model).observe(call.first_token_ms / 1000)
+
     async def _create(self, call: LlmCall, **params: Any) -> Any:
         """One non-streamed completion, timed and with its usage recorded on `call`."""
         started = time.perf_counter()
@@ -104,8 +131,10 @@ class ChatModel:
                 **params,
             )
         except openai.OpenAIError as error:
+            self._observe(call, started, failed=True)
             raise _unavailable(error) from error
         self._record(call, response.usage, started)
+        self._observe(call, started, failed=False)
         return response
 
     async def structured(
@@ -189,6 +218,7 @@ class ChatModel:
             finally:
                 await stream.close()
         except openai.OpenAIError as error:
+            self._observe(call, started, failed=True)
             raise _unavailable(error) from error
         call.latency_ms = _elapsed_ms(started)
         if not call.completion_tokens and call.output:
@@ -196,3 +226,4 @@ class ChatModel:
             # (about one token each) and estimate the prompt at ~4 characters a token.
             call.completion_tokens = deltas
             call.prompt_tokens = sum(len(str(m.get("content") or "")) for m in messages) // 4
+        self._observe(call, started, failed=False)

@@ -15,7 +15,7 @@ from services.agent.conversations import (
     ConversationPage,
     conversation_id_of,
 )
-from services.agent.events import Event, RunCompleted, RunStarted
+from services.agent.events import Event, RunCompleted, RunStarted, StepChanged, TokenDelta
 from services.agent.graph import build_graph
 from services.agent.intents import IntentExamples
 from services.agent.state import AgentState, Turn
@@ -78,8 +78,12 @@ class AgentService:
                 await self._deps.quotas.admit_query(principal)
             except ResourceExhausted as error:
                 self._deps.events.record(
-                    EventKind.QUOTA_REFUSED, user_id=principal.user_id, code=error.reason
+                    EventKind.QUOTA_REFUSED,
+                    user_id=principal.user_id,
+                    code=error.reason,
+                    data=error.metadata,  # which quota: metric and period
                 )
+                self._deps.metrics.agent_queries.labels("unknown", "refused").inc()
                 raise
             async for item in self._run(principal, question, cid, history, title, request_id):
                 yield item
@@ -126,13 +130,22 @@ class AgentService:
         }
         budget = self._deps.settings.run_timeout
         window = asyncio.timeout(budget)
+        metrics, intent, first_token = self._deps.metrics, "unknown", True
         try:
             async with window:
                 async for event in self._graph.astream(
                     state, context=context, stream_mode="custom"
                 ):
-                    if isinstance(event, RunCompleted):
+                    if isinstance(event, StepChanged) and event.intent:
+                        intent = event.intent
+                    elif isinstance(event, TokenDelta) and first_token:
+                        first_token = False
+                        metrics.agent_first_token_seconds.observe(
+                            time.perf_counter() - context.started
+                        )
+                    elif isinstance(event, RunCompleted):
                         self._record_completed(principal, event)
+                        self._count_run(context, intent, "ok")
                         message = event.message
                         await self._deps.quotas.add_tokens(
                             principal, message.prompt_tokens + message.completion_tokens
@@ -143,6 +156,7 @@ class AgentService:
                 raise
             context.trace.end(answer="", intent="", error="run timeout")
             self._record_failed(principal, context, "AGENT_RUN_TIMEOUT")
+            self._count_run(context, intent, "timeout")
             raise ResourceExhausted(
                 f"the run took longer than its {budget:g} s budget", reason="AGENT_RUN_TIMEOUT"
             ) from None
@@ -150,7 +164,15 @@ class AgentService:
             context.trace.end(answer="", intent="", error=type(error).__name__)
             reason = error.reason if isinstance(error, DomainError) else type(error).__name__
             self._record_failed(principal, context, reason)
+            cancelled = isinstance(error, asyncio.CancelledError | GeneratorExit)
+            self._count_run(context, intent, "cancelled" if cancelled else "error")
             raise
+
+    def _count_run(self, context: RunContext, intent: str, outcome: str) -> None:
+        metrics = self._deps.metrics
+        metrics.agent_queries.labels(intent, outcome).inc()
+        seconds = time.perf_counter() - context.started
+        metrics.agent_run_seconds.labels(outcome).observe(seconds)
 
     def _record_completed(self, principal: Principal, completed: RunCompleted) -> None:
         """Usage events of a finished run: the query, and each tool call it made."""

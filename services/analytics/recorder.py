@@ -9,6 +9,7 @@ import contextlib
 import enum
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -62,10 +63,15 @@ class RecorderSettings:
 
 class EventRecorder:
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], settings: RecorderSettings
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        settings: RecorderSettings,
+        observer: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
+        """`observer(kind, fields)` sees every event as it is recorded (metrics)."""
         self._sessions = sessions
         self._settings = settings
+        self._observer = observer
         self._buffer: list[UsageEvent] = []
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -80,6 +86,11 @@ class EventRecorder:
         except TypeError:  # a caller's mistake must not fail the RPC it describes
             log.exception("bad usage event %s", kind)
             return
+        if self._observer is not None:
+            try:
+                self._observer(kind.value, fields)
+            except Exception:  # metrics must not fail the RPC either
+                log.exception("observing usage event %s failed", kind)
         overflow = len(self._buffer) - self._settings.capacity
         if overflow > 0:
             del self._buffer[:overflow]

@@ -114,6 +114,10 @@ class StatsService:
         self._settings = settings
         self._clock = clock
 
+    @property
+    def cache(self) -> Cache:
+        return self._cache
+
     async def stats(self, request: StatsRequest) -> Stats:
         """The statistics of `request`'s range in buckets, oldest first, and as a whole."""
         user_id = await self._user(request.user_id)

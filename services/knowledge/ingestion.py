@@ -8,6 +8,7 @@ replacement or a deletion removes what it wrote instead of publishing it.
 
 import asyncio
 import logging
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from services.knowledge.parsing import (
     parse_document,
 )
 from services.knowledge.vector_store import ChunkOwner, VectorStore
+from services.metrics import Metrics
 
 log = logging.getLogger("agentmesh.ingestion")
 
@@ -50,6 +52,45 @@ class Prepared:
     sparse: list[SparseVector]
 
 
+# The metrics' `stage` label of each ingestion stage.
+STAGE_LABELS = {
+    Stage.PARSING: "parse",
+    Stage.CHUNKING: "chunk",
+    Stage.EMBEDDING: "embed",
+    Stage.INDEXING: "index",
+}
+
+
+class StageClock:
+    """Counts one document through the stages and times each (the ingestion metrics)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._stage: str | None = None
+        self._started = self._entered = time.perf_counter()
+
+    def enter(self, stage: Stage) -> None:
+        self._close("ok")
+        self._stage, self._entered = STAGE_LABELS.get(stage), time.perf_counter()
+
+    def done(self, chunks: int) -> None:
+        self._close("ok")
+        self._metrics.ingest_chunks.inc(chunks)
+        self._metrics.ingest_seconds.labels("total").observe(time.perf_counter() - self._started)
+
+    def failed(self) -> None:
+        self._close("failed")
+
+    def _close(self, outcome: str) -> None:
+        if self._stage is None:
+            return
+        self._metrics.ingest_documents.labels(self._stage, outcome).inc()
+        if outcome == "ok":
+            elapsed = time.perf_counter() - self._entered
+            self._metrics.ingest_seconds.labels(self._stage).observe(elapsed)
+        self._stage = None
+
+
 class IngestionPipeline:
     """Runs one job to READY or FAILED."""
 
@@ -62,7 +103,9 @@ class IngestionPipeline:
         policy: ChunkingPolicy,
         limits: ParseLimits,
         executor: ThreadPoolExecutor,
+        metrics: Metrics,
     ) -> None:
+        self._metrics = metrics
         self._sessions = sessions
         self._store = store
         self._embedder = embedder
@@ -73,6 +116,7 @@ class IngestionPipeline:
 
     async def run(self, job: Job) -> None:
         stage = Stage.QUEUED
+        clock = StageClock(self._metrics)
         try:
             async with self._sessions.begin() as s:
                 document = await s.get(Document, job.document_id)
@@ -82,32 +126,37 @@ class IngestionPipeline:
             if document is None or upload is None or document.pending_generation != job.generation:
                 return
             stage = Stage.PARSING
-            await self._stage(job, stage)
+            await self._stage(job, stage, clock)
             fmt = DocumentFormat(document.document_type)
-            prepared = await self._prepare(upload.content, fmt, job)
+            prepared = await self._prepare(upload.content, fmt, job, clock)
             stage = Stage.EMBEDDING
-            await self._stage(job, stage)
+            await self._stage(job, stage, clock)
             dense = await self._embedder.encode_passages([c.text for c in prepared.chunks])
             stage = Stage.INDEXING
-            await self._stage(job, stage)
+            await self._stage(job, stage, clock)
             owner = ChunkOwner(job.document_id, job.generation, document.owner_id, document.shared)
             await self._store.upsert(owner, prepared.chunks, dense, prepared.sparse)
             await self._publish(job, prepared)
+            clock.done(len(prepared.chunks))
         except Stale:
             await self._store.delete_generation(job.document_id, job.generation)
         except UnreadableDocument as error:
+            clock.failed()
             await self._fail(job, stage, error.reason)
         except Exception:
+            clock.failed()
             log.exception("ingestion failed", extra={"document_id": str(job.document_id)})
             await self._fail(job, stage, f"internal error while {stage.value}; try again")
 
-    async def _prepare(self, content: bytes, fmt: DocumentFormat, job: Job) -> Prepared:
+    async def _prepare(
+        self, content: bytes, fmt: DocumentFormat, job: Job, clock: "StageClock"
+    ) -> Prepared:
         """Parse, chunk and build lexical vectors on the ingestion threads."""
         loop = asyncio.get_running_loop()
         parsed = await loop.run_in_executor(
             self._executor, parse_document, content, fmt, self._limits
         )
-        await self._stage(job, Stage.CHUNKING)
+        await self._stage(job, Stage.CHUNKING, clock)
         chunks = await loop.run_in_executor(
             self._executor, chunk_document, parsed, self._embedder.tokenizer, self._policy
         )
@@ -123,7 +172,8 @@ class IngestionPipeline:
         )
         return Prepared(parsed, chunks, sparse)
 
-    async def _stage(self, job: Job, stage: Stage) -> None:
+    async def _stage(self, job: Job, stage: Stage, clock: "StageClock") -> None:
+        clock.enter(stage)
         async with self._sessions.begin() as s:
             if not await queries.set_stage(
                 s, document_id=job.document_id, generation=job.generation, stage=stage

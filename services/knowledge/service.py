@@ -3,6 +3,7 @@
 import asyncio
 import hashlib
 import math
+import time
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from services.knowledge.retrieval import (
     single_leg,
 )
 from services.knowledge.vector_store import SearchScope, VectorStore
+from services.metrics import Metrics
 from services.pagination import decode_cursor, page_size, split_page
 
 MAX_FILENAME = 255
@@ -116,9 +118,11 @@ class KnowledgeService:
         executor: ThreadPoolExecutor,
         settings: KnowledgeSettings,
         events: EventRecorder,
+        metrics: Metrics,
         reranker: CrossEncoderReranker | None = None,
     ) -> None:
         self._events = events
+        self._metrics = metrics
         self._sessions = sessions
         self._store = store
         self._embedder = embedder
@@ -127,6 +131,10 @@ class KnowledgeService:
         self._executor = executor
         self._settings = settings
         self._reranker = reranker
+
+    async def ping_store(self) -> None:
+        """Raise unless the vector store answers (the dependency probe)."""
+        await self._store.ping()
 
     @property
     def embedder(self) -> Embedder:
@@ -271,6 +279,19 @@ class KnowledgeService:
                 "no cross-encoder is configured (AGENTMESH_RERANKER_MODEL)",
                 reason="RERANKER_NOT_CONFIGURED",
             )
+        started = time.perf_counter()
+        passages = await self._search(principal, request, document_ids, top_k)
+        self._metrics.retrieval_seconds.observe(time.perf_counter() - started)
+        self._metrics.retrieval_hits.observe(len(passages))
+        return passages
+
+    async def _search(
+        self,
+        principal: Principal,
+        request: SearchRequest,
+        document_ids: tuple[uuid.UUID, ...],
+        top_k: int,
+    ) -> list[Passage]:
         candidates = await self._retrieve(principal, request, document_ids, top_k)
         documents = await self._current_documents(principal, candidates)
         candidates = [c for c in candidates if _is_served(c, documents)]

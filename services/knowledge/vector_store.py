@@ -219,6 +219,10 @@ class VectorStore:
         result = await self._client.count(self._collection, count_filter=condition, exact=True)
         return result.count
 
+    async def ping(self) -> None:
+        """Raise unless Qdrant answers (a collection listing: cheap, needs no collection)."""
+        await self._client.get_collections()
+
     async def close(self) -> None:
         await self._client.close()
 

@@ -86,7 +86,7 @@ class QuotaService:
             if token_limit:
                 [used] = await self._counters.read([self._key(principal, "tokens", period, start)])
                 if used >= token_limit:
-                    raise _exhausted(principal, f"{period} agent tokens", token_limit, end - now)
+                    raise _exhausted(principal, "tokens", period, token_limit, end - now)
         counted: list[tuple[str, int]] = []
         try:
             for period in PERIODS:
@@ -97,7 +97,7 @@ class QuotaService:
                 value = await self._counters.add(key, 1, ttl)  # counted even when unlimited
                 counted.append((key, ttl))
                 if limit and value > limit:
-                    raise _exhausted(principal, f"{period} agent queries", limit, end - now)
+                    raise _exhausted(principal, "queries", period, limit, end - now)
         except ResourceExhausted:
             for key, ttl in counted:  # an admitted-then-refused query uses up nothing
                 await self._counters.add(key, -1, ttl)
@@ -127,11 +127,13 @@ class QuotaService:
 
 
 def _exhausted(
-    principal: Principal, what: str, limit: int, until_reset: timedelta
+    principal: Principal, metric: str, period: Window, limit: int, until_reset: timedelta
 ) -> ResourceExhausted:
+    what = f"{period} agent {metric}"
     return ResourceExhausted(
         f"quota used up: {limit} {what}",
         retry_after=until_reset.total_seconds(),
         violations=[QuotaViolation(f"user:{principal.user_id}", f"{limit} {what}")],
         reason="QUOTA_EXCEEDED",
+        metadata={"metric": metric, "period": period.value},
     )

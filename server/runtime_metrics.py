@@ -1,0 +1,149 @@
+"""Infrastructure metrics: the database pool, whether each configured dependency answers,
+cache hits, usage events lost and event-loop lag."""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.analytics.recorder import EventRecorder
+from services.cache import Cache
+
+log = logging.getLogger("agentmesh.metrics")
+
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+Probe = Callable[[], Awaitable[object]]
+
+
+class PoolCollector(Collector):
+    """The SQLAlchemy pool of `engine`, read at scrape time."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._pool = engine.sync_engine.pool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        pool = self._pool
+        size = getattr(pool, "size", lambda: 0)()
+        in_use = getattr(pool, "checkedout", lambda: 0)()
+        idle = getattr(pool, "checkedin", lambda: 0)()
+        overflow = max(0, getattr(pool, "overflow", lambda: 0)())
+        states = GaugeMetricFamily(
+            "agentmesh_db_pool_connections", "Database connections by state.", labels=["state"]
+        )
+        states.add_metric(["in_use"], in_use)
+        states.add_metric(["idle"], idle)
+        states.add_metric(["overflow"], overflow)
+        yield states
+        yield GaugeMetricFamily("agentmesh_db_pool_size", "The pool's base size.", value=size)
+
+
+class CountersCollector(Collector):
+    """Counts kept by the cache and the event recorder, exposed as counters."""
+
+    def __init__(self, caches: dict[str, Cache], events: EventRecorder) -> None:
+        self._caches = caches
+        self._events = events
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        requests = CounterMetricFamily(
+            "agentmesh_cache_requests",
+            "Cache lookups by cache and result.",
+            labels=["cache", "result"],
+        )
+        for name, cache in self._caches.items():
+            requests.add_metric([name, "hit"], cache.hits)
+            requests.add_metric([name, "miss"], cache.misses)
+        yield requests
+        yield CounterMetricFamily(
+            "agentmesh_events_dropped",
+            "Usage events lost (the buffer was full while the database was unreachable).",
+            value=self._events.dropped,
+        )
+
+
+class RuntimeMonitor:
+    """Background probes: each configured dependency every `interval` seconds (1 when it
+    answers within `timeout`, else 0), and how late the event loop wakes up."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        probes: dict[str, Probe],
+        *,
+        interval: float = 10.0,
+        timeout: float = 2.0,
+        lag_interval: float = 0.5,
+    ) -> None:
+        self._probes = probes
+        self._interval = interval
+        self._timeout = timeout
+        self._lag_interval = lag_interval
+        self._up = Gauge(
+            "agentmesh_dependency_up",
+            "1 when the dependency answered its last probe, else 0 (configured ones only).",
+            ["dependency"],
+            registry=registry,
+        )
+        self._lag = Histogram(
+            "agentmesh_event_loop_lag_seconds",
+            "How much later than asked the event loop ran a timer.",
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.probe_all()
+        self._tasks = [
+            asyncio.create_task(self._probe_forever(), name="dependency-probes"),
+            asyncio.create_task(self._measure_lag(), name="event-loop-lag"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def probe_all(self) -> None:
+        names = list(self._probes)
+        results = await asyncio.gather(*(self._probe(self._probes[n]) for n in names))
+        for name, up in zip(names, results, strict=True):
+            self._up.labels(name).set(1 if up else 0)
+
+    async def _probe(self, probe: Probe) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await probe()
+        except Exception as error:  # any failure means "down"; the reason is logged
+            log.warning("dependency probe failed: %s: %s", type(error).__name__, error)
+            return False
+        return True
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.probe_all()
+
+    async def _measure_lag(self) -> None:
+        while True:
+            asked = time.perf_counter()
+            await asyncio.sleep(self._lag_interval)
+            self._lag.observe(max(0.0, time.perf_counter() - asked - self._lag_interval))
+
+
+def database_probe(engine: AsyncEngine) -> Probe:
+    async def probe() -> None:
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+
+    return probe
