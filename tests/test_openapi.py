@@ -1,0 +1,203 @@
+"""The OpenAPI 2.0 document in gen/openapi/: fresh, and describing every REST mapping of the
+contract (read from the descriptor set Envoy transcodes with) with its request and response
+messages under the JSON names Envoy uses (the proto field names)."""
+
+import functools
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.api import annotations_pb2, http_pb2
+from google.protobuf import descriptor_pb2
+
+from server.config import ROOT
+from tests.backends import require_service
+from tools import check_generated
+
+BIN = Path(sys.executable).parent
+SPEC = ROOT / "gen" / check_generated.OPENAPI
+DESCRIPTOR_SET = ROOT / "gen" / check_generated.DESCRIPTOR
+VERBS = ("get", "put", "post", "delete", "patch")
+JSON = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One HTTP binding of an RPC, as the descriptor set declares it."""
+
+    service: str
+    rpc: str
+    verb: str
+    path: str  # as Swagger writes it: `{name=pattern}` becomes `{name}`
+    body: str
+    request: str  # fully qualified message names, without the leading dot
+    response: str
+    streaming: bool
+
+
+@functools.cache
+def descriptor_set() -> descriptor_pb2.FileDescriptorSet:
+    return descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR_SET.read_bytes())
+
+
+@functools.cache
+def spec() -> JSON:
+    document: JSON = json.loads(SPEC.read_text())
+    return document
+
+
+def _messages() -> dict[str, descriptor_pb2.DescriptorProto]:
+    found: dict[str, descriptor_pb2.DescriptorProto] = {}
+
+    def add(prefix: str, message: descriptor_pb2.DescriptorProto) -> None:
+        found[f"{prefix}.{message.name}"] = message
+        for nested in message.nested_type:
+            add(f"{prefix}.{message.name}", nested)
+
+    for file in descriptor_set().file:
+        for message in file.message_type:
+            add(file.package, message)
+    return found
+
+
+def _bindings(rule: http_pb2.HttpRule) -> Iterator[http_pb2.HttpRule]:
+    if rule.WhichOneof("pattern"):
+        yield rule
+    for extra in rule.additional_bindings:
+        yield from _bindings(extra)
+
+
+def routes() -> list[Route]:
+    """Every google.api.http binding in the descriptor set."""
+    found = []
+    for file in descriptor_set().file:
+        for service in file.service:
+            for method in service.method:
+                rule: http_pb2.HttpRule = method.options.Extensions[annotations_pb2.http]  # type: ignore[index]
+                for binding in _bindings(rule):
+                    verb = binding.WhichOneof("pattern")
+                    assert verb in VERBS, f"{service.name}.{method.name}: {verb} binding"
+                    found.append(
+                        Route(
+                            service=service.name,
+                            rpc=method.name,
+                            verb=verb,
+                            path=re.sub(r"\{([^}=]+)=[^}]*\}", r"{\1}", getattr(binding, verb)),
+                            body=binding.body,
+                            request=method.input_type.lstrip("."),
+                            response=method.output_type.lstrip("."),
+                            streaming=method.server_streaming,
+                        )
+                    )
+    return found
+
+
+def _definition(schema: JSON) -> JSON:
+    prefix = "#/definitions/"
+    ref = schema["$ref"]
+    assert ref.startswith(prefix), ref
+    definition: JSON = spec()["definitions"][ref.removeprefix(prefix)]
+    return definition
+
+
+def _field_names(message: str) -> set[str]:
+    return {field.name for field in _messages()[message].field}
+
+
+def _assert_schema_is(schema: JSON, message: str, seen: frozenset[str] = frozenset()) -> None:
+    """`schema` is `message`, with the proto field names, and so are the messages it holds
+    (google.protobuf types and maps are Swagger primitives and objects, not definitions)."""
+    if message in seen:  # a recursive message: checked further up
+        return
+    properties: JSON = _definition(schema).get("properties", {})
+    assert set(properties) == _field_names(message), message
+    for field in _messages()[message].field:
+        nested = field.type_name.lstrip(".")
+        if field.type != field.TYPE_MESSAGE or nested.startswith("google.protobuf."):
+            continue
+        if _messages()[nested].options.map_entry:
+            continue
+        prop = properties[field.name]
+        prop = prop["items"] if field.label == field.LABEL_REPEATED else prop
+        _assert_schema_is(prop, nested, seen | {message})
+
+
+def _operation(route: Route) -> JSON:
+    operation: JSON = spec()["paths"][route.path][route.verb]
+    return operation
+
+
+def test_openapi_document_is_fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not check_generated.openapi_plugin_available():
+        require_service(
+            f"{check_generated.SWAGGER_PLUGIN} is not on PATH ({check_generated.INSTALL_HINT})"
+        )
+    # buf runs `python` and the protoc plugins from the virtualenv.
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert check_generated.stale_openapi() == [], (
+        "gen/openapi/ is stale: run `make gen` and commit it"
+    )
+
+
+def test_every_rest_mapping_is_an_operation() -> None:
+    expected = {(route.path, route.verb): route for route in routes()}
+    assert spec()["swagger"] == "2.0"
+    assert len(expected) >= len({(r.service, r.rpc) for r in routes()}) > 0
+    operations = {(path, verb) for path, item in spec()["paths"].items() for verb in item}
+    assert operations == set(expected)
+    for route in expected.values():
+        operation = _operation(route)
+        assert operation["operationId"] == route.rpc
+        assert operation["tags"] == [route.service]
+    ids = [op["operationId"] for item in spec()["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids)), "Swagger needs unique operation ids"
+
+
+@pytest.mark.parametrize("route", routes(), ids=lambda route: f"{route.service}.{route.rpc}")
+def test_operation_has_the_request_and_response_messages(route: Route) -> None:
+    operation = _operation(route)
+    response = operation["responses"]["200"]
+    _assert_schema_is(response["schema"], route.response)
+    if route.streaming:
+        assert "streaming" in response["description"]
+
+    parameters = {p["name"]: p for p in operation.get("parameters", [])}
+    path_parameters = set(re.findall(r"\{([^}]+)\}", route.path))
+    assert {n for n, p in parameters.items() if p["in"] == "path"} == path_parameters
+    request_fields = _field_names(route.request)
+    if route.body == "*":
+        _assert_schema_is(parameters["body"]["schema"], route.request)
+    elif route.body:
+        # The body is one field of the request: the schema is that field's message.
+        field = next(f for f in _messages()[route.request].field if f.name == route.body)
+        _assert_schema_is(parameters["body"]["schema"], field.type_name.lstrip("."))
+        # protoc-gen-swagger 1.6.4 lists no query parameters beside a body field (here
+        # `update_mask`, optional over REST), so the rest of the request is not checked.
+    else:
+        query = {n.split(".")[0] for n, p in parameters.items() if p["in"] == "query"}
+        path_roots = {name.split(".")[0] for name in path_parameters}
+        assert "body" not in parameters
+        assert query | path_roots == request_fields
+
+
+def test_every_reference_resolves() -> None:
+    def refs(node: object) -> Iterator[str]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "$ref":
+                    yield value
+                else:
+                    yield from refs(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from refs(item)
+
+    definitions = spec()["definitions"]
+    missing = {ref for ref in refs(spec()) if ref.removeprefix("#/definitions/") not in definitions}
+    assert not missing
