@@ -1,4 +1,4 @@
-"""The `agentmesh` command: serve, migrate, create-admin, call."""
+"""The `agentmesh` command: serve, migrate, create-admin, call, envoy-config."""
 
 import argparse
 import asyncio
@@ -7,9 +7,11 @@ import os
 import secrets
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
+import yaml
 from google.protobuf import descriptor_pool, json_format, message_factory
 
 from server.config import Settings
@@ -48,9 +50,11 @@ def _admin_password(settings: Settings, args: argparse.Namespace) -> tuple[str, 
 
 
 async def _create_admin_async(settings: Settings, args: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry
+
     from server.main import build_domain
 
-    domain = build_domain(settings)
+    domain = build_domain(settings, CollectorRegistry())  # metrics unused here
     try:
         if args.if_no_admin and await domain.auth.has_admin():
             print("An administrator exists; none created.")
@@ -119,6 +123,91 @@ def _call(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(_call_async(settings, args))
 
 
+ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+MANAGER_FILTER = "envoy.filters.network.http_connection_manager"
+MANAGER_TYPE = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+    ".HttpConnectionManager"
+)
+
+
+def _stats_listener(port: int, admin_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A listener on 0.0.0.0:`port` serving only the admin's /stats/prometheus and /ready,
+    and the cluster behind it: Prometheus and health checks on other hosts reach those two
+    paths, never the admin interface itself (it can drain listeners and stop Envoy)."""
+    routes = [
+        {"match": {"path": path}, "route": {"cluster": "envoy_admin", "timeout": "5s"}}
+        for path in ("/stats/prometheus", "/ready")
+    ]
+    manager = {
+        "@type": MANAGER_TYPE,
+        "stat_prefix": "stats",
+        "route_config": {
+            "name": "stats",
+            "virtual_hosts": [{"name": "stats", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": [
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}
+        ],
+    }
+    listener = {
+        "name": "stats",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+        "filter_chains": [{"filters": [{"name": MANAGER_FILTER, "typed_config": manager}]}],
+    }
+    admin = {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+    cluster = {
+        "name": "envoy_admin",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "envoy_admin",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": admin}}]}],
+        },
+    }
+    return listener, cluster
+
+
+def envoy_config(
+    settings: Settings,
+    *,
+    upstream: str | None = None,
+    descriptor: Path | None = None,
+    stats_port: int | None = None,
+) -> dict[str, Any]:
+    """The Envoy config for an Envoy that runs apart from agentmesh (its own container):
+    the sidecar's rendering of envoy/envoy.yaml, with the upstream host named."""
+    from server.envoy import EnvoyAddresses, render_config
+
+    template = yaml.safe_load(settings.envoy_config_template.read_text())
+    addresses = EnvoyAddresses(
+        listen_host=settings.http_host,
+        listen_port=settings.http_port,
+        admin_port=settings.envoy_admin_port,
+        grpc_host=upstream or settings.grpc_host,
+        grpc_port=settings.grpc_port,
+        ops_host=upstream or settings.metrics_host,
+        ops_port=settings.metrics_port,
+        descriptor_set=descriptor or settings.descriptor_set,
+        cors_origins=settings.cors_allowed_origins,
+    )
+    config = render_config(template, addresses)
+    if stats_port is not None:
+        listener, cluster = _stats_listener(stats_port, settings.envoy_admin_port)
+        config["static_resources"]["listeners"].append(listener)
+        config["static_resources"]["clusters"].append(cluster)
+    return config
+
+
+def _envoy_config(settings: Settings, args: argparse.Namespace) -> int:
+    config = envoy_config(
+        settings, upstream=args.upstream, descriptor=args.descriptor, stats_port=args.stats_port
+    )
+    print("# Rendered by `agentmesh envoy-config` from envoy/envoy.yaml: edit that, not this.")
+    print(yaml.safe_dump(config, sort_keys=False), end="")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="agentmesh", description="A self-hosted AI agent platform.")
     commands = root.add_subparsers(dest="command", required=True)
@@ -141,6 +230,15 @@ def parser() -> argparse.ArgumentParser:
     call.add_argument("--target", help="host:port (default 127.0.0.1:AGENTMESH_GRPC_PORT)")
     call.add_argument("--timeout", type=float, default=30.0)
     call.set_defaults(run=_call)
+    envoy = commands.add_parser(
+        "envoy-config", help="print the Envoy config for an Envoy in its own container"
+    )
+    envoy.add_argument("--upstream", help="agentmesh's host name (default: GRPC_HOST)")
+    envoy.add_argument("--descriptor", type=Path, help="default: AGENTMESH_DESCRIPTOR_SET")
+    envoy.add_argument(
+        "--stats-port", type=int, help="also serve /stats/prometheus and /ready on this port"
+    )
+    envoy.set_defaults(run=_envoy_config)
     return root
 
 
