@@ -31,7 +31,12 @@ from agentmesh.knowledge.v1 import knowledge_service_pb2 as knowledge_pb
 from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as knowledge_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -534,6 +539,9 @@ def build_monitor(
 
 
 def build_application(settings: Settings) -> Application:
+    # No `_created` series beside every counter and histogram: a third of the series, and
+    # nothing the dashboards use (prometheus_client's switch is process-wide).
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

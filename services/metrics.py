@@ -157,13 +157,34 @@ class Metrics:
         )
         for window in ACTIVE_WINDOWS:
             active.labels(window).set_function(functools.partial(self.active.count, window))
+        self._declare_known_series()
+
+    def _declare_known_series(self) -> None:
+        """Create the series whose label values are known in advance at 0, so that rate()
+        sees their first increment and ratios read 0 rather than "no data"."""
+        for outcome in ("ok", "failed"):
+            self.logins.labels(outcome)
+            self.registrations.labels(outcome)
+        for rating in ("thumbs_up", "thumbs_down"):
+            self.feedback.labels(rating)
+        for scope in ("user", "ip", "credentials"):
+            self.rate_limited.labels(scope)
+        for metric in ("queries", "tokens"):
+            for period in ("day", "month"):
+                self.quota_refused.labels(metric, period)
+        for stage in ("parse", "chunk", "embed", "index"):
+            self.ingest_seconds.labels(stage)
+            for outcome in ("ok", "failed"):
+                self.ingest_documents.labels(stage, outcome)
+        self.ingest_seconds.labels("total")
 
     def observe_event(self, kind: str, fields: dict[str, Any]) -> None:
         """Count one usage event (the recorder calls this for each)."""
         user_id, data, code = fields.get("user_id"), fields.get("data") or {}, fields.get("code")
-        if user_id is not None:
-            self.active.saw(user_id)
         outcome = "ok" if fields.get("success") else "failed"
+        # A failed login names the account someone tried, not an active user.
+        if user_id is not None and not (kind == "login" and outcome == "failed"):
+            self.active.saw(user_id)
         if kind == "login":
             self.logins.labels(outcome).inc()
         elif kind == "registration":

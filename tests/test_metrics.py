@@ -141,5 +141,5 @@ async def test_infrastructure_gauges(app: Application) -> None:
         frozenset({("cache", "stats"), ("result", "hit")}),
     ) in samples
     assert value(samples, "agentmesh_events_dropped_total") == 0
-    assert value(samples, "agentmesh_event_loop_lag_seconds_count") >= 1
+    assert ("agentmesh_event_loop_lag_seconds_count", frozenset()) in samples
     assert value(samples, "process_resident_memory_bytes") > 0

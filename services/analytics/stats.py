@@ -263,7 +263,7 @@ _COUNTS = (
     _sum(_FEEDBACK),
     _sum(and_(_FEEDBACK, Event.code == "thumbs_up")),
     _sum(_kind(EventKind.DOCUMENT_UPLOAD)),
-    _sum(_kind(EventKind.REGISTRATION)),
+    _sum(and_(_kind(EventKind.REGISTRATION), Event.success.is_(True))),
     _sum(and_(_kind(EventKind.LOGIN), Event.success.is_(True))),
     _sum(_kind(EventKind.RATE_LIMITED)),
     _sum(_kind(EventKind.QUOTA_REFUSED)),

@@ -102,8 +102,9 @@ class AuthService:
             violations.add("password", problem)
         violations.raise_if_any()
         async with self._sessions() as s:
-            if await get_user_by_email(s, email) is not None:
-                raise AlreadyExists("an account with this email exists", reason="EMAIL_TAKEN")
+            taken = await get_user_by_email(s, email) is not None
+        if taken:
+            raise self._email_taken()
         user = User(
             email=email,
             full_name=full_name,
@@ -114,9 +115,14 @@ class AuthService:
             async with self._sessions.begin() as s:
                 s.add(user)
         except IntegrityError:  # registered concurrently
-            raise AlreadyExists("an account with this email exists", reason="EMAIL_TAKEN") from None
+            raise self._email_taken() from None
         self._events.record(EventKind.REGISTRATION, user_id=user.id, success=True)
         return user
+
+    def _email_taken(self) -> AlreadyExists:
+        """The refusal of a taken email, recorded as a failed registration."""
+        self._events.record(EventKind.REGISTRATION, success=False, code="EMAIL_TAKEN")
+        return AlreadyExists("an account with this email exists", reason="EMAIL_TAKEN")
 
     async def has_admin(self) -> bool:
         async with self._sessions() as s:
