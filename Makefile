@@ -96,6 +96,7 @@ bench-agent: install
 
 bench-limits: install
 	$(BIN)/python -m bench.rate_limit $(BENCH_ARGS)
+	$(BIN)/python -m bench.redis_round_trip
 
 bench-retrieval: install
 	$(BIN)/python -m bench.retrieval $(BENCH_ARGS)
