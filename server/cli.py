@@ -50,11 +50,9 @@ def _admin_password(settings: Settings, args: argparse.Namespace) -> tuple[str, 
 
 
 async def _create_admin_async(settings: Settings, args: argparse.Namespace) -> int:
-    from prometheus_client import CollectorRegistry
-
     from server.main import build_domain
 
-    domain = build_domain(settings, CollectorRegistry())  # metrics unused here
+    domain = build_domain(settings)
     try:
         if args.if_no_admin and await domain.auth.has_admin():
             print("An administrator exists; none created.")
@@ -123,86 +121,20 @@ def _call(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(_call_async(settings, args))
 
 
-ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-MANAGER_FILTER = "envoy.filters.network.http_connection_manager"
-MANAGER_TYPE = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-
-
-def _stats_listener(port: int, admin_port: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A listener on 0.0.0.0:`port` serving only the admin's /stats/prometheus and /ready,
-    and the cluster behind it: Prometheus and health checks on other hosts reach those two
-    paths, never the admin interface itself (it can drain listeners and stop Envoy)."""
-    routes = [
-        {"match": {"path": path}, "route": {"cluster": "envoy_admin", "timeout": "5s"}}
-        for path in ("/stats/prometheus", "/ready")
-    ]
-    manager = {
-        "@type": MANAGER_TYPE,
-        "stat_prefix": "stats",
-        "route_config": {
-            "name": "stats",
-            "virtual_hosts": [{"name": "stats", "domains": ["*"], "routes": routes}],
-        },
-        "http_filters": [
-            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}
-        ],
-    }
-    listener = {
-        "name": "stats",
-        "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
-        "filter_chains": [{"filters": [{"name": MANAGER_FILTER, "typed_config": manager}]}],
-    }
-    admin = {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
-    cluster = {
-        "name": "envoy_admin",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": "envoy_admin",
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": admin}}]}],
-        },
-    }
-    return listener, cluster
-
-
-def envoy_config(
-    settings: Settings,
-    *,
-    upstream: str | None = None,
-    descriptor: Path | None = None,
-    stats_port: int | None = None,
-) -> dict[str, Any]:
-    """The Envoy config for an Envoy that runs apart from agentmesh (its own container):
-    the sidecar's rendering of envoy/envoy.yaml, with the upstream host named."""
-    from server.envoy import EnvoyAddresses, render_config
-
-    template = yaml.safe_load(settings.envoy_config_template.read_text())
-    addresses = EnvoyAddresses(
-        listen_host=settings.http_host,
-        listen_port=settings.http_port,
-        admin_port=settings.envoy_admin_port,
-        grpc_host=upstream or settings.grpc_host,
-        grpc_port=settings.grpc_port,
-        ops_host=upstream or settings.metrics_host,
-        ops_port=settings.metrics_port,
-        descriptor_set=descriptor or settings.descriptor_set,
-        cors_origins=settings.cors_allowed_origins,
-    )
-    config = render_config(template, addresses)
-    if stats_port is not None:
-        listener, cluster = _stats_listener(stats_port, settings.envoy_admin_port)
-        config["static_resources"]["listeners"].append(listener)
-        config["static_resources"]["clusters"].append(cluster)
-    return config
-
-
 def _envoy_config(settings: Settings, args: argparse.Namespace) -> int:
+    """The config for an Envoy that runs apart from agentmesh (its own container)."""
+    from server.envoy import add_stats_listener
+    from server.main import envoy_config
+
     config = envoy_config(
-        settings, upstream=args.upstream, descriptor=args.descriptor, stats_port=args.stats_port
+        settings,
+        grpc_port=settings.grpc_port,
+        ops_port=settings.metrics_port,
+        upstream=args.upstream,
+        descriptor=args.descriptor,
     )
+    if args.stats_port is not None:
+        add_stats_listener(config, args.stats_port, settings.envoy_admin_port)
     print("# Rendered by `agentmesh envoy-config` from envoy/envoy.yaml: edit that, not this.")
     print(yaml.safe_dump(config, sort_keys=False), end="")
     return 0

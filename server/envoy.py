@@ -77,6 +77,53 @@ def render_config(template: dict[str, Any], where: EnvoyAddresses) -> dict[str, 
     return config
 
 
+ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+MANAGER_FILTER = "envoy.filters.network.http_connection_manager"
+MANAGER_TYPE = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+    ".HttpConnectionManager"
+)
+
+
+def add_stats_listener(config: dict[str, Any], port: int, admin_port: int) -> None:
+    """Add a listener on 0.0.0.0:`port` serving only the admin's /stats/prometheus and
+    /ready, and the cluster behind it: Prometheus and health checks on other hosts reach
+    those two paths, never the admin interface itself (it can drain listeners and stop
+    Envoy)."""
+    routes = [
+        {"match": {"path": path}, "route": {"cluster": "envoy_admin", "timeout": "5s"}}
+        for path in ("/stats/prometheus", "/ready")
+    ]
+    manager = {
+        "@type": MANAGER_TYPE,
+        "stat_prefix": "stats",
+        "route_config": {
+            "name": "stats",
+            "virtual_hosts": [{"name": "stats", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": [
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}
+        ],
+    }
+    listener = {
+        "name": "stats",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+        "filter_chains": [{"filters": [{"name": MANAGER_FILTER, "typed_config": manager}]}],
+    }
+    admin = {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+    cluster = {
+        "name": "envoy_admin",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "envoy_admin",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": admin}}]}],
+        },
+    }
+    config["static_resources"]["listeners"].append(listener)
+    config["static_resources"]["clusters"].append(cluster)
+
+
 def _read_address(path: Path) -> str:
     """The admin address Envoy writes once it listens (a few bytes; empty until then)."""
     return path.read_text().strip() if path.exists() else ""

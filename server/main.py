@@ -13,6 +13,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -587,22 +588,35 @@ def build_application(settings: Settings) -> Application:
     return Application(settings, domain, server, health, ops, port, monitor)
 
 
-def envoy_sidecar(settings: Settings, app: Application) -> EnvoySidecar:
+def envoy_config(
+    settings: Settings,
+    *,
+    grpc_port: int,
+    ops_port: int,
+    upstream: str | None = None,
+    descriptor: Path | None = None,
+) -> dict[str, Any]:
+    """envoy/envoy.yaml rendered for this installation: the sidecar's config, or with
+    `upstream` naming agentmesh's host, the config of an Envoy in its own container."""
     template = yaml.safe_load(settings.envoy_config_template.read_text())
     addresses = EnvoyAddresses(
         listen_host=settings.http_host,
         listen_port=settings.http_port,
         admin_port=settings.envoy_admin_port,
-        grpc_host=settings.grpc_host,
-        grpc_port=app.grpc_port,
-        ops_host=settings.metrics_host,
-        ops_port=app.ops.port,
-        descriptor_set=settings.descriptor_set,
+        grpc_host=upstream or settings.grpc_host,
+        grpc_port=grpc_port,
+        ops_host=upstream or settings.metrics_host,
+        ops_port=ops_port,
+        descriptor_set=descriptor or settings.descriptor_set,
         cors_origins=settings.cors_allowed_origins,
     )
+    return render_config(template, addresses)
+
+
+def envoy_sidecar(settings: Settings, app: Application) -> EnvoySidecar:
     return EnvoySidecar(
         settings.resolved_envoy_binary,
-        render_config(template, addresses),
+        envoy_config(settings, grpc_port=app.grpc_port, ops_port=app.ops.port),
         settings.data_dir / "envoy",
         concurrency=settings.envoy_concurrency,
     )
