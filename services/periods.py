@@ -1,6 +1,7 @@
 """UTC calendar periods (day, ISO week, month) that quotas reset on and usage is summed over."""
 
 import enum
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 
@@ -28,12 +29,10 @@ def previous_start(window: Window, moment: datetime) -> datetime:
     return start
 
 
-def periods(window: Window, start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
+def periods(window: Window, start: datetime, end: datetime) -> Iterator[tuple[datetime, datetime]]:
     """[start, end) cut at the period boundaries of `window`, oldest first; the first and
     last pieces are partial when the range does not start or end on a boundary."""
-    pieces = []
     while start < end:
         _, period_end = window_bounds(window, start)
-        pieces.append((start, min(period_end, end)))
+        yield start, min(period_end, end)
         start = period_end
-    return pieces

@@ -14,6 +14,7 @@ range that holds the present is kept for `open_ttl`, which bounds how stale the 
 bucket can be (plus the recorder's flush interval).
 """
 
+import itertools
 import json
 import uuid
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from services.analytics.recorder import EventKind
 from services.auth.models import User
 from services.cache import Cache
 from services.db import UTCDateTime, utcnow
-from services.errors import FieldViolation, InvalidArgument, NotFound
+from services.errors import InvalidArgument, NotFound
 from services.periods import Window, periods, previous_start, window_bounds
 
 # How many buckets a range holds when its start is not given, by bucket width.
@@ -123,14 +124,15 @@ class StatsService:
         user_id = await self._user(request.user_id)
         now = self._clock()
         try:
-            start, end = self._range(request, now)
+            ranges = self._buckets(request, now)
         except OverflowError:  # a bucket boundary beyond year 9999 or before year 1
             raise InvalidArgument.of("start_time", "the range is out of bounds") from None
+        start, end = ranges[0][0], ranges[-1][1]
         key = _cache_key(request.window, user_id, start, end)
         cached = await self._cache.get(key)
         if cached is not None:
             return _decode(cached)
-        stats = await self._compute(request.window, user_id, start, end)
+        stats = await self._compute(request.window, user_id, ranges)
         closed = end <= now - timedelta(seconds=self._settings.settle_seconds)
         ttl = self._settings.closed_ttl if closed else self._settings.open_ttl
         await self._cache.set(key, _encode(stats), ttl)
@@ -148,10 +150,11 @@ class StatsService:
                 raise NotFound(f"user {raw} not found")
         return user_id
 
-    def _range(self, request: StatsRequest, now: datetime) -> tuple[datetime, datetime]:
-        """The requested range with its defaults: up to the end of the current bucket, and
-        back DEFAULT_BUCKETS buckets; INVALID_ARGUMENT if inverted or too long."""
-        window = request.window
+    def _buckets(self, request: StatsRequest, now: datetime) -> list[tuple[datetime, datetime]]:
+        """The requested range with its defaults (up to the end of the current bucket, and
+        back DEFAULT_BUCKETS buckets) cut into buckets; INVALID_ARGUMENT if the range is
+        inverted or holds more than `max_buckets`."""
+        window, limit = request.window, self._settings.max_buckets
         end = request.end or window_bounds(window, now)[1]
         start = request.start
         if start is None:
@@ -160,29 +163,20 @@ class StatsService:
                 start = previous_start(window, start)
         if start >= end:
             raise InvalidArgument.of("start_time", "must be before end_time")
-        count, limit = 0, self._settings.max_buckets
-        cursor = start
-        while cursor < end:
-            count += 1
-            if count > limit:
-                raise InvalidArgument(
-                    [
-                        FieldViolation(
-                            "start_time",
-                            f"the range holds more than {limit} {window.value} buckets; "
-                            "shorten it or use a wider granularity",
-                        )
-                    ]
-                )
-            cursor = window_bounds(window, cursor)[1]
-        return start, end
+        ranges = list(itertools.islice(periods(window, start, end), limit + 1))
+        if len(ranges) > limit:
+            raise InvalidArgument.of(
+                "start_time",
+                f"the range holds more than {limit} {window.value} buckets; "
+                "shorten it or use a wider granularity",
+            )
+        return ranges
 
     async def _compute(
-        self, window: Window, user_id: uuid.UUID | None, start: datetime, end: datetime
+        self, window: Window, user_id: uuid.UUID | None, ranges: list[tuple[datetime, datetime]]
     ) -> Stats:
-        ranges = periods(window, start, end)
         buckets = {i: Bucket(s, e) for i, (s, e) in enumerate(ranges)}
-        buckets[TOTALS] = Bucket(start, end)
+        buckets[TOTALS] = Bucket(ranges[0][0], ranges[-1][1])
         table = (
             values(
                 column("idx", Integer),
