@@ -52,6 +52,7 @@ from server.rate_limits import RateLimitInterceptor, RateLimits
 from server.rpc_metrics import RpcMetricsInterceptor
 from server.runtime_metrics import (
     CountersCollector,
+    HitCounts,
     PoolCollector,
     Probe,
     RuntimeMonitor,
@@ -530,7 +531,11 @@ def build_monitor(
     """Infrastructure metrics; dependencies are probed only where they are configured (the
     embedded Qdrant and the in-process stores cannot be down on their own)."""
     registry.register(PoolCollector(domain.engine))
-    registry.register(CountersCollector({"stats": domain.stats.cache}, domain.events))
+    caches: dict[str, HitCounts] = {
+        "stats": domain.stats.cache,
+        "query_embeddings": domain.knowledge.embedder,
+    }
+    registry.register(CountersCollector(caches, domain.events))
     probes: dict[str, Probe] = {"database": database_probe(domain.engine)}
     if domain.redis is not None:
         probes["redis"] = domain.redis.ping

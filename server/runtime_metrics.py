@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -14,7 +15,6 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.analytics.recorder import EventRecorder
-from services.cache import Cache
 
 log = logging.getLogger("agentmesh.metrics")
 
@@ -44,10 +44,17 @@ class PoolCollector(Collector):
         yield GaugeMetricFamily("agentmesh_db_pool_size", "The pool's base size.", value=size)
 
 
-class CountersCollector(Collector):
-    """Counts kept by the cache and the event recorder, exposed as counters."""
+class HitCounts(Protocol):
+    """A cache that counts its lookups."""
 
-    def __init__(self, caches: dict[str, Cache], events: EventRecorder) -> None:
+    hits: int
+    misses: int
+
+
+class CountersCollector(Collector):
+    """Counts kept by the caches and the event recorder, exposed as counters."""
+
+    def __init__(self, caches: dict[str, HitCounts], events: EventRecorder) -> None:
         self._caches = caches
         self._events = events
 

@@ -98,6 +98,7 @@ async def test_business_metrics_follow_the_work(app: Application, stubs: Stubs) 
     failed = await wait_settled(stubs, user, broken.document.document_id)
     assert failed.status == kb_pb.DOCUMENT_STATUS_FAILED
     hits = await search(stubs, user, "what scrapes the metrics endpoint?")
+    await search(stubs, user, "what scrapes the metrics endpoint?")  # its embedding is cached
     reply = await stubs.agent.Query(agent_pb.QueryRequest(query="hello"), metadata=user.metadata)
     feedback = fb_grpc.FeedbackServiceStub(stubs.channel)
     await feedback.SubmitFeedback(
@@ -120,7 +121,10 @@ async def test_business_metrics_follow_the_work(app: Application, stubs: Stubs) 
     assert delta(before, after, "agentmesh_ingest_chunks_total") >= 1
     assert delta(before, after, "agentmesh_ingest_seconds_count", stage="total") == 1
     assert delta(before, after, "agentmesh_retrieval_seconds_count") >= 1
-    assert delta(before, after, "agentmesh_retrieval_hits_sum") >= len(hits)
+    assert delta(before, after, "agentmesh_retrieval_hits_sum") >= 2 * len(hits)
+    cache = {"cache": "query_embeddings"}
+    assert delta(before, after, "agentmesh_cache_requests_total", **cache, result="hit") >= 1
+    assert delta(before, after, "agentmesh_cache_requests_total", **cache, result="miss") >= 1
     # The shared application has no LLM: the greeting is answered extractively.
     assert delta(before, after, "agentmesh_agent_queries_total", outcome="ok") == 1
     assert delta(before, after, "agentmesh_agent_run_seconds_count", outcome="ok") == 1

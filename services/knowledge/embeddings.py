@@ -59,6 +59,9 @@ class Embedder:
         self._passages = ThreadPoolExecutor(self._workers, thread_name_prefix="embed-passages")
         self._queries_executor = ThreadPoolExecutor(1, thread_name_prefix="embed-queries")
         self._queries: OrderedDict[str, Vector] = OrderedDict()
+        # Query-cache lookups that found an embedding, and those that computed one.
+        self.hits = 0
+        self.misses = 0
         self._pending: asyncio.Queue[PassageRequest] | None = None
         self._batcher: asyncio.Task[None] | None = None
 
@@ -144,7 +147,9 @@ class Embedder:
         cached = self._queries.get(text)
         if cached is not None:
             self._queries.move_to_end(text)
+            self.hits += 1
             return cached
+        self.misses += 1
         vectors = await self._run(self._queries_executor, self.encode_passages_sync, [text])
         vector: Vector = vectors[0].tolist()
         if self._settings.query_cache_size:
