@@ -34,8 +34,6 @@ CREDENTIAL_RPCS = frozenset(
 )
 # Probes and tooling are never limited.
 UNLIMITED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-# The scope of each window key prefix, as usage events and metrics name it.
-LIMIT_SCOPES = {"user": "user", "ip": "ip", "auth-ip": "credentials"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +79,17 @@ class ClientAddress:
         return hops[0] if hops else address
 
 
+@dataclass(frozen=True)
+class WindowCheck:
+    """One window a call counts against: its limiter key, its limit, whom it limits (for
+    QuotaFailure) and its scope (user, ip or credentials: events and metrics)."""
+
+    key: str
+    limit: int
+    subject: str
+    scope: str
+
+
 class RateLimitInterceptor(WrappingInterceptor):
     """Refuses a call over any of its limits with RESOURCE_EXHAUSTED (HTTP 429 through
     Envoy), RetryInfo and a QuotaFailure naming the limit."""
@@ -91,18 +100,20 @@ class RateLimitInterceptor(WrappingInterceptor):
         self._events = events
         self._addresses = ClientAddress(limits.trusted_proxies)
 
-    def _checks(self, context: Context, method: str) -> list[tuple[str, int, str]]:
-        """(key, limit, what it limits) for every window this call counts against."""
+    def _checks(self, context: Context, method: str) -> list[WindowCheck]:
+        """Every window this call counts against."""
         info = current_request.get()
         peer = info.peer if info is not None and info.peer else context.peer()
         ip = self._addresses.of(peer, metadata_value(context, "x-forwarded-for"))
         limits = self._limits
         if method in CREDENTIAL_RPCS:
-            return [(f"auth-ip:{ip}", limits.credentials_per_ip, f"ip:{ip}")]
-        checks = [(f"ip:{ip}", limits.per_ip, f"ip:{ip}")]
+            return [
+                WindowCheck(f"auth-ip:{ip}", limits.credentials_per_ip, f"ip:{ip}", "credentials")
+            ]
+        checks = [WindowCheck(f"ip:{ip}", limits.per_ip, f"ip:{ip}", "ip")]
         if info is not None and info.principal is not None:
             user = f"user:{info.principal.user_id}"
-            checks.append((user, limits.per_user, user))
+            checks.append(WindowCheck(user, limits.per_user, user, "user"))
         return checks
 
     async def _admit(self, context: Context, method: str) -> None:
@@ -110,11 +121,12 @@ class RateLimitInterceptor(WrappingInterceptor):
             return
         checks = self._checks(context, method)
         refused_at, decision = await self._limiter.hit_all(
-            [(key, limit) for key, limit, _ in checks], self._limits.window_seconds
+            [(check.key, check.limit) for check in checks], self._limits.window_seconds
         )
         if decision.allowed:
             return
-        key, limit, subject = checks[max(refused_at, 0)]
+        refused = checks[max(refused_at, 0)]
+        limit = refused.limit
         info = current_request.get()
         self._events.record(
             EventKind.RATE_LIMITED,
@@ -122,13 +134,13 @@ class RateLimitInterceptor(WrappingInterceptor):
             rpc=method,
             code="RESOURCE_EXHAUSTED",
             success=False,
-            data={"limit": LIMIT_SCOPES[key.split(":", 1)[0]]},
+            data={"limit": refused.scope},
         )
         window = self._limits.window_seconds
         error = ResourceExhausted(
             f"rate limit: at most {limit} calls per {window:g} s",
             retry_after=decision.retry_after,
-            violations=[QuotaViolation(subject, f"{limit} calls per {window:g} s")],
+            violations=[QuotaViolation(refused.subject, f"{limit} calls per {window:g} s")],
             reason="RATE_LIMITED",
         )
         await abort(context, rich_status(error))

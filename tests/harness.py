@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 from agentmesh.agent.v1 import agent_service_pb2_grpc as agent_grpc
 from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from agentmesh.auth.v1 import auth_service_pb2_grpc as auth_grpc
@@ -19,8 +18,8 @@ from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as kb_grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from server.config import Settings
-from server.envoy import EnvoyAddresses, EnvoySidecar, render_config
-from server.main import Application, build_application
+from server.envoy import EnvoySidecar
+from server.main import Application, build_application, envoy_config
 from services.auth.principal import Role
 
 TEST_JWT_SECRET = "test-secret-" + "x" * 40
@@ -136,17 +135,16 @@ def envoy_for(
     app: Application, workdir: Path, cors_origins: list[str] | None = None
 ) -> EnvoySidecar:
     """An Envoy sidecar on free ports in front of a running test application."""
-    settings = app.settings
-    addresses = EnvoyAddresses(
-        listen_host="127.0.0.1",
-        listen_port=0,
-        admin_port=0,
-        grpc_host="127.0.0.1",
-        grpc_port=app.grpc_port,
-        ops_host="127.0.0.1",
-        ops_port=app.ops.port,
-        descriptor_set=settings.descriptor_set,
-        cors_origins=cors_origins or [],
+    loopback = "127.0.0.1"
+    settings = app.settings.model_copy(
+        update={
+            "http_host": loopback,
+            "http_port": 0,
+            "envoy_admin_port": 0,
+            "grpc_host": loopback,
+            "metrics_host": loopback,
+            "cors_allowed_origins": cors_origins or [],
+        }
     )
-    template = yaml.safe_load(settings.envoy_config_template.read_text())
-    return EnvoySidecar(settings.resolved_envoy_binary, render_config(template, addresses), workdir)
+    config = envoy_config(settings, grpc_port=app.grpc_port, ops_port=app.ops.port)
+    return EnvoySidecar(settings.resolved_envoy_binary, config, workdir)

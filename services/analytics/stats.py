@@ -29,7 +29,7 @@ from services.analytics.models import Event
 from services.analytics.recorder import EventKind
 from services.auth.models import User
 from services.cache import Cache
-from services.db import UTCDateTime, utcnow
+from services.db import UTCDateTime, require_uuid, utcnow
 from services.errors import InvalidArgument, NotFound
 from services.periods import Window, periods, previous_start, window_bounds
 
@@ -141,10 +141,7 @@ class StatsService:
     async def _user(self, raw: str | None) -> uuid.UUID | None:
         if raw is None:
             return None
-        try:
-            user_id = uuid.UUID(raw)
-        except ValueError:
-            raise InvalidArgument.of("user_id", "must be a UUID") from None
+        user_id = require_uuid(raw, field="user_id")
         async with self._sessions() as s:
             if await s.get(User, user_id) is None:
                 raise NotFound(f"user {raw} not found")
