@@ -41,8 +41,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 # google/api and google/rpc come from the installed googleapis-common-protos package
-# (the Buf Schema Registry is not reachable offline).
-$(GOOGLEAPIS)/.copied: $(VENV)/.installed
+# (the Buf Schema Registry is not reachable offline). Copied again when the list changes.
+$(GOOGLEAPIS)/.copied: $(VENV)/.installed tools/copy_googleapis.py
 	$(BIN)/python -m tools.copy_googleapis $(GOOGLEAPIS)
 	touch $@
 

@@ -1,15 +1,18 @@
-"""The contract: protos lint clean, are formatted, don't break main, and gen/ and the
-Envoy config match them."""
+"""The contract: protos lint clean, are formatted, don't break main, gen/ and the Envoy
+config match them, and google.api.field_behavior says what the server does with each field."""
 
+import ast
+import importlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from google.api import annotations_pb2, http_pb2
-from google.protobuf import descriptor_pool
+from google.api import annotations_pb2, field_behavior_pb2, http_pb2
+from google.protobuf import descriptor, descriptor_pool
 
 from server.config import ROOT, Settings
 from server.envoy import EnvoyAddresses, render_config
@@ -102,3 +105,171 @@ def test_envoy_transcodes_every_service() -> None:
         f for f in manager["http_filters"] if f["name"].endswith("grpc_json_transcoder")
     )
     assert transcoder["typed_config"]["services"] == SERVICE_NAMES
+
+
+# The request fields without which the server refuses a call, read off the servicers in
+# server/servicers/ and the domain checks they call. REQUIRED must mark exactly these: a field
+# the server accepts empty (QueryRequest.conversation_id starts a new conversation, an empty
+# UpdateUserRequest.update_mask means the fields set in `user`) is not required.
+REQUIRED_FIELDS = {
+    # services/auth/service.py register(): normalize_email "is required"; an empty password
+    # fails password_problems (at least 10 characters).
+    "agentmesh.auth.v1.RegisterRequest": {"email", "password"},
+    # login(): "is required" on each.
+    "agentmesh.auth.v1.LoginRequest": {"email", "password"},
+    # refresh(): "is required".
+    "agentmesh.auth.v1.RefreshTokenRequest": {"refresh_token"},
+    # change_password(): an empty current password is refused as wrong (PERMISSION_DENIED,
+    # not INVALID_ARGUMENT, but never accepted); an empty new one fails password_problems.
+    "agentmesh.auth.v1.ChangePasswordRequest": {"current_password", "new_password"},
+    # services/auth/users.py require_user_id(): "must be a UUID" (on `user.user_id`).
+    "agentmesh.auth.v1.GetUserRequest": {"user_id"},
+    "agentmesh.auth.v1.UpdateUserRequest": {"user"},
+    "agentmesh.auth.v1.DeleteUserRequest": {"user_id"},
+    # services/knowledge/service.py _validate_upload(): filename "is required";
+    # parsing.inspect_upload(): "the document is empty".
+    "agentmesh.knowledge.v1.UploadDocumentRequest": {"filename", "content"},
+    # _document_id(): "must be a UUID".
+    "agentmesh.knowledge.v1.GetDocumentRequest": {"document_id"},
+    "agentmesh.knowledge.v1.DeleteDocumentRequest": {"document_id"},
+    # _validate_search(): query "is required".
+    "agentmesh.knowledge.v1.SearchKnowledgeBaseRequest": {"query"},
+    # services/feedback/service.py _validate(): message_id must be a UUID, rating "is
+    # required" (RATING_UNSPECIFIED maps to no rating).
+    "agentmesh.feedback.v1.SubmitFeedbackRequest": {"message_id", "rating"},
+    # services/agent/text.py clean_query(): "must not be empty".
+    "agentmesh.agent.v1.QueryRequest": {"query"},
+    "agentmesh.agent.v1.StreamQueryRequest": {"query"},
+    # services/agent/conversations.py conversation_id_of(): "must be a UUID".
+    "agentmesh.agent.v1.GetConversationRequest": {"conversation_id"},
+    "agentmesh.agent.v1.DeleteConversationRequest": {"conversation_id"},
+    # services/analytics/stats.py _user(): "must be a UUID".
+    "agentmesh.analytics.v1.GetUserStatsRequest": {"user_id"},
+}
+REQUIRED = field_behavior_pb2.REQUIRED
+OUTPUT_ONLY = field_behavior_pb2.OUTPUT_ONLY
+IDENTIFIER = field_behavior_pb2.IDENTIFIER
+IMMUTABLE = field_behavior_pb2.IMMUTABLE
+TIMESTAMP = "google.protobuf.Timestamp"
+
+
+def _contract_messages() -> list[descriptor.Descriptor]:
+    """Every message of the generated *_pb2 modules under gen/agentmesh, nested ones too."""
+    found: list[descriptor.Descriptor] = []
+
+    def add(message: descriptor.Descriptor) -> None:
+        found.append(message)
+        for nested in message.nested_types:
+            add(nested)
+
+    gen = ROOT / "gen"
+    for path in sorted((gen / "agentmesh").rglob("*_pb2.py")):
+        module = importlib.import_module(".".join(path.relative_to(gen).with_suffix("").parts))
+        for message in module.DESCRIPTOR.message_types_by_name.values():
+            add(message)
+    assert found, "no generated messages under gen/agentmesh"
+    return found
+
+
+def _behaviors(field: descriptor.FieldDescriptor) -> set[int]:
+    return set(field.GetOptions().Extensions[field_behavior_pb2.field_behavior])  # type: ignore[index]
+
+
+def _is_request(message: descriptor.Descriptor) -> bool:
+    return message.name.endswith("Request")
+
+
+def test_required_marks_exactly_the_fields_the_server_requires() -> None:
+    marked = {
+        message.full_name: {f.name for f in message.fields if REQUIRED in _behaviors(f)}
+        for message in _contract_messages()
+    }
+    assert {name: fields for name, fields in marked.items() if fields} == REQUIRED_FIELDS
+
+
+def _is_required_violations() -> Iterator[tuple[Path, str]]:
+    """The field names of the literal `violations.add("f", "is required...")` and
+    `InvalidArgument.of("f", "is required...")` calls in server/ and services/
+    (conditional ones, "is required unless ...", excepted)."""
+    for path in sorted([*(ROOT / "server").rglob("*.py"), *(ROOT / "services").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in {"add", "of"}
+                and len(node.args) == 2
+                and all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in node.args)
+            ):
+                continue
+            field, text = (a.value for a in node.args)  # type: ignore[attr-defined]
+            if text.startswith("is required") and " unless " not in text:
+                yield path.relative_to(ROOT), field
+
+
+def test_every_is_required_violation_names_a_required_field() -> None:
+    required = {
+        field.name
+        for message in _contract_messages()
+        if _is_request(message)
+        for field in message.fields
+        if REQUIRED in _behaviors(field)
+    }
+    violations = list(_is_required_violations())
+    assert violations, "found no `is required` violation in server/ or services/"
+    unmarked = {(str(path), field) for path, field in violations if field not in required}
+    assert not unmarked, f"refused as missing but not REQUIRED in any request: {unmarked}"
+
+
+def test_field_behaviors_fit_their_messages() -> None:
+    for message in _contract_messages():
+        for field in message.fields:
+            marks = _behaviors(field)
+            where = f"{message.full_name}.{field.name}"
+            if _is_request(message):
+                # A request field is input: the server reads it, so it is never output only.
+                assert not marks & {OUTPUT_ONLY, IDENTIFIER, IMMUTABLE}, where
+            else:
+                assert REQUIRED not in marks, f"{where}: REQUIRED outside a request"
+            assert not {REQUIRED, field_behavior_pb2.OPTIONAL} <= marks, where
+
+
+def _resources() -> list[descriptor.Descriptor]:
+    """The stored resources: messages with a `created_at` timestamp (User, Document, ...)."""
+    return [
+        message
+        for message in _contract_messages()
+        if (created := message.fields_by_name.get("created_at")) is not None
+        and created.message_type is not None
+        and created.message_type.full_name == TIMESTAMP
+    ]
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+def test_resource_ids_and_timestamps_are_output_only() -> None:
+    resources = _resources()
+    assert resources, "no message with a created_at timestamp"
+    in_requests = {
+        field.message_type.full_name
+        for message in _contract_messages()
+        if _is_request(message)
+        for field in message.fields
+        if field.message_type is not None
+    }
+    for resource in resources:
+        own_id = f"{_snake(resource.name)}_id"
+        assert own_id in resource.fields_by_name, f"{resource.full_name} has no {own_id}"
+        for field in resource.fields:
+            marks, where = _behaviors(field), f"{resource.full_name}.{field.name}"
+            if field.name == own_id:
+                # An id the client sends back to name the resource (UpdateUserRequest.user)
+                # is an IDENTIFIER, not output only: the server reads it there.
+                expected = IDENTIFIER if resource.full_name in in_requests else OUTPUT_ONLY
+                assert marks == {expected}, where
+            elif field.message_type is not None and field.message_type.full_name == TIMESTAMP:
+                assert marks == {OUTPUT_ONLY}, where
+            elif field.name.endswith("_id"):
+                # Owner and parent ids: set by the server, or fixed when it is created.
+                assert marks & {OUTPUT_ONLY, IMMUTABLE}, where

@@ -247,9 +247,9 @@ def envoy_render_command() -> tuple[dict[str, str], list[str]]:
 @pytest.fixture(scope="module")
 def descriptor(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh descriptor set, built the way the Dockerfile's descriptor stage does."""
-    third_party = ROOT / "build" / "third_party"
-    if not (third_party / "google" / "rpc" / "status.proto").exists():
-        copy_googleapis.copy(third_party)
+    # Copied every time (a few small files): a copy made before a new file joined the list
+    # would otherwise be kept.
+    copy_googleapis.copy(ROOT / "build" / "third_party")
     path = tmp_path_factory.mktemp("descriptor") / "agentmesh.binpb"
     build = ["build", "--exclude-source-info", "--as-file-descriptor-set", "-o", str(path)]
     subprocess.run([str(BIN / "buf"), *build], cwd=ROOT, check=True)

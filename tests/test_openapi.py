@@ -1,6 +1,7 @@
 """The OpenAPI 2.0 document in gen/openapi/: fresh, and describing every REST mapping of the
 contract (read from the descriptor set Envoy transcodes with) with its request and response
-messages under the JSON names Envoy uses (the proto field names)."""
+messages under the JSON names Envoy uses (the proto field names), and which of their fields
+are required or output only (google.api.field_behavior)."""
 
 import functools
 import json
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.api import annotations_pb2, http_pb2
+from google.api import annotations_pb2, field_behavior_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
 from server.config import ROOT
@@ -201,3 +202,84 @@ def test_every_reference_resolves() -> None:
     definitions = spec()["definitions"]
     missing = {ref for ref in refs(spec()) if ref.removeprefix("#/definitions/") not in definitions}
     assert not missing
+
+
+REQUIRED = field_behavior_pb2.REQUIRED
+# Output only, or the resource's id, which requests other than updates ignore.
+OUTPUT_MARKS = {field_behavior_pb2.OUTPUT_ONLY, field_behavior_pb2.IDENTIFIER}
+
+
+def _behaviors(field: descriptor_pb2.FieldDescriptorProto) -> set[int]:
+    return set(field.options.Extensions[field_behavior_pb2.field_behavior])  # type: ignore[index]
+
+
+def _described_messages(
+    schema: JSON, message: str, seen: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, JSON]]:
+    """`message` and the messages it holds, each with its definition in the document."""
+    if message in seen:
+        return
+    definition = _definition(schema)
+    yield message, definition
+    for field in _messages()[message].field:
+        nested = field.type_name.lstrip(".")
+        if field.type != field.TYPE_MESSAGE or nested.startswith("google."):
+            continue
+        if _messages()[nested].options.map_entry:
+            continue
+        prop = definition["properties"][field.name]
+        prop = prop["items"] if field.label == field.LABEL_REPEATED else prop
+        yield from _described_messages(prop, nested, seen | {message})
+
+
+def _route_schemas(route: Route) -> Iterator[tuple[str, JSON]]:
+    """The messages an operation sends and receives, with their definitions."""
+    operation = _operation(route)
+    yield from _described_messages(operation["responses"]["200"]["schema"], route.response)
+    parameters = {p["name"]: p for p in operation.get("parameters", [])}
+    if route.body == "*":
+        yield from _described_messages(parameters["body"]["schema"], route.request)
+    elif route.body:
+        field = next(f for f in _messages()[route.request].field if f.name == route.body)
+        yield from _described_messages(parameters["body"]["schema"], field.type_name.lstrip("."))
+
+
+def _emits(key: str) -> bool:
+    """Whether the plugin writes `key` into any schema. protoc-gen-swagger 1.6.4 turns
+    neither REQUIRED into a `required` list nor OUTPUT_ONLY into `readOnly`; later
+    versions (protoc-gen-openapiv2) do, and then the lists must match the annotations."""
+    for definition in spec()["definitions"].values():
+        properties = definition.get("properties", {}).values()
+        if key in definition or any(key in prop for prop in properties):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("route", routes(), ids=lambda route: f"{route.service}.{route.rpc}")
+def test_required_and_output_only_fields_are_documented(route: Route) -> None:
+    for message, definition in _route_schemas(route):
+        fields = _messages()[message].field
+        if _emits("required"):
+            required = {f.name for f in fields if REQUIRED in _behaviors(f)}
+            assert set(definition.get("required", [])) == required, message
+        for field in fields:
+            marks, where = _behaviors(field), f"{message}.{field.name}"
+            prop: JSON = definition["properties"][field.name]
+            # The comments say it as well, so the document tells its readers even where
+            # the plugin ignores the annotation.
+            if REQUIRED in marks:
+                assert "Required" in prop.get("description", ""), where
+            if marks & OUTPUT_MARKS:
+                assert "Output only" in prop.get("description", ""), where
+            if _emits("readOnly"):
+                if field_behavior_pb2.OUTPUT_ONLY in marks:
+                    assert prop.get("readOnly") is True, where
+                elif not marks & OUTPUT_MARKS:
+                    assert not prop.get("readOnly", False), where
+
+    # Fields bound to the path or the query string are parameters, not properties.
+    request_fields = {f.name: f for f in _messages()[route.request].field}
+    for parameter in _operation(route).get("parameters", []):
+        bound = request_fields.get(parameter["name"])
+        if bound is not None and REQUIRED in _behaviors(bound):
+            assert "Required" in parameter.get("description", ""), parameter["name"]

@@ -9,7 +9,7 @@ import google.api
 import google.rpc
 
 FILES = {
-    google.api: ["annotations.proto", "http.proto", "httpbody.proto"],
+    google.api: ["annotations.proto", "field_behavior.proto", "http.proto", "httpbody.proto"],
     google.rpc: ["status.proto", "error_details.proto", "code.proto"],
 }
 

@@ -282,9 +282,9 @@ class Message(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     FEEDBACK_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
-    """The identifier of the message (a UUID)."""
+    """The identifier of the message (a UUID). Output only."""
     conversation_id: _builtins.str
-    """The conversation the message belongs to."""
+    """The conversation the message belongs to. Output only."""
     role: Global___MessageRole.ValueType
     """Who wrote the message."""
     content: _builtins.str
@@ -309,7 +309,7 @@ class Message(_message.Message):
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
-        """When the message was stored."""
+        """When the message was stored. Output only."""
 
     @_builtins.property
     def feedback(self) -> _feedback_pb2.Feedback:
@@ -351,18 +351,18 @@ class Conversation(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     MESSAGE_COUNT_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
-    """The identifier of the conversation (a UUID)."""
+    """The identifier of the conversation (a UUID). Output only."""
     title: _builtins.str
-    """The title, taken from the first question."""
+    """The title, taken from the first question. Output only."""
     message_count: _builtins.int
-    """The number of messages in the conversation."""
+    """The number of messages in the conversation. Output only."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
-        """When the conversation started."""
+        """When the conversation started. Output only."""
 
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp:
-        """When the last message was added."""
+        """When the last message was added. Output only."""
 
     def __init__(
         self,

@@ -25,16 +25,29 @@ _sym_db = _symbol_database.Default()
 from agentmesh.agent.v1 import agent_pb2 as agentmesh_dot_agent_dot_v1_dot_agent__pb2
 from agentmesh.knowledge.v1 import knowledge_pb2 as agentmesh_dot_knowledge_dot_v1_dot_knowledge__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&agentmesh/agent/v1/agent_service.proto\x12\x12\x61gentmesh.agent.v1\x1a\x1e\x61gentmesh/agent/v1/agent.proto\x1a&agentmesh/knowledge/v1/knowledge.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\"M\n\x0cQueryRequest\x12\x14\n\x05query\x18\x01 \x01(\tR\x05query\x12\'\n\x0f\x63onversation_id\x18\x02 \x01(\tR\x0e\x63onversationId\"\xae\x01\n\rQueryResponse\x12\'\n\x0f\x63onversation_id\x18\x01 \x01(\tR\x0e\x63onversationId\x12\x35\n\x07message\x18\x02 \x01(\x0b\x32\x1b.agentmesh.agent.v1.MessageR\x07message\x12\x15\n\x06run_id\x18\x03 \x01(\tR\x05runId\x12&\n\x0fuser_message_id\x18\x04 \x01(\tR\ruserMessageId\"S\n\x12StreamQueryRequest\x12\x14\n\x05query\x18\x01 \x01(\tR\x05query\x12\'\n\x0f\x63onversation_id\x18\x02 \x01(\tR\x0e\x63onversationId\"\xaa\x05\n\x13StreamQueryResponse\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x10\n\x03seq\x18\x02 \x01(\x05R\x03seq\x12\x41\n\x0brun_started\x18\x03 \x01(\x0b\x32\x1e.agentmesh.agent.v1.RunStartedH\x00R\nrunStarted\x12\x33\n\x04step\x18\x04 \x01(\x0b\x32\x1d.agentmesh.agent.v1.StepEventH\x00R\x04step\x12\x42\n\ttool_call\x18\x05 \x01(\x0b\x32#.agentmesh.agent.v1.ToolCallStartedH\x00R\x08toolCall\x12\x45\n\x0btool_result\x18\x06 \x01(\x0b\x32\".agentmesh.agent.v1.ToolCallResultH\x00R\ntoolResult\x12\x44\n\tretrieval\x18\x07 \x01(\x0b\x32$.agentmesh.agent.v1.RetrievalResultsH\x00R\tretrieval\x12\x36\n\x05token\x18\x08 \x01(\x0b\x32\x1e.agentmesh.agent.v1.TokenDeltaH\x00R\x05token\x12:\n\x08\x63itation\x18\t \x01(\x0b\x32\x1c.agentmesh.agent.v1.CitationH\x00R\x08\x63itation\x12\x36\n\x05usage\x18\n \x01(\x0b\x32\x1e.agentmesh.agent.v1.TokenUsageH\x00R\x05usage\x12*\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x12.google.rpc.StatusH\x00R\x05\x65rror\x12@\n\tcompleted\x18\x0c \x01(\x0b\x32 .agentmesh.agent.v1.RunCompletedH\x00R\tcompletedB\x07\n\x05\x65vent\"\xc2\x01\n\nRunStarted\x12\'\n\x0f\x63onversation_id\x18\x01 \x01(\tR\x0e\x63onversationId\x12&\n\x0fuser_message_id\x18\x02 \x01(\tR\ruserMessageId\x12\x30\n\x14\x61ssistant_message_id\x18\x03 \x01(\tR\x12\x61ssistantMessageId\x12\x31\n\x14\x63onversation_created\x18\x04 \x01(\x08R\x13\x63onversationCreated\"\xa1\x01\n\tStepEvent\x12,\n\x04step\x18\x01 \x01(\x0e\x32\x18.agentmesh.agent.v1.StepR\x04step\x12\x36\n\x06status\x18\x02 \x01(\x0e\x32\x1e.agentmesh.agent.v1.StepStatusR\x06status\x12\x16\n\x06\x64\x65tail\x18\x03 \x01(\tR\x06\x64\x65tail\x12\x16\n\x06intent\x18\x04 \x01(\tR\x06intent\"w\n\x0fToolCallStarted\x12 \n\x0ctool_call_id\x18\x01 \x01(\tR\ntoolCallId\x12\x1b\n\ttool_name\x18\x02 \x01(\tR\x08toolName\x12%\n\x0e\x61rguments_json\x18\x03 \x01(\tR\rargumentsJson\"\xa0\x02\n\x0eToolCallResult\x12 \n\x0ctool_call_id\x18\x01 \x01(\tR\ntoolCallId\x12\x1b\n\ttool_name\x18\x02 \x01(\tR\x08toolName\x12\x39\n\x07outcome\x18\x03 \x01(\x0e\x32\x1f.agentmesh.agent.v1.ToolOutcomeR\x07outcome\x12\x18\n\x07summary\x18\x04 \x01(\tR\x07summary\x12\x36\n\x07sources\x18\x05 \x03(\x0b\x32\x1c.agentmesh.agent.v1.CitationR\x07sources\x12#\n\rerror_message\x18\x06 \x01(\tR\x0c\x65rrorMessage\x12\x1d\n\nlatency_ms\x18\x07 \x01(\x05R\tlatencyMs\"h\n\x10RetrievalResults\x12\x14\n\x05query\x18\x01 \x01(\tR\x05query\x12>\n\x07results\x18\x02 \x03(\x0b\x32$.agentmesh.knowledge.v1.SearchResultR\x07results\" \n\nTokenDelta\x12\x12\n\x04text\x18\x01 \x01(\tR\x04text\"j\n\x0cRunCompleted\x12\x35\n\x07message\x18\x01 \x01(\x0b\x32\x1b.agentmesh.agent.v1.MessageR\x07message\x12#\n\rfinish_reason\x18\x02 \x01(\tR\x0c\x66inishReason\"V\n\x18ListConversationsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"\x8b\x01\n\x19ListConversationsResponse\x12\x46\n\rconversations\x18\x01 \x03(\x0b\x32 .agentmesh.agent.v1.ConversationR\rconversations\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"A\n\x16GetConversationRequest\x12\'\n\x0f\x63onversation_id\x18\x01 \x01(\tR\x0e\x63onversationId\"\x98\x01\n\x17GetConversationResponse\x12\x44\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32 .agentmesh.agent.v1.ConversationR\x0c\x63onversation\x12\x37\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.agentmesh.agent.v1.MessageR\x08messages\"D\n\x19\x44\x65leteConversationRequest\x12\'\n\x0f\x63onversation_id\x18\x01 \x01(\tR\x0e\x63onversationId\"\x1c\n\x1a\x44\x65leteConversationResponse*\xa3\x01\n\x04Step\x12\x14\n\x10STEP_UNSPECIFIED\x10\x00\x12\x18\n\x14STEP_CLASSIFY_INTENT\x10\x01\x12\x15\n\x11STEP_LOAD_CONTEXT\x10\x02\x12\x15\n\x11STEP_SELECT_TOOLS\x10\x03\x12\x16\n\x12STEP_EXECUTE_TOOLS\x10\x04\x12\x13\n\x0fSTEP_SYNTHESIZE\x10\x05\x12\x10\n\x0cSTEP_PERSIST\x10\x06*v\n\nStepStatus\x12\x1b\n\x17STEP_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13STEP_STATUS_STARTED\x10\x01\x12\x19\n\x15STEP_STATUS_COMPLETED\x10\x02\x12\x17\n\x13STEP_STATUS_SKIPPED\x10\x03\x32\xdb\x05\n\x0c\x41gentService\x12h\n\x05Query\x12 .agentmesh.agent.v1.QueryRequest\x1a!.agentmesh.agent.v1.QueryResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/agent/query:\x01*\x12\x83\x01\n\x0bStreamQuery\x12&.agentmesh.agent.v1.StreamQueryRequest\x1a\'.agentmesh.agent.v1.StreamQueryResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/agent/query:stream:\x01*0\x01\x12\x91\x01\n\x11ListConversations\x12,.agentmesh.agent.v1.ListConversationsRequest\x1a-.agentmesh.agent.v1.ListConversationsResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/agent/conversations\x12\x9d\x01\n\x0fGetConversation\x12*.agentmesh.agent.v1.GetConversationRequest\x1a+.agentmesh.agent.v1.GetConversationResponse\"1\x82\xd3\xe4\x93\x02+\x12)/v1/agent/conversations/{conversation_id}\x12\xa6\x01\n\x12\x44\x65leteConversation\x12-.agentmesh.agent.v1.DeleteConversationRequest\x1a..agentmesh.agent.v1.DeleteConversationResponse\"1\x82\xd3\xe4\x93\x02+*)/v1/agent/conversations/{conversation_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&agentmesh/agent/v1/agent_service.proto\x12\x12\x61gentmesh.agent.v1\x1a\x1e\x61gentmesh/agent/v1/agent.proto\x1a&agentmesh/knowledge/v1/knowledge.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x17google/rpc/status.proto\"Y\n\x0cQueryRequest\x12\x1a\n\x05query\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05query\x12-\n\x0f\x63onversation_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\x0e\x63onversationId\"\xae\x01\n\rQueryResponse\x12\'\n\x0f\x63onversation_id\x18\x01 \x01(\tR\x0e\x63onversationId\x12\x35\n\x07message\x18\x02 \x01(\x0b\x32\x1b.agentmesh.agent.v1.MessageR\x07message\x12\x15\n\x06run_id\x18\x03 \x01(\tR\x05runId\x12&\n\x0fuser_message_id\x18\x04 \x01(\tR\ruserMessageId\"_\n\x12StreamQueryRequest\x12\x1a\n\x05query\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05query\x12-\n\x0f\x63onversation_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\x0e\x63onversationId\"\xaa\x05\n\x13StreamQueryResponse\x12\x15\n\x06run_id\x18\x01 \x01(\tR\x05runId\x12\x10\n\x03seq\x18\x02 \x01(\x05R\x03seq\x12\x41\n\x0brun_started\x18\x03 \x01(\x0b\x32\x1e.agentmesh.agent.v1.RunStartedH\x00R\nrunStarted\x12\x33\n\x04step\x18\x04 \x01(\x0b\x32\x1d.agentmesh.agent.v1.StepEventH\x00R\x04step\x12\x42\n\ttool_call\x18\x05 \x01(\x0b\x32#.agentmesh.agent.v1.ToolCallStartedH\x00R\x08toolCall\x12\x45\n\x0btool_result\x18\x06 \x01(\x0b\x32\".agentmesh.agent.v1.ToolCallResultH\x00R\ntoolResult\x12\x44\n\tretrieval\x18\x07 \x01(\x0b\x32$.agentmesh.agent.v1.RetrievalResultsH\x00R\tretrieval\x12\x36\n\x05token\x18\x08 \x01(\x0b\x32\x1e.agentmesh.agent.v1.TokenDeltaH\x00R\x05token\x12:\n\x08\x63itation\x18\t \x01(\x0b\x32\x1c.agentmesh.agent.v1.CitationH\x00R\x08\x63itation\x12\x36\n\x05usage\x18\n \x01(\x0b\x32\x1e.agentmesh.agent.v1.TokenUsageH\x00R\x05usage\x12*\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x12.google.rpc.StatusH\x00R\x05\x65rror\x12@\n\tcompleted\x18\x0c \x01(\x0b\x32 .agentmesh.agent.v1.RunCompletedH\x00R\tcompletedB\x07\n\x05\x65vent\"\xc2\x01\n\nRunStarted\x12\'\n\x0f\x63onversation_id\x18\x01 \x01(\tR\x0e\x63onversationId\x12&\n\x0fuser_message_id\x18\x02 \x01(\tR\ruserMessageId\x12\x30\n\x14\x61ssistant_message_id\x18\x03 \x01(\tR\x12\x61ssistantMessageId\x12\x31\n\x14\x63onversation_created\x18\x04 \x01(\x08R\x13\x63onversationCreated\"\xa1\x01\n\tStepEvent\x12,\n\x04step\x18\x01 \x01(\x0e\x32\x18.agentmesh.agent.v1.StepR\x04step\x12\x36\n\x06status\x18\x02 \x01(\x0e\x32\x1e.agentmesh.agent.v1.StepStatusR\x06status\x12\x16\n\x06\x64\x65tail\x18\x03 \x01(\tR\x06\x64\x65tail\x12\x16\n\x06intent\x18\x04 \x01(\tR\x06intent\"w\n\x0fToolCallStarted\x12 \n\x0ctool_call_id\x18\x01 \x01(\tR\ntoolCallId\x12\x1b\n\ttool_name\x18\x02 \x01(\tR\x08toolName\x12%\n\x0e\x61rguments_json\x18\x03 \x01(\tR\rargumentsJson\"\xa0\x02\n\x0eToolCallResult\x12 \n\x0ctool_call_id\x18\x01 \x01(\tR\ntoolCallId\x12\x1b\n\ttool_name\x18\x02 \x01(\tR\x08toolName\x12\x39\n\x07outcome\x18\x03 \x01(\x0e\x32\x1f.agentmesh.agent.v1.ToolOutcomeR\x07outcome\x12\x18\n\x07summary\x18\x04 \x01(\tR\x07summary\x12\x36\n\x07sources\x18\x05 \x03(\x0b\x32\x1c.agentmesh.agent.v1.CitationR\x07sources\x12#\n\rerror_message\x18\x06 \x01(\tR\x0c\x65rrorMessage\x12\x1d\n\nlatency_ms\x18\x07 \x01(\x05R\tlatencyMs\"h\n\x10RetrievalResults\x12\x14\n\x05query\x18\x01 \x01(\tR\x05query\x12>\n\x07results\x18\x02 \x03(\x0b\x32$.agentmesh.knowledge.v1.SearchResultR\x07results\" \n\nTokenDelta\x12\x12\n\x04text\x18\x01 \x01(\tR\x04text\"j\n\x0cRunCompleted\x12\x35\n\x07message\x18\x01 \x01(\x0b\x32\x1b.agentmesh.agent.v1.MessageR\x07message\x12#\n\rfinish_reason\x18\x02 \x01(\tR\x0c\x66inishReason\"V\n\x18ListConversationsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"\x8b\x01\n\x19ListConversationsResponse\x12\x46\n\rconversations\x18\x01 \x03(\x0b\x32 .agentmesh.agent.v1.ConversationR\rconversations\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"G\n\x16GetConversationRequest\x12-\n\x0f\x63onversation_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x0e\x63onversationId\"\x98\x01\n\x17GetConversationResponse\x12\x44\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32 .agentmesh.agent.v1.ConversationR\x0c\x63onversation\x12\x37\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.agentmesh.agent.v1.MessageR\x08messages\"J\n\x19\x44\x65leteConversationRequest\x12-\n\x0f\x63onversation_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x0e\x63onversationId\"\x1c\n\x1a\x44\x65leteConversationResponse*\xa3\x01\n\x04Step\x12\x14\n\x10STEP_UNSPECIFIED\x10\x00\x12\x18\n\x14STEP_CLASSIFY_INTENT\x10\x01\x12\x15\n\x11STEP_LOAD_CONTEXT\x10\x02\x12\x15\n\x11STEP_SELECT_TOOLS\x10\x03\x12\x16\n\x12STEP_EXECUTE_TOOLS\x10\x04\x12\x13\n\x0fSTEP_SYNTHESIZE\x10\x05\x12\x10\n\x0cSTEP_PERSIST\x10\x06*v\n\nStepStatus\x12\x1b\n\x17STEP_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13STEP_STATUS_STARTED\x10\x01\x12\x19\n\x15STEP_STATUS_COMPLETED\x10\x02\x12\x17\n\x13STEP_STATUS_SKIPPED\x10\x03\x32\xdb\x05\n\x0c\x41gentService\x12h\n\x05Query\x12 .agentmesh.agent.v1.QueryRequest\x1a!.agentmesh.agent.v1.QueryResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/agent/query:\x01*\x12\x83\x01\n\x0bStreamQuery\x12&.agentmesh.agent.v1.StreamQueryRequest\x1a\'.agentmesh.agent.v1.StreamQueryResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/agent/query:stream:\x01*0\x01\x12\x91\x01\n\x11ListConversations\x12,.agentmesh.agent.v1.ListConversationsRequest\x1a-.agentmesh.agent.v1.ListConversationsResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/agent/conversations\x12\x9d\x01\n\x0fGetConversation\x12*.agentmesh.agent.v1.GetConversationRequest\x1a+.agentmesh.agent.v1.GetConversationResponse\"1\x82\xd3\xe4\x93\x02+\x12)/v1/agent/conversations/{conversation_id}\x12\xa6\x01\n\x12\x44\x65leteConversation\x12-.agentmesh.agent.v1.DeleteConversationRequest\x1a..agentmesh.agent.v1.DeleteConversationResponse\"1\x82\xd3\xe4\x93\x02+*)/v1/agent/conversations/{conversation_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentmesh.agent.v1.agent_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_QUERYREQUEST'].fields_by_name['query']._loaded_options = None
+  _globals['_QUERYREQUEST'].fields_by_name['query']._serialized_options = b'\342A\001\002'
+  _globals['_QUERYREQUEST'].fields_by_name['conversation_id']._loaded_options = None
+  _globals['_QUERYREQUEST'].fields_by_name['conversation_id']._serialized_options = b'\342A\001\001'
+  _globals['_STREAMQUERYREQUEST'].fields_by_name['query']._loaded_options = None
+  _globals['_STREAMQUERYREQUEST'].fields_by_name['query']._serialized_options = b'\342A\001\002'
+  _globals['_STREAMQUERYREQUEST'].fields_by_name['conversation_id']._loaded_options = None
+  _globals['_STREAMQUERYREQUEST'].fields_by_name['conversation_id']._serialized_options = b'\342A\001\001'
+  _globals['_GETCONVERSATIONREQUEST'].fields_by_name['conversation_id']._loaded_options = None
+  _globals['_GETCONVERSATIONREQUEST'].fields_by_name['conversation_id']._serialized_options = b'\342A\001\002'
+  _globals['_DELETECONVERSATIONREQUEST'].fields_by_name['conversation_id']._loaded_options = None
+  _globals['_DELETECONVERSATIONREQUEST'].fields_by_name['conversation_id']._serialized_options = b'\342A\001\002'
   _globals['_AGENTSERVICE'].methods_by_name['Query']._loaded_options = None
   _globals['_AGENTSERVICE'].methods_by_name['Query']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/agent/query:\001*'
   _globals['_AGENTSERVICE'].methods_by_name['StreamQuery']._loaded_options = None
@@ -45,44 +58,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTSERVICE'].methods_by_name['GetConversation']._serialized_options = b'\202\323\344\223\002+\022)/v1/agent/conversations/{conversation_id}'
   _globals['_AGENTSERVICE'].methods_by_name['DeleteConversation']._loaded_options = None
   _globals['_AGENTSERVICE'].methods_by_name['DeleteConversation']._serialized_options = b'\202\323\344\223\002+*)/v1/agent/conversations/{conversation_id}'
-  _globals['_STEP']._serialized_start=2789
-  _globals['_STEP']._serialized_end=2952
-  _globals['_STEPSTATUS']._serialized_start=2954
-  _globals['_STEPSTATUS']._serialized_end=3072
-  _globals['_QUERYREQUEST']._serialized_start=189
-  _globals['_QUERYREQUEST']._serialized_end=266
-  _globals['_QUERYRESPONSE']._serialized_start=269
-  _globals['_QUERYRESPONSE']._serialized_end=443
-  _globals['_STREAMQUERYREQUEST']._serialized_start=445
-  _globals['_STREAMQUERYREQUEST']._serialized_end=528
-  _globals['_STREAMQUERYRESPONSE']._serialized_start=531
-  _globals['_STREAMQUERYRESPONSE']._serialized_end=1213
-  _globals['_RUNSTARTED']._serialized_start=1216
-  _globals['_RUNSTARTED']._serialized_end=1410
-  _globals['_STEPEVENT']._serialized_start=1413
-  _globals['_STEPEVENT']._serialized_end=1574
-  _globals['_TOOLCALLSTARTED']._serialized_start=1576
-  _globals['_TOOLCALLSTARTED']._serialized_end=1695
-  _globals['_TOOLCALLRESULT']._serialized_start=1698
-  _globals['_TOOLCALLRESULT']._serialized_end=1986
-  _globals['_RETRIEVALRESULTS']._serialized_start=1988
-  _globals['_RETRIEVALRESULTS']._serialized_end=2092
-  _globals['_TOKENDELTA']._serialized_start=2094
-  _globals['_TOKENDELTA']._serialized_end=2126
-  _globals['_RUNCOMPLETED']._serialized_start=2128
-  _globals['_RUNCOMPLETED']._serialized_end=2234
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=2236
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=2322
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=2325
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=2464
-  _globals['_GETCONVERSATIONREQUEST']._serialized_start=2466
-  _globals['_GETCONVERSATIONREQUEST']._serialized_end=2531
-  _globals['_GETCONVERSATIONRESPONSE']._serialized_start=2534
-  _globals['_GETCONVERSATIONRESPONSE']._serialized_end=2686
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=2688
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=2756
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=2758
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=2786
-  _globals['_AGENTSERVICE']._serialized_start=3075
-  _globals['_AGENTSERVICE']._serialized_end=3806
+  _globals['_STEP']._serialized_start=2858
+  _globals['_STEP']._serialized_end=3021
+  _globals['_STEPSTATUS']._serialized_start=3023
+  _globals['_STEPSTATUS']._serialized_end=3141
+  _globals['_QUERYREQUEST']._serialized_start=222
+  _globals['_QUERYREQUEST']._serialized_end=311
+  _globals['_QUERYRESPONSE']._serialized_start=314
+  _globals['_QUERYRESPONSE']._serialized_end=488
+  _globals['_STREAMQUERYREQUEST']._serialized_start=490
+  _globals['_STREAMQUERYREQUEST']._serialized_end=585
+  _globals['_STREAMQUERYRESPONSE']._serialized_start=588
+  _globals['_STREAMQUERYRESPONSE']._serialized_end=1270
+  _globals['_RUNSTARTED']._serialized_start=1273
+  _globals['_RUNSTARTED']._serialized_end=1467
+  _globals['_STEPEVENT']._serialized_start=1470
+  _globals['_STEPEVENT']._serialized_end=1631
+  _globals['_TOOLCALLSTARTED']._serialized_start=1633
+  _globals['_TOOLCALLSTARTED']._serialized_end=1752
+  _globals['_TOOLCALLRESULT']._serialized_start=1755
+  _globals['_TOOLCALLRESULT']._serialized_end=2043
+  _globals['_RETRIEVALRESULTS']._serialized_start=2045
+  _globals['_RETRIEVALRESULTS']._serialized_end=2149
+  _globals['_TOKENDELTA']._serialized_start=2151
+  _globals['_TOKENDELTA']._serialized_end=2183
+  _globals['_RUNCOMPLETED']._serialized_start=2185
+  _globals['_RUNCOMPLETED']._serialized_end=2291
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=2293
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=2379
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=2382
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=2521
+  _globals['_GETCONVERSATIONREQUEST']._serialized_start=2523
+  _globals['_GETCONVERSATIONREQUEST']._serialized_end=2594
+  _globals['_GETCONVERSATIONRESPONSE']._serialized_start=2597
+  _globals['_GETCONVERSATIONRESPONSE']._serialized_end=2749
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=2751
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=2825
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=2827
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=2855
+  _globals['_AGENTSERVICE']._serialized_start=3144
+  _globals['_AGENTSERVICE']._serialized_end=3875
 # @@protoc_insertion_point(module_scope)

@@ -99,7 +99,7 @@ class QueryRequest(_message.Message):
     QUERY_FIELD_NUMBER: _builtins.int
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """The question, at most 8,000 characters."""
+    """The question, at most 8,000 characters. Required."""
     conversation_id: _builtins.str
     """The conversation to continue; empty starts a new one."""
     def __init__(
@@ -161,7 +161,7 @@ class StreamQueryRequest(_message.Message):
     QUERY_FIELD_NUMBER: _builtins.int
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """The question, at most 8,000 characters."""
+    """The question, at most 8,000 characters. Required."""
     conversation_id: _builtins.str
     """The conversation to continue; empty starts a new one."""
     def __init__(
@@ -552,7 +552,7 @@ class GetConversationRequest(_message.Message):
 
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
-    """The identifier of the conversation."""
+    """The identifier of the conversation. Required."""
     def __init__(
         self,
         *,
@@ -604,7 +604,7 @@ class DeleteConversationRequest(_message.Message):
 
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
-    """The identifier of the conversation to delete."""
+    """The identifier of the conversation to delete. Required."""
     def __init__(
         self,
         *,

@@ -24,34 +24,43 @@ _sym_db = _symbol_database.Default()
 
 from agentmesh.analytics.v1 import analytics_pb2 as agentmesh_dot_analytics_dot_v1_dot_analytics__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.agentmesh/analytics/v1/analytics_service.proto\x12\x16\x61gentmesh.analytics.v1\x1a&agentmesh/analytics/v1/analytics.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x11\n\x0fGetUsageRequest\"\x90\x02\n\x10GetUsageResponse\x12\x39\n\x05today\x18\x01 \x01(\x0b\x32#.agentmesh.analytics.v1.UsageWindowR\x05today\x12@\n\tthis_week\x18\x02 \x01(\x0b\x32#.agentmesh.analytics.v1.UsageWindowR\x08thisWeek\x12\x42\n\nthis_month\x18\x03 \x01(\x0b\x32#.agentmesh.analytics.v1.UsageWindowR\tthisMonth\x12;\n\x06quotas\x18\x04 \x03(\x0b\x32#.agentmesh.analytics.v1.QuotaStatusR\x06quotas\"\xd0\x01\n\x15GetSystemStatsRequest\x12\x39\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\x12\x45\n\x0bgranularity\x18\x03 \x01(\x0e\x32#.agentmesh.analytics.v1.GranularityR\x0bgranularity\"\x94\x01\n\x16GetSystemStatsResponse\x12=\n\x07\x62uckets\x18\x01 \x03(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x07\x62uckets\x12;\n\x06totals\x18\x02 \x01(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x06totals\"\xe7\x01\n\x13GetUserStatsRequest\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId\x12\x39\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\x12\x45\n\x0bgranularity\x18\x04 \x01(\x0e\x32#.agentmesh.analytics.v1.GranularityR\x0bgranularity\"\xab\x01\n\x14GetUserStatsResponse\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId\x12=\n\x07\x62uckets\x18\x02 \x03(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x07\x62uckets\x12;\n\x06totals\x18\x03 \x01(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x06totals2\xb1\x03\n\x10\x41nalyticsService\x12z\n\x08GetUsage\x12\'.agentmesh.analytics.v1.GetUsageRequest\x1a(.agentmesh.analytics.v1.GetUsageResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/analytics/usage\x12\x8d\x01\n\x0eGetSystemStats\x12-.agentmesh.analytics.v1.GetSystemStatsRequest\x1a..agentmesh.analytics.v1.GetSystemStatsResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/analytics/system\x12\x90\x01\n\x0cGetUserStats\x12+.agentmesh.analytics.v1.GetUserStatsRequest\x1a,.agentmesh.analytics.v1.GetUserStatsResponse\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/analytics/users/{user_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.agentmesh/analytics/v1/analytics_service.proto\x12\x16\x61gentmesh.analytics.v1\x1a&agentmesh/analytics/v1/analytics.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x11\n\x0fGetUsageRequest\"\x90\x02\n\x10GetUsageResponse\x12\x39\n\x05today\x18\x01 \x01(\x0b\x32#.agentmesh.analytics.v1.UsageWindowR\x05today\x12@\n\tthis_week\x18\x02 \x01(\x0b\x32#.agentmesh.analytics.v1.UsageWindowR\x08thisWeek\x12\x42\n\nthis_month\x18\x03 \x01(\x0b\x32#.agentmesh.analytics.v1.UsageWindowR\tthisMonth\x12;\n\x06quotas\x18\x04 \x03(\x0b\x32#.agentmesh.analytics.v1.QuotaStatusR\x06quotas\"\xd0\x01\n\x15GetSystemStatsRequest\x12\x39\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\x12\x45\n\x0bgranularity\x18\x03 \x01(\x0e\x32#.agentmesh.analytics.v1.GranularityR\x0bgranularity\"\x94\x01\n\x16GetSystemStatsResponse\x12=\n\x07\x62uckets\x18\x01 \x03(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x07\x62uckets\x12;\n\x06totals\x18\x02 \x01(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x06totals\"\xff\x01\n\x13GetUserStatsRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06userId\x12?\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01R\tstartTime\x12;\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01R\x07\x65ndTime\x12K\n\x0bgranularity\x18\x04 \x01(\x0e\x32#.agentmesh.analytics.v1.GranularityB\x04\xe2\x41\x01\x01R\x0bgranularity\"\xab\x01\n\x14GetUserStatsResponse\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId\x12=\n\x07\x62uckets\x18\x02 \x03(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x07\x62uckets\x12;\n\x06totals\x18\x03 \x01(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x06totals2\xb1\x03\n\x10\x41nalyticsService\x12z\n\x08GetUsage\x12\'.agentmesh.analytics.v1.GetUsageRequest\x1a(.agentmesh.analytics.v1.GetUsageResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/analytics/usage\x12\x8d\x01\n\x0eGetSystemStats\x12-.agentmesh.analytics.v1.GetSystemStatsRequest\x1a..agentmesh.analytics.v1.GetSystemStatsResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/analytics/system\x12\x90\x01\n\x0cGetUserStats\x12+.agentmesh.analytics.v1.GetUserStatsRequest\x1a,.agentmesh.analytics.v1.GetUserStatsResponse\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/analytics/users/{user_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentmesh.analytics.v1.analytics_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GETUSERSTATSREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_GETUSERSTATSREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\002'
+  _globals['_GETUSERSTATSREQUEST'].fields_by_name['start_time']._loaded_options = None
+  _globals['_GETUSERSTATSREQUEST'].fields_by_name['start_time']._serialized_options = b'\342A\001\001'
+  _globals['_GETUSERSTATSREQUEST'].fields_by_name['end_time']._loaded_options = None
+  _globals['_GETUSERSTATSREQUEST'].fields_by_name['end_time']._serialized_options = b'\342A\001\001'
+  _globals['_GETUSERSTATSREQUEST'].fields_by_name['granularity']._loaded_options = None
+  _globals['_GETUSERSTATSREQUEST'].fields_by_name['granularity']._serialized_options = b'\342A\001\001'
   _globals['_ANALYTICSSERVICE'].methods_by_name['GetUsage']._loaded_options = None
   _globals['_ANALYTICSSERVICE'].methods_by_name['GetUsage']._serialized_options = b'\202\323\344\223\002\025\022\023/v1/analytics/usage'
   _globals['_ANALYTICSSERVICE'].methods_by_name['GetSystemStats']._loaded_options = None
   _globals['_ANALYTICSSERVICE'].methods_by_name['GetSystemStats']._serialized_options = b'\202\323\344\223\002\026\022\024/v1/analytics/system'
   _globals['_ANALYTICSSERVICE'].methods_by_name['GetUserStats']._loaded_options = None
   _globals['_ANALYTICSSERVICE'].methods_by_name['GetUserStats']._serialized_options = b'\202\323\344\223\002\037\022\035/v1/analytics/users/{user_id}'
-  _globals['_GETUSAGEREQUEST']._serialized_start=177
-  _globals['_GETUSAGEREQUEST']._serialized_end=194
-  _globals['_GETUSAGERESPONSE']._serialized_start=197
-  _globals['_GETUSAGERESPONSE']._serialized_end=469
-  _globals['_GETSYSTEMSTATSREQUEST']._serialized_start=472
-  _globals['_GETSYSTEMSTATSREQUEST']._serialized_end=680
-  _globals['_GETSYSTEMSTATSRESPONSE']._serialized_start=683
-  _globals['_GETSYSTEMSTATSRESPONSE']._serialized_end=831
-  _globals['_GETUSERSTATSREQUEST']._serialized_start=834
-  _globals['_GETUSERSTATSREQUEST']._serialized_end=1065
-  _globals['_GETUSERSTATSRESPONSE']._serialized_start=1068
-  _globals['_GETUSERSTATSRESPONSE']._serialized_end=1239
-  _globals['_ANALYTICSSERVICE']._serialized_start=1242
-  _globals['_ANALYTICSSERVICE']._serialized_end=1675
+  _globals['_GETUSAGEREQUEST']._serialized_start=210
+  _globals['_GETUSAGEREQUEST']._serialized_end=227
+  _globals['_GETUSAGERESPONSE']._serialized_start=230
+  _globals['_GETUSAGERESPONSE']._serialized_end=502
+  _globals['_GETSYSTEMSTATSREQUEST']._serialized_start=505
+  _globals['_GETSYSTEMSTATSREQUEST']._serialized_end=713
+  _globals['_GETSYSTEMSTATSRESPONSE']._serialized_start=716
+  _globals['_GETSYSTEMSTATSRESPONSE']._serialized_end=864
+  _globals['_GETUSERSTATSREQUEST']._serialized_start=867
+  _globals['_GETUSERSTATSREQUEST']._serialized_end=1122
+  _globals['_GETUSERSTATSRESPONSE']._serialized_start=1125
+  _globals['_GETUSERSTATSRESPONSE']._serialized_end=1296
+  _globals['_ANALYTICSSERVICE']._serialized_start=1299
+  _globals['_ANALYTICSSERVICE']._serialized_end=1732
 # @@protoc_insertion_point(module_scope)

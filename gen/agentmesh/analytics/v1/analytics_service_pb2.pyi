@@ -158,7 +158,7 @@ class GetUserStatsRequest(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     GRANULARITY_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """The user to report on."""
+    """The user to report on. Required."""
     granularity: _analytics_pb2.Granularity.ValueType
     """The bucket width; days by default."""
     @_builtins.property

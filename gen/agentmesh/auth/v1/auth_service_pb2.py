@@ -24,15 +24,32 @@ _sym_db = _symbol_database.Default()
 
 from agentmesh.auth.v1 import user_pb2 as agentmesh_dot_auth_dot_v1_dot_user__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$agentmesh/auth/v1/auth_service.proto\x12\x11\x61gentmesh.auth.v1\x1a\x1c\x61gentmesh/auth/v1/user.proto\x1a\x1cgoogle/api/annotations.proto\"`\n\x0fRegisterRequest\x12\x14\n\x05\x65mail\x18\x01 \x01(\tR\x05\x65mail\x12\x1a\n\x08password\x18\x02 \x01(\tR\x08password\x12\x1b\n\tfull_name\x18\x03 \x01(\tR\x08\x66ullName\"?\n\x10RegisterResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"@\n\x0cLoginRequest\x12\x14\n\x05\x65mail\x18\x01 \x01(\tR\x05\x65mail\x12\x1a\n\x08password\x18\x02 \x01(\tR\x08password\"\xf0\x01\n\rLoginResponse\x12!\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tR\x0b\x61\x63\x63\x65ssToken\x12#\n\rrefresh_token\x18\x02 \x01(\tR\x0crefreshToken\x12\x1d\n\ntoken_type\x18\x03 \x01(\tR\ttokenType\x12\x1d\n\nexpires_in\x18\x04 \x01(\x05R\texpiresIn\x12,\n\x12refresh_expires_in\x18\x05 \x01(\x05R\x10refreshExpiresIn\x12+\n\x04user\x18\x06 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\":\n\x13RefreshTokenRequest\x12#\n\rrefresh_token\x18\x01 \x01(\tR\x0crefreshToken\"\xca\x01\n\x14RefreshTokenResponse\x12!\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tR\x0b\x61\x63\x63\x65ssToken\x12#\n\rrefresh_token\x18\x02 \x01(\tR\x0crefreshToken\x12\x1d\n\ntoken_type\x18\x03 \x01(\tR\ttokenType\x12\x1d\n\nexpires_in\x18\x04 \x01(\x05R\texpiresIn\x12,\n\x12refresh_expires_in\x18\x05 \x01(\x05R\x10refreshExpiresIn\"W\n\rLogoutRequest\x12#\n\rrefresh_token\x18\x01 \x01(\tR\x0crefreshToken\x12!\n\x0c\x61ll_sessions\x18\x02 \x01(\x08R\x0b\x61llSessions\"\x10\n\x0eLogoutResponse\"e\n\x15\x43hangePasswordRequest\x12)\n\x10\x63urrent_password\x18\x01 \x01(\tR\x0f\x63urrentPassword\x12!\n\x0cnew_password\x18\x02 \x01(\tR\x0bnewPassword\"\x18\n\x16\x43hangePasswordResponse2\xd6\x04\n\x0b\x41uthService\x12q\n\x08Register\x12\".agentmesh.auth.v1.RegisterRequest\x1a#.agentmesh.auth.v1.RegisterResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/v1/auth/register:\x01*\x12\x65\n\x05Login\x12\x1f.agentmesh.auth.v1.LoginRequest\x1a .agentmesh.auth.v1.LoginResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/auth/login:\x01*\x12|\n\x0cRefreshToken\x12&.agentmesh.auth.v1.RefreshTokenRequest\x1a\'.agentmesh.auth.v1.RefreshTokenResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/v1/auth/refresh:\x01*\x12i\n\x06Logout\x12 .agentmesh.auth.v1.LogoutRequest\x1a!.agentmesh.auth.v1.LogoutResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/auth/logout:\x01*\x12\x83\x01\n\x0e\x43hangePassword\x12(.agentmesh.auth.v1.ChangePasswordRequest\x1a).agentmesh.auth.v1.ChangePasswordResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/v1/auth/password:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$agentmesh/auth/v1/auth_service.proto\x12\x11\x61gentmesh.auth.v1\x1a\x1c\x61gentmesh/auth/v1/user.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\"r\n\x0fRegisterRequest\x12\x1a\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05\x65mail\x12 \n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x08password\x12!\n\tfull_name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\x08\x66ullName\"?\n\x10RegisterResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"L\n\x0cLoginRequest\x12\x1a\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05\x65mail\x12 \n\x08password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x08password\"\xf0\x01\n\rLoginResponse\x12!\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tR\x0b\x61\x63\x63\x65ssToken\x12#\n\rrefresh_token\x18\x02 \x01(\tR\x0crefreshToken\x12\x1d\n\ntoken_type\x18\x03 \x01(\tR\ttokenType\x12\x1d\n\nexpires_in\x18\x04 \x01(\x05R\texpiresIn\x12,\n\x12refresh_expires_in\x18\x05 \x01(\x05R\x10refreshExpiresIn\x12+\n\x04user\x18\x06 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"@\n\x13RefreshTokenRequest\x12)\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x0crefreshToken\"\xca\x01\n\x14RefreshTokenResponse\x12!\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tR\x0b\x61\x63\x63\x65ssToken\x12#\n\rrefresh_token\x18\x02 \x01(\tR\x0crefreshToken\x12\x1d\n\ntoken_type\x18\x03 \x01(\tR\ttokenType\x12\x1d\n\nexpires_in\x18\x04 \x01(\x05R\texpiresIn\x12,\n\x12refresh_expires_in\x18\x05 \x01(\x05R\x10refreshExpiresIn\"W\n\rLogoutRequest\x12#\n\rrefresh_token\x18\x01 \x01(\tR\x0crefreshToken\x12!\n\x0c\x61ll_sessions\x18\x02 \x01(\x08R\x0b\x61llSessions\"\x10\n\x0eLogoutResponse\"q\n\x15\x43hangePasswordRequest\x12/\n\x10\x63urrent_password\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x0f\x63urrentPassword\x12\'\n\x0cnew_password\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\x0bnewPassword\"\x18\n\x16\x43hangePasswordResponse2\xd6\x04\n\x0b\x41uthService\x12q\n\x08Register\x12\".agentmesh.auth.v1.RegisterRequest\x1a#.agentmesh.auth.v1.RegisterResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/v1/auth/register:\x01*\x12\x65\n\x05Login\x12\x1f.agentmesh.auth.v1.LoginRequest\x1a .agentmesh.auth.v1.LoginResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/auth/login:\x01*\x12|\n\x0cRefreshToken\x12&.agentmesh.auth.v1.RefreshTokenRequest\x1a\'.agentmesh.auth.v1.RefreshTokenResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/v1/auth/refresh:\x01*\x12i\n\x06Logout\x12 .agentmesh.auth.v1.LogoutRequest\x1a!.agentmesh.auth.v1.LogoutResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/auth/logout:\x01*\x12\x83\x01\n\x0e\x43hangePassword\x12(.agentmesh.auth.v1.ChangePasswordRequest\x1a).agentmesh.auth.v1.ChangePasswordResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/v1/auth/password:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentmesh.auth.v1.auth_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_REGISTERREQUEST'].fields_by_name['email']._loaded_options = None
+  _globals['_REGISTERREQUEST'].fields_by_name['email']._serialized_options = b'\342A\001\002'
+  _globals['_REGISTERREQUEST'].fields_by_name['password']._loaded_options = None
+  _globals['_REGISTERREQUEST'].fields_by_name['password']._serialized_options = b'\342A\001\002'
+  _globals['_REGISTERREQUEST'].fields_by_name['full_name']._loaded_options = None
+  _globals['_REGISTERREQUEST'].fields_by_name['full_name']._serialized_options = b'\342A\001\001'
+  _globals['_LOGINREQUEST'].fields_by_name['email']._loaded_options = None
+  _globals['_LOGINREQUEST'].fields_by_name['email']._serialized_options = b'\342A\001\002'
+  _globals['_LOGINREQUEST'].fields_by_name['password']._loaded_options = None
+  _globals['_LOGINREQUEST'].fields_by_name['password']._serialized_options = b'\342A\001\002'
+  _globals['_REFRESHTOKENREQUEST'].fields_by_name['refresh_token']._loaded_options = None
+  _globals['_REFRESHTOKENREQUEST'].fields_by_name['refresh_token']._serialized_options = b'\342A\001\002'
+  _globals['_CHANGEPASSWORDREQUEST'].fields_by_name['current_password']._loaded_options = None
+  _globals['_CHANGEPASSWORDREQUEST'].fields_by_name['current_password']._serialized_options = b'\342A\001\002'
+  _globals['_CHANGEPASSWORDREQUEST'].fields_by_name['new_password']._loaded_options = None
+  _globals['_CHANGEPASSWORDREQUEST'].fields_by_name['new_password']._serialized_options = b'\342A\001\002'
   _globals['_AUTHSERVICE'].methods_by_name['Register']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['Register']._serialized_options = b'\202\323\344\223\002\026\"\021/v1/auth/register:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['Login']._loaded_options = None
@@ -43,26 +60,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHSERVICE'].methods_by_name['Logout']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/auth/logout:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['ChangePassword']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['ChangePassword']._serialized_options = b'\202\323\344\223\002\026\"\021/v1/auth/password:\001*'
-  _globals['_REGISTERREQUEST']._serialized_start=119
-  _globals['_REGISTERREQUEST']._serialized_end=215
-  _globals['_REGISTERRESPONSE']._serialized_start=217
-  _globals['_REGISTERRESPONSE']._serialized_end=280
-  _globals['_LOGINREQUEST']._serialized_start=282
-  _globals['_LOGINREQUEST']._serialized_end=346
-  _globals['_LOGINRESPONSE']._serialized_start=349
-  _globals['_LOGINRESPONSE']._serialized_end=589
-  _globals['_REFRESHTOKENREQUEST']._serialized_start=591
-  _globals['_REFRESHTOKENREQUEST']._serialized_end=649
-  _globals['_REFRESHTOKENRESPONSE']._serialized_start=652
-  _globals['_REFRESHTOKENRESPONSE']._serialized_end=854
-  _globals['_LOGOUTREQUEST']._serialized_start=856
-  _globals['_LOGOUTREQUEST']._serialized_end=943
-  _globals['_LOGOUTRESPONSE']._serialized_start=945
-  _globals['_LOGOUTRESPONSE']._serialized_end=961
-  _globals['_CHANGEPASSWORDREQUEST']._serialized_start=963
-  _globals['_CHANGEPASSWORDREQUEST']._serialized_end=1064
-  _globals['_CHANGEPASSWORDRESPONSE']._serialized_start=1066
-  _globals['_CHANGEPASSWORDRESPONSE']._serialized_end=1090
-  _globals['_AUTHSERVICE']._serialized_start=1093
-  _globals['_AUTHSERVICE']._serialized_end=1691
+  _globals['_REGISTERREQUEST']._serialized_start=152
+  _globals['_REGISTERREQUEST']._serialized_end=266
+  _globals['_REGISTERRESPONSE']._serialized_start=268
+  _globals['_REGISTERRESPONSE']._serialized_end=331
+  _globals['_LOGINREQUEST']._serialized_start=333
+  _globals['_LOGINREQUEST']._serialized_end=409
+  _globals['_LOGINRESPONSE']._serialized_start=412
+  _globals['_LOGINRESPONSE']._serialized_end=652
+  _globals['_REFRESHTOKENREQUEST']._serialized_start=654
+  _globals['_REFRESHTOKENREQUEST']._serialized_end=718
+  _globals['_REFRESHTOKENRESPONSE']._serialized_start=721
+  _globals['_REFRESHTOKENRESPONSE']._serialized_end=923
+  _globals['_LOGOUTREQUEST']._serialized_start=925
+  _globals['_LOGOUTREQUEST']._serialized_end=1012
+  _globals['_LOGOUTRESPONSE']._serialized_start=1014
+  _globals['_LOGOUTRESPONSE']._serialized_end=1030
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_start=1032
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_end=1145
+  _globals['_CHANGEPASSWORDRESPONSE']._serialized_start=1147
+  _globals['_CHANGEPASSWORDRESPONSE']._serialized_end=1171
+  _globals['_AUTHSERVICE']._serialized_start=1174
+  _globals['_AUTHSERVICE']._serialized_end=1772
 # @@protoc_insertion_point(module_scope)

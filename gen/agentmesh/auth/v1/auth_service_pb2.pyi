@@ -27,10 +27,10 @@ class RegisterRequest(_message.Message):
     PASSWORD_FIELD_NUMBER: _builtins.int
     FULL_NAME_FIELD_NUMBER: _builtins.int
     email: _builtins.str
-    """The email address to register; it is lower-cased and must be unique."""
+    """The email address to register; it is lower-cased and must be unique. Required."""
     password: _builtins.str
     """The password: 10 to 128 characters, at least 5 distinct, and not containing the
-    email's local part.
+    email's local part. Required.
     """
     full_name: _builtins.str
     """The user's display name, at most 200 characters."""
@@ -82,9 +82,9 @@ class LoginRequest(_message.Message):
     EMAIL_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
     email: _builtins.str
-    """The account's email address (case-insensitive)."""
+    """The account's email address (case-insensitive). Required."""
     password: _builtins.str
-    """The account's password."""
+    """The account's password. Required."""
     def __init__(
         self,
         *,
@@ -151,7 +151,7 @@ class RefreshTokenRequest(_message.Message):
 
     REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     refresh_token: _builtins.str
-    """The refresh token from Login or from the previous RefreshToken."""
+    """The refresh token from Login or from the previous RefreshToken. Required."""
     def __init__(
         self,
         *,
@@ -212,7 +212,9 @@ class LogoutRequest(_message.Message):
     REFRESH_TOKEN_FIELD_NUMBER: _builtins.int
     ALL_SESSIONS_FIELD_NUMBER: _builtins.int
     refresh_token: _builtins.str
-    """The refresh token whose family (the session started by one login) is revoked."""
+    """The refresh token whose family (the session started by one login) is revoked.
+    Required unless `all_sessions` is set.
+    """
     all_sessions: _builtins.bool
     """Revoke every session of the caller instead of the one named by `refresh_token`."""
     def __init__(
@@ -255,9 +257,11 @@ class ChangePasswordRequest(_message.Message):
     CURRENT_PASSWORD_FIELD_NUMBER: _builtins.int
     NEW_PASSWORD_FIELD_NUMBER: _builtins.int
     current_password: _builtins.str
-    """The caller's current password."""
+    """The caller's current password. Required: an empty or wrong one is refused with
+    PERMISSION_DENIED.
+    """
     new_password: _builtins.str
-    """The new password; the same policy as RegisterRequest.password applies."""
+    """The new password; the same policy as RegisterRequest.password applies. Required."""
     def __init__(
         self,
         *,

@@ -59,7 +59,9 @@ class User(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """The server-assigned identifier of the user (a UUID). Output only."""
+    """The server-assigned identifier of the user (a UUID). Output only, except that
+    UpdateUser reads it to name the account to change.
+    """
     email: _builtins.str
     """The user's email address, lower-cased; unique across the installation."""
     full_name: _builtins.str

@@ -24,16 +24,27 @@ _sym_db = _symbol_database.Default()
 
 from agentmesh.auth.v1 import user_pb2 as agentmesh_dot_auth_dot_v1_dot_user__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$agentmesh/auth/v1/user_service.proto\x12\x11\x61gentmesh.auth.v1\x1a\x1c\x61gentmesh/auth/v1/user.proto\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\"\x17\n\x15GetCurrentUserRequest\"E\n\x16GetCurrentUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"\x84\x01\n\x18UpdateCurrentUserRequest\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\x12;\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskR\nupdateMask\"H\n\x19UpdateCurrentUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"N\n\x10ListUsersRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"j\n\x11ListUsersResponse\x12-\n\x05users\x18\x01 \x03(\x0b\x32\x17.agentmesh.auth.v1.UserR\x05users\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\")\n\x0eGetUserRequest\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId\">\n\x0fGetUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"}\n\x11UpdateUserRequest\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\x12;\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskR\nupdateMask\"A\n\x12UpdateUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\",\n\x11\x44\x65leteUserRequest\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId\"\x14\n\x12\x44\x65leteUserResponse2\xed\x05\n\x0bUserService\x12{\n\x0eGetCurrentUser\x12(.agentmesh.auth.v1.GetCurrentUserRequest\x1a).agentmesh.auth.v1.GetCurrentUserResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/users/me\x12\x8a\x01\n\x11UpdateCurrentUser\x12+.agentmesh.auth.v1.UpdateCurrentUserRequest\x1a,.agentmesh.auth.v1.UpdateCurrentUserResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x32\x0c/v1/users/me:\x04user\x12i\n\tListUsers\x12#.agentmesh.auth.v1.ListUsersRequest\x1a$.agentmesh.auth.v1.ListUsersResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/users\x12m\n\x07GetUser\x12!.agentmesh.auth.v1.GetUserRequest\x1a\".agentmesh.auth.v1.GetUserResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/users/{user_id}\x12\x81\x01\n\nUpdateUser\x12$.agentmesh.auth.v1.UpdateUserRequest\x1a%.agentmesh.auth.v1.UpdateUserResponse\"&\x82\xd3\xe4\x93\x02 2\x18/v1/users/{user.user_id}:\x04user\x12v\n\nDeleteUser\x12$.agentmesh.auth.v1.DeleteUserRequest\x1a%.agentmesh.auth.v1.DeleteUserResponse\"\x1b\x82\xd3\xe4\x93\x02\x15*\x13/v1/users/{user_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$agentmesh/auth/v1/user_service.proto\x12\x11\x61gentmesh.auth.v1\x1a\x1c\x61gentmesh/auth/v1/user.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\"\x17\n\x15GetCurrentUserRequest\"E\n\x16GetCurrentUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"\x8a\x01\n\x18UpdateCurrentUserRequest\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\x12\x41\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x01R\nupdateMask\"H\n\x19UpdateCurrentUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"N\n\x10ListUsersRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"j\n\x11ListUsersResponse\x12-\n\x05users\x18\x01 \x03(\x0b\x32\x17.agentmesh.auth.v1.UserR\x05users\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"/\n\x0eGetUserRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06userId\">\n\x0fGetUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"\x89\x01\n\x11UpdateUserRequest\x12\x31\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserB\x04\xe2\x41\x01\x02R\x04user\x12\x41\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x01R\nupdateMask\"A\n\x12UpdateUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"2\n\x11\x44\x65leteUserRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06userId\"\x14\n\x12\x44\x65leteUserResponse2\xed\x05\n\x0bUserService\x12{\n\x0eGetCurrentUser\x12(.agentmesh.auth.v1.GetCurrentUserRequest\x1a).agentmesh.auth.v1.GetCurrentUserResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/users/me\x12\x8a\x01\n\x11UpdateCurrentUser\x12+.agentmesh.auth.v1.UpdateCurrentUserRequest\x1a,.agentmesh.auth.v1.UpdateCurrentUserResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x32\x0c/v1/users/me:\x04user\x12i\n\tListUsers\x12#.agentmesh.auth.v1.ListUsersRequest\x1a$.agentmesh.auth.v1.ListUsersResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/users\x12m\n\x07GetUser\x12!.agentmesh.auth.v1.GetUserRequest\x1a\".agentmesh.auth.v1.GetUserResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/users/{user_id}\x12\x81\x01\n\nUpdateUser\x12$.agentmesh.auth.v1.UpdateUserRequest\x1a%.agentmesh.auth.v1.UpdateUserResponse\"&\x82\xd3\xe4\x93\x02 2\x18/v1/users/{user.user_id}:\x04user\x12v\n\nDeleteUser\x12$.agentmesh.auth.v1.DeleteUserRequest\x1a%.agentmesh.auth.v1.DeleteUserResponse\"\x1b\x82\xd3\xe4\x93\x02\x15*\x13/v1/users/{user_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentmesh.auth.v1.user_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_UPDATECURRENTUSERREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATECURRENTUSERREQUEST'].fields_by_name['update_mask']._serialized_options = b'\342A\001\001'
+  _globals['_GETUSERREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_GETUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATEUSERREQUEST'].fields_by_name['user']._loaded_options = None
+  _globals['_UPDATEUSERREQUEST'].fields_by_name['user']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATEUSERREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATEUSERREQUEST'].fields_by_name['update_mask']._serialized_options = b'\342A\001\001'
+  _globals['_DELETEUSERREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_DELETEUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\002'
   _globals['_USERSERVICE'].methods_by_name['GetCurrentUser']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['GetCurrentUser']._serialized_options = b'\202\323\344\223\002\016\022\014/v1/users/me'
   _globals['_USERSERVICE'].methods_by_name['UpdateCurrentUser']._loaded_options = None
@@ -46,30 +57,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERSERVICE'].methods_by_name['UpdateUser']._serialized_options = b'\202\323\344\223\002 2\030/v1/users/{user.user_id}:\004user'
   _globals['_USERSERVICE'].methods_by_name['DeleteUser']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['DeleteUser']._serialized_options = b'\202\323\344\223\002\025*\023/v1/users/{user_id}'
-  _globals['_GETCURRENTUSERREQUEST']._serialized_start=153
-  _globals['_GETCURRENTUSERREQUEST']._serialized_end=176
-  _globals['_GETCURRENTUSERRESPONSE']._serialized_start=178
-  _globals['_GETCURRENTUSERRESPONSE']._serialized_end=247
-  _globals['_UPDATECURRENTUSERREQUEST']._serialized_start=250
-  _globals['_UPDATECURRENTUSERREQUEST']._serialized_end=382
-  _globals['_UPDATECURRENTUSERRESPONSE']._serialized_start=384
-  _globals['_UPDATECURRENTUSERRESPONSE']._serialized_end=456
-  _globals['_LISTUSERSREQUEST']._serialized_start=458
-  _globals['_LISTUSERSREQUEST']._serialized_end=536
-  _globals['_LISTUSERSRESPONSE']._serialized_start=538
-  _globals['_LISTUSERSRESPONSE']._serialized_end=644
-  _globals['_GETUSERREQUEST']._serialized_start=646
-  _globals['_GETUSERREQUEST']._serialized_end=687
-  _globals['_GETUSERRESPONSE']._serialized_start=689
-  _globals['_GETUSERRESPONSE']._serialized_end=751
-  _globals['_UPDATEUSERREQUEST']._serialized_start=753
-  _globals['_UPDATEUSERREQUEST']._serialized_end=878
-  _globals['_UPDATEUSERRESPONSE']._serialized_start=880
-  _globals['_UPDATEUSERRESPONSE']._serialized_end=945
-  _globals['_DELETEUSERREQUEST']._serialized_start=947
-  _globals['_DELETEUSERREQUEST']._serialized_end=991
-  _globals['_DELETEUSERRESPONSE']._serialized_start=993
-  _globals['_DELETEUSERRESPONSE']._serialized_end=1013
-  _globals['_USERSERVICE']._serialized_start=1016
-  _globals['_USERSERVICE']._serialized_end=1765
+  _globals['_GETCURRENTUSERREQUEST']._serialized_start=186
+  _globals['_GETCURRENTUSERREQUEST']._serialized_end=209
+  _globals['_GETCURRENTUSERRESPONSE']._serialized_start=211
+  _globals['_GETCURRENTUSERRESPONSE']._serialized_end=280
+  _globals['_UPDATECURRENTUSERREQUEST']._serialized_start=283
+  _globals['_UPDATECURRENTUSERREQUEST']._serialized_end=421
+  _globals['_UPDATECURRENTUSERRESPONSE']._serialized_start=423
+  _globals['_UPDATECURRENTUSERRESPONSE']._serialized_end=495
+  _globals['_LISTUSERSREQUEST']._serialized_start=497
+  _globals['_LISTUSERSREQUEST']._serialized_end=575
+  _globals['_LISTUSERSRESPONSE']._serialized_start=577
+  _globals['_LISTUSERSRESPONSE']._serialized_end=683
+  _globals['_GETUSERREQUEST']._serialized_start=685
+  _globals['_GETUSERREQUEST']._serialized_end=732
+  _globals['_GETUSERRESPONSE']._serialized_start=734
+  _globals['_GETUSERRESPONSE']._serialized_end=796
+  _globals['_UPDATEUSERREQUEST']._serialized_start=799
+  _globals['_UPDATEUSERREQUEST']._serialized_end=936
+  _globals['_UPDATEUSERRESPONSE']._serialized_start=938
+  _globals['_UPDATEUSERRESPONSE']._serialized_end=1003
+  _globals['_DELETEUSERREQUEST']._serialized_start=1005
+  _globals['_DELETEUSERREQUEST']._serialized_end=1055
+  _globals['_DELETEUSERRESPONSE']._serialized_start=1057
+  _globals['_DELETEUSERRESPONSE']._serialized_end=1077
+  _globals['_USERSERVICE']._serialized_start=1080
+  _globals['_USERSERVICE']._serialized_end=1829
 # @@protoc_insertion_point(module_scope)

@@ -75,7 +75,9 @@ class UpdateCurrentUserRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """The fields to change: `full_name` and/or `email`."""
+        """The fields to change: `full_name` and/or `email`. Empty means the fields set in
+        `user`.
+        """
 
     def __init__(
         self,
@@ -177,7 +179,7 @@ class GetUserRequest(_message.Message):
 
     USER_ID_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """The identifier of the account."""
+    """The identifier of the account. Required."""
     def __init__(
         self,
         *,
@@ -225,11 +227,13 @@ class UpdateUserRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def user(self) -> _user_pb2.User:
-        """The account to change (`user.user_id`) and its new values."""
+        """The account to change (`user.user_id`) and its new values. Required."""
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """The fields to change: `full_name` and/or `role`."""
+        """The fields to change: `full_name` and/or `role`. Empty means the fields set in
+        `user` (other than `user_id`).
+        """
 
     def __init__(
         self,
@@ -277,7 +281,7 @@ class DeleteUserRequest(_message.Message):
 
     USER_ID_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """The identifier of the account to delete."""
+    """The identifier of the account to delete. Required."""
     def __init__(
         self,
         *,

@@ -22,20 +22,33 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$agentmesh/feedback/v1/feedback.proto\x12\x15\x61gentmesh.feedback.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaa\x03\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1f\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\tR\nfeedbackId\x12\x1d\n\nmessage_id\x18\x02 \x01(\tR\tmessageId\x12\'\n\x0f\x63onversation_id\x18\x03 \x01(\tR\x0e\x63onversationId\x12\x17\n\x07user_id\x18\x04 \x01(\tR\x06userId\x12\x35\n\x06rating\x18\x05 \x01(\x0e\x32\x1d.agentmesh.feedback.v1.RatingR\x06rating\x12\x14\n\x05score\x18\x06 \x01(\x05R\x05score\x12?\n\x07reasons\x18\x07 \x03(\x0e\x32%.agentmesh.feedback.v1.FeedbackReasonR\x07reasons\x12\x18\n\x07\x63omment\x18\x08 \x01(\tR\x07\x63omment\x12\x39\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x39\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tupdatedAt*N\n\x06Rating\x12\x16\n\x12RATING_UNSPECIFIED\x10\x00\x12\x14\n\x10RATING_THUMBS_UP\x10\x01\x12\x16\n\x12RATING_THUMBS_DOWN\x10\x02*\xc6\x01\n\x0e\x46\x65\x65\x64\x62\x61\x63kReason\x12\x1f\n\x1b\x46\x45\x45\x44\x42\x41\x43K_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46\x45\x45\x44\x42\x41\x43K_REASON_WRONG\x10\x01\x12\x1e\n\x1a\x46\x45\x45\x44\x42\x41\x43K_REASON_INCOMPLETE\x10\x02\x12 \n\x1c\x46\x45\x45\x44\x42\x41\x43K_REASON_BAD_CITATION\x10\x03\x12\x1b\n\x17\x46\x45\x45\x44\x42\x41\x43K_REASON_HARMFUL\x10\x04\x12\x19\n\x15\x46\x45\x45\x44\x42\x41\x43K_REASON_OTHER\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$agentmesh/feedback/v1/feedback.proto\x12\x15\x61gentmesh.feedback.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x03\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12%\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\nfeedbackId\x12#\n\nmessage_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x05R\tmessageId\x12-\n\x0f\x63onversation_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03R\x0e\x63onversationId\x12\x1d\n\x07user_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03R\x06userId\x12\x35\n\x06rating\x18\x05 \x01(\x0e\x32\x1d.agentmesh.feedback.v1.RatingR\x06rating\x12\x14\n\x05score\x18\x06 \x01(\x05R\x05score\x12?\n\x07reasons\x18\x07 \x03(\x0e\x32%.agentmesh.feedback.v1.FeedbackReasonR\x07reasons\x12\x18\n\x07\x63omment\x18\x08 \x01(\tR\x07\x63omment\x12?\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tcreatedAt\x12?\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tupdatedAt*N\n\x06Rating\x12\x16\n\x12RATING_UNSPECIFIED\x10\x00\x12\x14\n\x10RATING_THUMBS_UP\x10\x01\x12\x16\n\x12RATING_THUMBS_DOWN\x10\x02*\xc6\x01\n\x0e\x46\x65\x65\x64\x62\x61\x63kReason\x12\x1f\n\x1b\x46\x45\x45\x44\x42\x41\x43K_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46\x45\x45\x44\x42\x41\x43K_REASON_WRONG\x10\x01\x12\x1e\n\x1a\x46\x45\x45\x44\x42\x41\x43K_REASON_INCOMPLETE\x10\x02\x12 \n\x1c\x46\x45\x45\x44\x42\x41\x43K_REASON_BAD_CITATION\x10\x03\x12\x1b\n\x17\x46\x45\x45\x44\x42\x41\x43K_REASON_HARMFUL\x10\x04\x12\x19\n\x15\x46\x45\x45\x44\x42\x41\x43K_REASON_OTHER\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentmesh.feedback.v1.feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RATING']._serialized_start=525
-  _globals['_RATING']._serialized_end=603
-  _globals['_FEEDBACKREASON']._serialized_start=606
-  _globals['_FEEDBACKREASON']._serialized_end=804
-  _globals['_FEEDBACK']._serialized_start=97
-  _globals['_FEEDBACK']._serialized_end=523
+  _globals['_FEEDBACK'].fields_by_name['feedback_id']._loaded_options = None
+  _globals['_FEEDBACK'].fields_by_name['feedback_id']._serialized_options = b'\342A\001\003'
+  _globals['_FEEDBACK'].fields_by_name['message_id']._loaded_options = None
+  _globals['_FEEDBACK'].fields_by_name['message_id']._serialized_options = b'\342A\001\005'
+  _globals['_FEEDBACK'].fields_by_name['conversation_id']._loaded_options = None
+  _globals['_FEEDBACK'].fields_by_name['conversation_id']._serialized_options = b'\342A\001\003'
+  _globals['_FEEDBACK'].fields_by_name['user_id']._loaded_options = None
+  _globals['_FEEDBACK'].fields_by_name['user_id']._serialized_options = b'\342A\001\003'
+  _globals['_FEEDBACK'].fields_by_name['created_at']._loaded_options = None
+  _globals['_FEEDBACK'].fields_by_name['created_at']._serialized_options = b'\342A\001\003'
+  _globals['_FEEDBACK'].fields_by_name['updated_at']._loaded_options = None
+  _globals['_FEEDBACK'].fields_by_name['updated_at']._serialized_options = b'\342A\001\003'
+  _globals['_RATING']._serialized_start=594
+  _globals['_RATING']._serialized_end=672
+  _globals['_FEEDBACKREASON']._serialized_start=675
+  _globals['_FEEDBACKREASON']._serialized_end=873
+  _globals['_FEEDBACK']._serialized_start=130
+  _globals['_FEEDBACK']._serialized_end=592
 # @@protoc_insertion_point(module_scope)

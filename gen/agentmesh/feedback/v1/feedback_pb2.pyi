@@ -99,7 +99,9 @@ class Feedback(_message.Message):
     feedback_id: _builtins.str
     """The server-assigned identifier of the feedback (a UUID). Output only."""
     message_id: _builtins.str
-    """The assistant message the feedback is about."""
+    """The assistant message the feedback is about. Immutable: submitting again for the
+    same message replaces the other fields of this feedback.
+    """
     conversation_id: _builtins.str
     """The conversation the message belongs to. Output only."""
     user_id: _builtins.str

@@ -24,38 +24,49 @@ _sym_db = _symbol_database.Default()
 
 from agentmesh.feedback.v1 import feedback_pb2 as agentmesh_dot_feedback_dot_v1_dot_feedback__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,agentmesh/feedback/v1/feedback_service.proto\x12\x15\x61gentmesh.feedback.v1\x1a$agentmesh/feedback/v1/feedback.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x01\n\x15SubmitFeedbackRequest\x12\x1d\n\nmessage_id\x18\x01 \x01(\tR\tmessageId\x12\x35\n\x06rating\x18\x02 \x01(\x0e\x32\x1d.agentmesh.feedback.v1.RatingR\x06rating\x12\x18\n\x07\x63omment\x18\x03 \x01(\tR\x07\x63omment\x12?\n\x07reasons\x18\x04 \x03(\x0e\x32%.agentmesh.feedback.v1.FeedbackReasonR\x07reasons\x12\x14\n\x05score\x18\x05 \x01(\x05R\x05score\"o\n\x16SubmitFeedbackResponse\x12;\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x1f.agentmesh.feedback.v1.FeedbackR\x08\x66\x65\x65\x64\x62\x61\x63k\x12\x18\n\x07\x63reated\x18\x02 \x01(\x08R\x07\x63reated\"\xfb\x02\n\x13ListFeedbackRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12\x35\n\x06rating\x18\x03 \x01(\x0e\x32\x1d.agentmesh.feedback.v1.RatingR\x06rating\x12=\n\x06reason\x18\x04 \x01(\x0e\x32%.agentmesh.feedback.v1.FeedbackReasonR\x06reason\x12\x17\n\x07user_id\x18\x05 \x01(\tR\x06userId\x12\'\n\x0f\x63onversation_id\x18\x06 \x01(\tR\x0e\x63onversationId\x12\x39\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\"{\n\x14ListFeedbackResponse\x12;\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x03(\x0b\x32\x1f.agentmesh.feedback.v1.FeedbackR\x08\x66\x65\x65\x64\x62\x61\x63k\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x8b\x01\n\x17GetFeedbackStatsRequest\x12\x39\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\"b\n\x0bReasonCount\x12=\n\x06reason\x18\x01 \x01(\x0e\x32%.agentmesh.feedback.v1.FeedbackReasonR\x06reason\x12\x14\n\x05\x63ount\x18\x02 \x01(\x03R\x05\x63ount\"[\n\rDailyFeedback\x12\x12\n\x04\x64\x61te\x18\x01 \x01(\tR\x04\x64\x61te\x12\x1a\n\x08positive\x18\x02 \x01(\x03R\x08positive\x12\x1a\n\x08negative\x18\x03 \x01(\x03R\x08negative\"\xa4\x03\n\x18GetFeedbackStatsResponse\x12\x14\n\x05total\x18\x01 \x01(\x03R\x05total\x12\x1a\n\x08positive\x18\x02 \x01(\x03R\x08positive\x12\x1a\n\x08negative\x18\x03 \x01(\x03R\x08negative\x12%\n\x0epositive_ratio\x18\x04 \x01(\x01R\rpositiveRatio\x12#\n\raverage_score\x18\x05 \x01(\x01R\x0c\x61verageScore\x12?\n\tby_reason\x18\x06 \x03(\x0b\x32\".agentmesh.feedback.v1.ReasonCountR\x08\x62yReason\x12;\n\x06\x62y_day\x18\x07 \x03(\x0b\x32$.agentmesh.feedback.v1.DailyFeedbackR\x05\x62yDay\x12\x39\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime2\xab\x03\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x86\x01\n\x0eSubmitFeedback\x12,.agentmesh.feedback.v1.SubmitFeedbackRequest\x1a-.agentmesh.feedback.v1.SubmitFeedbackResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/feedback:\x01*\x12}\n\x0cListFeedback\x12*.agentmesh.feedback.v1.ListFeedbackRequest\x1a+.agentmesh.feedback.v1.ListFeedbackResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/feedback\x12\x8f\x01\n\x10GetFeedbackStats\x12..agentmesh.feedback.v1.GetFeedbackStatsRequest\x1a/.agentmesh.feedback.v1.GetFeedbackStatsResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/feedback/statsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,agentmesh/feedback/v1/feedback_service.proto\x12\x15\x61gentmesh.feedback.v1\x1a$agentmesh/feedback/v1/feedback.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfc\x01\n\x15SubmitFeedbackRequest\x12#\n\nmessage_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\tmessageId\x12;\n\x06rating\x18\x02 \x01(\x0e\x32\x1d.agentmesh.feedback.v1.RatingB\x04\xe2\x41\x01\x02R\x06rating\x12\x1e\n\x07\x63omment\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\x07\x63omment\x12\x45\n\x07reasons\x18\x04 \x03(\x0e\x32%.agentmesh.feedback.v1.FeedbackReasonB\x04\xe2\x41\x01\x01R\x07reasons\x12\x1a\n\x05score\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x05score\"o\n\x16SubmitFeedbackResponse\x12;\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x1f.agentmesh.feedback.v1.FeedbackR\x08\x66\x65\x65\x64\x62\x61\x63k\x12\x18\n\x07\x63reated\x18\x02 \x01(\x08R\x07\x63reated\"\xfb\x02\n\x13ListFeedbackRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12\x35\n\x06rating\x18\x03 \x01(\x0e\x32\x1d.agentmesh.feedback.v1.RatingR\x06rating\x12=\n\x06reason\x18\x04 \x01(\x0e\x32%.agentmesh.feedback.v1.FeedbackReasonR\x06reason\x12\x17\n\x07user_id\x18\x05 \x01(\tR\x06userId\x12\'\n\x0f\x63onversation_id\x18\x06 \x01(\tR\x0e\x63onversationId\x12\x39\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\"{\n\x14ListFeedbackResponse\x12;\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x03(\x0b\x32\x1f.agentmesh.feedback.v1.FeedbackR\x08\x66\x65\x65\x64\x62\x61\x63k\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x8b\x01\n\x17GetFeedbackStatsRequest\x12\x39\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\"b\n\x0bReasonCount\x12=\n\x06reason\x18\x01 \x01(\x0e\x32%.agentmesh.feedback.v1.FeedbackReasonR\x06reason\x12\x14\n\x05\x63ount\x18\x02 \x01(\x03R\x05\x63ount\"[\n\rDailyFeedback\x12\x12\n\x04\x64\x61te\x18\x01 \x01(\tR\x04\x64\x61te\x12\x1a\n\x08positive\x18\x02 \x01(\x03R\x08positive\x12\x1a\n\x08negative\x18\x03 \x01(\x03R\x08negative\"\xa4\x03\n\x18GetFeedbackStatsResponse\x12\x14\n\x05total\x18\x01 \x01(\x03R\x05total\x12\x1a\n\x08positive\x18\x02 \x01(\x03R\x08positive\x12\x1a\n\x08negative\x18\x03 \x01(\x03R\x08negative\x12%\n\x0epositive_ratio\x18\x04 \x01(\x01R\rpositiveRatio\x12#\n\raverage_score\x18\x05 \x01(\x01R\x0c\x61verageScore\x12?\n\tby_reason\x18\x06 \x03(\x0b\x32\".agentmesh.feedback.v1.ReasonCountR\x08\x62yReason\x12;\n\x06\x62y_day\x18\x07 \x03(\x0b\x32$.agentmesh.feedback.v1.DailyFeedbackR\x05\x62yDay\x12\x39\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime2\xab\x03\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x86\x01\n\x0eSubmitFeedback\x12,.agentmesh.feedback.v1.SubmitFeedbackRequest\x1a-.agentmesh.feedback.v1.SubmitFeedbackResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/feedback:\x01*\x12}\n\x0cListFeedback\x12*.agentmesh.feedback.v1.ListFeedbackRequest\x1a+.agentmesh.feedback.v1.ListFeedbackResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/feedback\x12\x8f\x01\n\x10GetFeedbackStats\x12..agentmesh.feedback.v1.GetFeedbackStatsRequest\x1a/.agentmesh.feedback.v1.GetFeedbackStatsResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/feedback/statsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentmesh.feedback.v1.feedback_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SUBMITFEEDBACKREQUEST'].fields_by_name['message_id']._loaded_options = None
+  _globals['_SUBMITFEEDBACKREQUEST'].fields_by_name['message_id']._serialized_options = b'\342A\001\002'
+  _globals['_SUBMITFEEDBACKREQUEST'].fields_by_name['rating']._loaded_options = None
+  _globals['_SUBMITFEEDBACKREQUEST'].fields_by_name['rating']._serialized_options = b'\342A\001\002'
+  _globals['_SUBMITFEEDBACKREQUEST'].fields_by_name['comment']._loaded_options = None
+  _globals['_SUBMITFEEDBACKREQUEST'].fields_by_name['comment']._serialized_options = b'\342A\001\001'
+  _globals['_SUBMITFEEDBACKREQUEST'].fields_by_name['reasons']._loaded_options = None
+  _globals['_SUBMITFEEDBACKREQUEST'].fields_by_name['reasons']._serialized_options = b'\342A\001\001'
+  _globals['_SUBMITFEEDBACKREQUEST'].fields_by_name['score']._loaded_options = None
+  _globals['_SUBMITFEEDBACKREQUEST'].fields_by_name['score']._serialized_options = b'\342A\001\001'
   _globals['_FEEDBACKSERVICE'].methods_by_name['SubmitFeedback']._loaded_options = None
   _globals['_FEEDBACKSERVICE'].methods_by_name['SubmitFeedback']._serialized_options = b'\202\323\344\223\002\021\"\014/v1/feedback:\001*'
   _globals['_FEEDBACKSERVICE'].methods_by_name['ListFeedback']._loaded_options = None
   _globals['_FEEDBACKSERVICE'].methods_by_name['ListFeedback']._serialized_options = b'\202\323\344\223\002\016\022\014/v1/feedback'
   _globals['_FEEDBACKSERVICE'].methods_by_name['GetFeedbackStats']._loaded_options = None
   _globals['_FEEDBACKSERVICE'].methods_by_name['GetFeedbackStats']._serialized_options = b'\202\323\344\223\002\024\022\022/v1/feedback/stats'
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=173
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=395
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=397
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=508
-  _globals['_LISTFEEDBACKREQUEST']._serialized_start=511
-  _globals['_LISTFEEDBACKREQUEST']._serialized_end=890
-  _globals['_LISTFEEDBACKRESPONSE']._serialized_start=892
-  _globals['_LISTFEEDBACKRESPONSE']._serialized_end=1015
-  _globals['_GETFEEDBACKSTATSREQUEST']._serialized_start=1018
-  _globals['_GETFEEDBACKSTATSREQUEST']._serialized_end=1157
-  _globals['_REASONCOUNT']._serialized_start=1159
-  _globals['_REASONCOUNT']._serialized_end=1257
-  _globals['_DAILYFEEDBACK']._serialized_start=1259
-  _globals['_DAILYFEEDBACK']._serialized_end=1350
-  _globals['_GETFEEDBACKSTATSRESPONSE']._serialized_start=1353
-  _globals['_GETFEEDBACKSTATSRESPONSE']._serialized_end=1773
-  _globals['_FEEDBACKSERVICE']._serialized_start=1776
-  _globals['_FEEDBACKSERVICE']._serialized_end=2203
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=206
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=458
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=460
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=571
+  _globals['_LISTFEEDBACKREQUEST']._serialized_start=574
+  _globals['_LISTFEEDBACKREQUEST']._serialized_end=953
+  _globals['_LISTFEEDBACKRESPONSE']._serialized_start=955
+  _globals['_LISTFEEDBACKRESPONSE']._serialized_end=1078
+  _globals['_GETFEEDBACKSTATSREQUEST']._serialized_start=1081
+  _globals['_GETFEEDBACKSTATSREQUEST']._serialized_end=1220
+  _globals['_REASONCOUNT']._serialized_start=1222
+  _globals['_REASONCOUNT']._serialized_end=1320
+  _globals['_DAILYFEEDBACK']._serialized_start=1322
+  _globals['_DAILYFEEDBACK']._serialized_end=1413
+  _globals['_GETFEEDBACKSTATSRESPONSE']._serialized_start=1416
+  _globals['_GETFEEDBACKSTATSRESPONSE']._serialized_end=1836
+  _globals['_FEEDBACKSERVICE']._serialized_start=1839
+  _globals['_FEEDBACKSERVICE']._serialized_end=2266
 # @@protoc_insertion_point(module_scope)

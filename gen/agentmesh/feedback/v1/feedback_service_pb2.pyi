@@ -32,9 +32,9 @@ class SubmitFeedbackRequest(_message.Message):
     REASONS_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
-    """The assistant message being judged."""
+    """The assistant message being judged. Required."""
     rating: _feedback_pb2.Rating.ValueType
-    """Thumbs up or down (required)."""
+    """Thumbs up or down. Required."""
     comment: _builtins.str
     """Free text, at most 2,000 characters."""
     score: _builtins.int

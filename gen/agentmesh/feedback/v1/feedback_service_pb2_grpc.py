@@ -65,9 +65,10 @@ class FeedbackServiceServicer:
         own conversations. A user has at most one feedback per message: submitting again
         replaces it.
 
-        Returns INVALID_ARGUMENT with field violations for a missing rating, a score outside
-        1..5, an unknown reason or an over-long comment, and NOT_FOUND if the message does
-        not exist or is not in one of the caller's conversations.
+        Returns INVALID_ARGUMENT with field violations for a malformed message id, a missing
+        rating, a score outside 1..5, an unknown reason or an over-long comment, and
+        NOT_FOUND if the message does not exist or is not in one of the caller's
+        conversations.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

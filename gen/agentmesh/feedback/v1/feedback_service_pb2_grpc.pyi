@@ -41,9 +41,10 @@ class FeedbackServiceStub:
     own conversations. A user has at most one feedback per message: submitting again
     replaces it.
 
-    Returns INVALID_ARGUMENT with field violations for a missing rating, a score outside
-    1..5, an unknown reason or an over-long comment, and NOT_FOUND if the message does
-    not exist or is not in one of the caller's conversations.
+    Returns INVALID_ARGUMENT with field violations for a malformed message id, a missing
+    rating, a score outside 1..5, an unknown reason or an over-long comment, and
+    NOT_FOUND if the message does not exist or is not in one of the caller's
+    conversations.
     """
     ListFeedback: _grpc.UnaryUnaryMultiCallable[_feedback_service_pb2.ListFeedbackRequest, _feedback_service_pb2.ListFeedbackResponse]
     """ListFeedback lists feedback from all users, newest first, with optional filters.
@@ -72,9 +73,10 @@ class FeedbackServiceAsyncStub(FeedbackServiceStub):
     own conversations. A user has at most one feedback per message: submitting again
     replaces it.
 
-    Returns INVALID_ARGUMENT with field violations for a missing rating, a score outside
-    1..5, an unknown reason or an over-long comment, and NOT_FOUND if the message does
-    not exist or is not in one of the caller's conversations.
+    Returns INVALID_ARGUMENT with field violations for a malformed message id, a missing
+    rating, a score outside 1..5, an unknown reason or an over-long comment, and
+    NOT_FOUND if the message does not exist or is not in one of the caller's
+    conversations.
     """
     ListFeedback: _aio.UnaryUnaryMultiCallable[_feedback_service_pb2.ListFeedbackRequest, _feedback_service_pb2.ListFeedbackResponse]  # type: ignore[assignment]
     """ListFeedback lists feedback from all users, newest first, with optional filters.
@@ -106,9 +108,10 @@ class FeedbackServiceServicer(metaclass=_abc_1.ABCMeta):
         own conversations. A user has at most one feedback per message: submitting again
         replaces it.
 
-        Returns INVALID_ARGUMENT with field violations for a missing rating, a score outside
-        1..5, an unknown reason or an over-long comment, and NOT_FOUND if the message does
-        not exist or is not in one of the caller's conversations.
+        Returns INVALID_ARGUMENT with field violations for a malformed message id, a missing
+        rating, a score outside 1..5, an unknown reason or an over-long comment, and
+        NOT_FOUND if the message does not exist or is not in one of the caller's
+        conversations.
         """
 
     @_abc_1.abstractmethod

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&agentmesh/knowledge/v1/knowledge.proto\x12\x16\x61gentmesh.knowledge.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x85\x06\n\x08\x44ocument\x12\x1f\n\x0b\x64ocument_id\x18\x01 \x01(\tR\ndocumentId\x12\x14\n\x05title\x18\x02 \x01(\tR\x05title\x12\x1a\n\x08\x66ilename\x18\x03 \x01(\tR\x08\x66ilename\x12I\n\rdocument_type\x18\x04 \x01(\x0e\x32$.agentmesh.knowledge.v1.DocumentTypeR\x0c\x64ocumentType\x12>\n\x06status\x18\x05 \x01(\x0e\x32&.agentmesh.knowledge.v1.DocumentStatusR\x06status\x12<\n\x05stage\x18\x06 \x01(\x0e\x32&.agentmesh.knowledge.v1.IngestionStageR\x05stage\x12%\n\x0e\x66\x61ilure_reason\x18\x07 \x01(\tR\rfailureReason\x12\x1d\n\nsize_bytes\x18\x08 \x01(\x03R\tsizeBytes\x12\x1d\n\npage_count\x18\t \x01(\x05R\tpageCount\x12\x1f\n\x0b\x63hunk_count\x18\n \x01(\x05R\nchunkCount\x12%\n\x0e\x63ontent_sha256\x18\x0b \x01(\tR\rcontentSha256\x12\x16\n\x06shared\x18\x0c \x01(\x08R\x06shared\x12\x19\n\x08owner_id\x18\r \x01(\tR\x07ownerId\x12J\n\x08metadata\x18\x0e \x03(\x0b\x32..agentmesh.knowledge.v1.Document.MetadataEntryR\x08metadata\x12\x39\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x39\n\nupdated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tupdatedAt\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xcc\x02\n\x0cSearchResult\x12\x19\n\x08\x63hunk_id\x18\x01 \x01(\tR\x07\x63hunkId\x12\x1f\n\x0b\x64ocument_id\x18\x02 \x01(\tR\ndocumentId\x12%\n\x0e\x64ocument_title\x18\x03 \x01(\tR\rdocumentTitle\x12\x12\n\x04text\x18\x04 \x01(\tR\x04text\x12\x14\n\x05score\x18\x05 \x01(\x01R\x05score\x12\x12\n\x04page\x18\x06 \x01(\x05R\x04page\x12!\n\x0cstart_offset\x18\x07 \x01(\x05R\x0bstartOffset\x12\x1d\n\nend_offset\x18\x08 \x01(\x05R\tendOffset\x12\x1f\n\x0b\x63hunk_index\x18\t \x01(\x05R\nchunkIndex\x12\x38\n\x04legs\x18\n \x03(\x0e\x32$.agentmesh.knowledge.v1.RetrievalLegR\x04legs*\x90\x01\n\x0c\x44ocumentType\x12\x1d\n\x19\x44OCUMENT_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44OCUMENT_TYPE_PDF\x10\x01\x12\x16\n\x12\x44OCUMENT_TYPE_DOCX\x10\x02\x12\x16\n\x12\x44OCUMENT_TYPE_TEXT\x10\x03\x12\x1a\n\x16\x44OCUMENT_TYPE_MARKDOWN\x10\x04*\x88\x01\n\x0e\x44ocumentStatus\x12\x1f\n\x1b\x44OCUMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44OCUMENT_STATUS_PROCESSING\x10\x01\x12\x19\n\x15\x44OCUMENT_STATUS_READY\x10\x02\x12\x1a\n\x16\x44OCUMENT_STATUS_FAILED\x10\x03*\xdf\x01\n\x0eIngestionStage\x12\x1f\n\x1bINGESTION_STAGE_UNSPECIFIED\x10\x00\x12\x1a\n\x16INGESTION_STAGE_QUEUED\x10\x01\x12\x1b\n\x17INGESTION_STAGE_PARSING\x10\x02\x12\x1c\n\x18INGESTION_STAGE_CHUNKING\x10\x03\x12\x1d\n\x19INGESTION_STAGE_EMBEDDING\x10\x04\x12\x1c\n\x18INGESTION_STAGE_INDEXING\x10\x05\x12\x18\n\x14INGESTION_STAGE_DONE\x10\x06*`\n\x0cRetrievalLeg\x12\x1d\n\x19RETRIEVAL_LEG_UNSPECIFIED\x10\x00\x12\x17\n\x13RETRIEVAL_LEG_DENSE\x10\x01\x12\x18\n\x14RETRIEVAL_LEG_SPARSE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&agentmesh/knowledge/v1/knowledge.proto\x12\x16\x61gentmesh.knowledge.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x06\n\x08\x44ocument\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\ndocumentId\x12\x14\n\x05title\x18\x02 \x01(\tR\x05title\x12\x1a\n\x08\x66ilename\x18\x03 \x01(\tR\x08\x66ilename\x12O\n\rdocument_type\x18\x04 \x01(\x0e\x32$.agentmesh.knowledge.v1.DocumentTypeB\x04\xe2\x41\x01\x03R\x0c\x64ocumentType\x12\x44\n\x06status\x18\x05 \x01(\x0e\x32&.agentmesh.knowledge.v1.DocumentStatusB\x04\xe2\x41\x01\x03R\x06status\x12\x42\n\x05stage\x18\x06 \x01(\x0e\x32&.agentmesh.knowledge.v1.IngestionStageB\x04\xe2\x41\x01\x03R\x05stage\x12+\n\x0e\x66\x61ilure_reason\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03R\rfailureReason\x12#\n\nsize_bytes\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03R\tsizeBytes\x12#\n\npage_count\x18\t \x01(\x05\x42\x04\xe2\x41\x01\x03R\tpageCount\x12%\n\x0b\x63hunk_count\x18\n \x01(\x05\x42\x04\xe2\x41\x01\x03R\nchunkCount\x12+\n\x0e\x63ontent_sha256\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03R\rcontentSha256\x12\x16\n\x06shared\x18\x0c \x01(\x08R\x06shared\x12\x1f\n\x08owner_id\x18\r \x01(\tB\x04\xe2\x41\x01\x03R\x07ownerId\x12J\n\x08metadata\x18\x0e \x03(\x0b\x32..agentmesh.knowledge.v1.Document.MetadataEntryR\x08metadata\x12?\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tcreatedAt\x12?\n\nupdated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tupdatedAt\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\xcc\x02\n\x0cSearchResult\x12\x19\n\x08\x63hunk_id\x18\x01 \x01(\tR\x07\x63hunkId\x12\x1f\n\x0b\x64ocument_id\x18\x02 \x01(\tR\ndocumentId\x12%\n\x0e\x64ocument_title\x18\x03 \x01(\tR\rdocumentTitle\x12\x12\n\x04text\x18\x04 \x01(\tR\x04text\x12\x14\n\x05score\x18\x05 \x01(\x01R\x05score\x12\x12\n\x04page\x18\x06 \x01(\x05R\x04page\x12!\n\x0cstart_offset\x18\x07 \x01(\x05R\x0bstartOffset\x12\x1d\n\nend_offset\x18\x08 \x01(\x05R\tendOffset\x12\x1f\n\x0b\x63hunk_index\x18\t \x01(\x05R\nchunkIndex\x12\x38\n\x04legs\x18\n \x03(\x0e\x32$.agentmesh.knowledge.v1.RetrievalLegR\x04legs*\x90\x01\n\x0c\x44ocumentType\x12\x1d\n\x19\x44OCUMENT_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44OCUMENT_TYPE_PDF\x10\x01\x12\x16\n\x12\x44OCUMENT_TYPE_DOCX\x10\x02\x12\x16\n\x12\x44OCUMENT_TYPE_TEXT\x10\x03\x12\x1a\n\x16\x44OCUMENT_TYPE_MARKDOWN\x10\x04*\x88\x01\n\x0e\x44ocumentStatus\x12\x1f\n\x1b\x44OCUMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44OCUMENT_STATUS_PROCESSING\x10\x01\x12\x19\n\x15\x44OCUMENT_STATUS_READY\x10\x02\x12\x1a\n\x16\x44OCUMENT_STATUS_FAILED\x10\x03*\xdf\x01\n\x0eIngestionStage\x12\x1f\n\x1bINGESTION_STAGE_UNSPECIFIED\x10\x00\x12\x1a\n\x16INGESTION_STAGE_QUEUED\x10\x01\x12\x1b\n\x17INGESTION_STAGE_PARSING\x10\x02\x12\x1c\n\x18INGESTION_STAGE_CHUNKING\x10\x03\x12\x1d\n\x19INGESTION_STAGE_EMBEDDING\x10\x04\x12\x1c\n\x18INGESTION_STAGE_INDEXING\x10\x05\x12\x18\n\x14INGESTION_STAGE_DONE\x10\x06*`\n\x0cRetrievalLeg\x12\x1d\n\x19RETRIEVAL_LEG_UNSPECIFIED\x10\x00\x12\x17\n\x13RETRIEVAL_LEG_DENSE\x10\x01\x12\x18\n\x14RETRIEVAL_LEG_SPARSE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,18 +35,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DOCUMENT_METADATAENTRY']._loaded_options = None
   _globals['_DOCUMENT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_DOCUMENTTYPE']._serialized_start=1211
-  _globals['_DOCUMENTTYPE']._serialized_end=1355
-  _globals['_DOCUMENTSTATUS']._serialized_start=1358
-  _globals['_DOCUMENTSTATUS']._serialized_end=1494
-  _globals['_INGESTIONSTAGE']._serialized_start=1497
-  _globals['_INGESTIONSTAGE']._serialized_end=1720
-  _globals['_RETRIEVALLEG']._serialized_start=1722
-  _globals['_RETRIEVALLEG']._serialized_end=1818
-  _globals['_DOCUMENT']._serialized_start=100
-  _globals['_DOCUMENT']._serialized_end=873
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=814
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=873
-  _globals['_SEARCHRESULT']._serialized_start=876
-  _globals['_SEARCHRESULT']._serialized_end=1208
+  _globals['_DOCUMENT'].fields_by_name['document_id']._loaded_options = None
+  _globals['_DOCUMENT'].fields_by_name['document_id']._serialized_options = b'\342A\001\003'
+  _globals['_DOCUMENT'].fields_by_name['document_type']._loaded_options = None
+  _globals['_DOCUMENT'].fields_by_name['document_type']._serialized_options = b'\342A\001\003'
+  _globals['_DOCUMENT'].fields_by_name['status']._loaded_options = None
+  _globals['_DOCUMENT'].fields_by_name['status']._serialized_options = b'\342A\001\003'
+  _globals['_DOCUMENT'].fields_by_name['stage']._loaded_options = None
+  _globals['_DOCUMENT'].fields_by_name['stage']._serialized_options = b'\342A\001\003'
+  _globals['_DOCUMENT'].fields_by_name['failure_reason']._loaded_options = None
+  _globals['_DOCUMENT'].fields_by_name['failure_reason']._serialized_options = b'\342A\001\003'
+  _globals['_DOCUMENT'].fields_by_name['size_bytes']._loaded_options = None
+  _globals['_DOCUMENT'].fields_by_name['size_bytes']._serialized_options = b'\342A\001\003'
+  _globals['_DOCUMENT'].fields_by_name['page_count']._loaded_options = None
+  _globals['_DOCUMENT'].fields_by_name['page_count']._serialized_options = b'\342A\001\003'
+  _globals['_DOCUMENT'].fields_by_name['chunk_count']._loaded_options = None
+  _globals['_DOCUMENT'].fields_by_name['chunk_count']._serialized_options = b'\342A\001\003'
+  _globals['_DOCUMENT'].fields_by_name['content_sha256']._loaded_options = None
+  _globals['_DOCUMENT'].fields_by_name['content_sha256']._serialized_options = b'\342A\001\003'
+  _globals['_DOCUMENT'].fields_by_name['owner_id']._loaded_options = None
+  _globals['_DOCUMENT'].fields_by_name['owner_id']._serialized_options = b'\342A\001\003'
+  _globals['_DOCUMENT'].fields_by_name['created_at']._loaded_options = None
+  _globals['_DOCUMENT'].fields_by_name['created_at']._serialized_options = b'\342A\001\003'
+  _globals['_DOCUMENT'].fields_by_name['updated_at']._loaded_options = None
+  _globals['_DOCUMENT'].fields_by_name['updated_at']._serialized_options = b'\342A\001\003'
+  _globals['_DOCUMENTTYPE']._serialized_start=1316
+  _globals['_DOCUMENTTYPE']._serialized_end=1460
+  _globals['_DOCUMENTSTATUS']._serialized_start=1463
+  _globals['_DOCUMENTSTATUS']._serialized_end=1599
+  _globals['_INGESTIONSTAGE']._serialized_start=1602
+  _globals['_INGESTIONSTAGE']._serialized_end=1825
+  _globals['_RETRIEVALLEG']._serialized_start=1827
+  _globals['_RETRIEVALLEG']._serialized_end=1923
+  _globals['_DOCUMENT']._serialized_start=133
+  _globals['_DOCUMENT']._serialized_end=978
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=919
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=978
+  _globals['_SEARCHRESULT']._serialized_start=981
+  _globals['_SEARCHRESULT']._serialized_end=1313
 # @@protoc_insertion_point(module_scope)

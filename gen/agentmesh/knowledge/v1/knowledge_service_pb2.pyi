@@ -109,9 +109,13 @@ class UploadDocumentRequest(_message.Message):
     DOCUMENT_ID_FIELD_NUMBER: _builtins.int
     SHARED_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
-    """The original file name; used for the default title and to tell Markdown from text."""
+    """The original file name; used for the default title and to tell Markdown from text.
+    Required.
+    """
     content: _builtins.bytes
-    """The file's bytes (base64 in REST/JSON). At most the configured cap (20 MiB default)."""
+    """The file's bytes (base64 in REST/JSON). At most the configured cap (20 MiB default).
+    Required.
+    """
     title: _builtins.str
     """The document's title; defaults to the file name without its extension."""
     document_id: _builtins.str
@@ -236,7 +240,7 @@ class GetDocumentRequest(_message.Message):
 
     DOCUMENT_ID_FIELD_NUMBER: _builtins.int
     document_id: _builtins.str
-    """The identifier of the document."""
+    """The identifier of the document. Required."""
     def __init__(
         self,
         *,
@@ -282,7 +286,7 @@ class DeleteDocumentRequest(_message.Message):
 
     DOCUMENT_ID_FIELD_NUMBER: _builtins.int
     document_id: _builtins.str
-    """The identifier of the document to delete."""
+    """The identifier of the document to delete. Required."""
     def __init__(
         self,
         *,
@@ -326,7 +330,7 @@ class SearchKnowledgeBaseRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     RERANK_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """The search text, at most 2,000 characters."""
+    """The search text, at most 2,000 characters. Required."""
     top_k: _builtins.int
     """The number of results to return: default 5, at most 100."""
     min_score: _builtins.float

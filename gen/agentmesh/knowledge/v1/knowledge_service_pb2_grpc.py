@@ -79,10 +79,10 @@ class KnowledgeBaseServiceServicer:
         the background; the document is returned at once with status PROCESSING. Uploading
         content identical to one of the caller's documents returns that document.
 
-        Returns INVALID_ARGUMENT with field violations if the content is empty or not one of
-        the accepted types, RESOURCE_EXHAUSTED if it is larger than the size cap, NOT_FOUND
-        if `document_id` names no document of the caller, and PERMISSION_DENIED if a
-        non-administrator sets `shared`.
+        Returns INVALID_ARGUMENT with field violations if the file name is missing or the
+        content is empty or not one of the accepted types, RESOURCE_EXHAUSTED if it is
+        larger than the size cap, NOT_FOUND if `document_id` names no document of the
+        caller, and PERMISSION_DENIED if a non-administrator sets `shared`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

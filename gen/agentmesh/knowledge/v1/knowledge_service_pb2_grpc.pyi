@@ -43,10 +43,10 @@ class KnowledgeBaseServiceStub:
     the background; the document is returned at once with status PROCESSING. Uploading
     content identical to one of the caller's documents returns that document.
 
-    Returns INVALID_ARGUMENT with field violations if the content is empty or not one of
-    the accepted types, RESOURCE_EXHAUSTED if it is larger than the size cap, NOT_FOUND
-    if `document_id` names no document of the caller, and PERMISSION_DENIED if a
-    non-administrator sets `shared`.
+    Returns INVALID_ARGUMENT with field violations if the file name is missing or the
+    content is empty or not one of the accepted types, RESOURCE_EXHAUSTED if it is
+    larger than the size cap, NOT_FOUND if `document_id` names no document of the
+    caller, and PERMISSION_DENIED if a non-administrator sets `shared`.
     """
     ListDocuments: _grpc.UnaryUnaryMultiCallable[_knowledge_service_pb2.ListDocumentsRequest, _knowledge_service_pb2.ListDocumentsResponse]
     """ListDocuments lists the caller's documents, newest first.
@@ -89,10 +89,10 @@ class KnowledgeBaseServiceAsyncStub(KnowledgeBaseServiceStub):
     the background; the document is returned at once with status PROCESSING. Uploading
     content identical to one of the caller's documents returns that document.
 
-    Returns INVALID_ARGUMENT with field violations if the content is empty or not one of
-    the accepted types, RESOURCE_EXHAUSTED if it is larger than the size cap, NOT_FOUND
-    if `document_id` names no document of the caller, and PERMISSION_DENIED if a
-    non-administrator sets `shared`.
+    Returns INVALID_ARGUMENT with field violations if the file name is missing or the
+    content is empty or not one of the accepted types, RESOURCE_EXHAUSTED if it is
+    larger than the size cap, NOT_FOUND if `document_id` names no document of the
+    caller, and PERMISSION_DENIED if a non-administrator sets `shared`.
     """
     ListDocuments: _aio.UnaryUnaryMultiCallable[_knowledge_service_pb2.ListDocumentsRequest, _knowledge_service_pb2.ListDocumentsResponse]  # type: ignore[assignment]
     """ListDocuments lists the caller's documents, newest first.
@@ -138,10 +138,10 @@ class KnowledgeBaseServiceServicer(metaclass=_abc_1.ABCMeta):
         the background; the document is returned at once with status PROCESSING. Uploading
         content identical to one of the caller's documents returns that document.
 
-        Returns INVALID_ARGUMENT with field violations if the content is empty or not one of
-        the accepted types, RESOURCE_EXHAUSTED if it is larger than the size cap, NOT_FOUND
-        if `document_id` names no document of the caller, and PERMISSION_DENIED if a
-        non-administrator sets `shared`.
+        Returns INVALID_ARGUMENT with field violations if the file name is missing or the
+        content is empty or not one of the accepted types, RESOURCE_EXHAUSTED if it is
+        larger than the size cap, NOT_FOUND if `document_id` names no document of the
+        caller, and PERMISSION_DENIED if a non-administrator sets `shared`.
         """
 
     @_abc_1.abstractmethod
