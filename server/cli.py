@@ -50,7 +50,7 @@ def _admin_password(settings: Settings, args: argparse.Namespace) -> tuple[str, 
 
 
 async def _create_admin_async(settings: Settings, args: argparse.Namespace) -> int:
-    from server.main import build_domain
+    from server.domain import build_domain
 
     domain = build_domain(settings)
     try:
@@ -82,7 +82,7 @@ def _create_admin(settings: Settings, args: argparse.Namespace) -> int:
 
 def _method(full_name: str) -> Any:
     """The descriptor of `pkg.Service/Method` (or `pkg.Service.Method`)."""
-    import server.main  # noqa: F401 - registers every agentmesh service in the default pool
+    import server.served  # noqa: F401 - registers every agentmesh service in the default pool
 
     name = full_name.lstrip("/").replace("/", ".")
     return descriptor_pool.Default().FindMethodByName(name)
@@ -123,8 +123,7 @@ def _call(settings: Settings, args: argparse.Namespace) -> int:
 
 def _envoy_config(settings: Settings, args: argparse.Namespace) -> int:
     """The config for an Envoy that runs apart from agentmesh (its own container)."""
-    from server.envoy import add_stats_listener
-    from server.main import envoy_config
+    from server.envoy import add_stats_listener, envoy_config
 
     config = envoy_config(
         settings,

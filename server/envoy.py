@@ -16,6 +16,8 @@ from typing import Any
 import aiohttp
 import yaml
 
+from server.config import Settings
+
 CORS_POLICY_TYPE = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy"
 
 
@@ -210,3 +212,38 @@ class EnvoySidecar:
         except TimeoutError:
             process.kill()
             await process.wait()
+
+
+def envoy_config(
+    settings: Settings,
+    *,
+    grpc_port: int,
+    ops_port: int,
+    upstream: str | None = None,
+    descriptor: Path | None = None,
+) -> dict[str, Any]:
+    """envoy/envoy.yaml rendered for this installation: the sidecar's config, or with
+    `upstream` naming agentmesh's host, the config of an Envoy in its own container."""
+    template = yaml.safe_load(settings.envoy_config_template.read_text())
+    addresses = EnvoyAddresses(
+        listen_host=settings.http_host,
+        listen_port=settings.http_port,
+        admin_port=settings.envoy_admin_port,
+        grpc_host=upstream or settings.grpc_host,
+        grpc_port=grpc_port,
+        ops_host=upstream or settings.metrics_host,
+        ops_port=ops_port,
+        descriptor_set=descriptor or settings.descriptor_set,
+        cors_origins=settings.cors_allowed_origins,
+    )
+    return render_config(template, addresses)
+
+
+def envoy_sidecar(settings: Settings, *, grpc_port: int, ops_port: int) -> EnvoySidecar:
+    """The sidecar Envoy in front of this process's gRPC and operations ports."""
+    return EnvoySidecar(
+        settings.resolved_envoy_binary,
+        envoy_config(settings, grpc_port=grpc_port, ops_port=ops_port),
+        settings.data_dir / "envoy",
+        concurrency=settings.envoy_concurrency,
+    )

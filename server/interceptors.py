@@ -1,4 +1,6 @@
-"""Server interceptors, outermost first: request log → auth → error mapping.
+"""Server interceptors: request id and log, auth, error mapping. The rate limiter is in
+`server/rate_limits.py`, the metrics interceptor in `server/rpc_metrics.py`; the order of
+the chain, and why, is documented where it is built (`interceptors()` in `server/main.py`).
 
 grpc.aio interceptors only see the handler lookup, so each one here re-wraps the handler's
 behaviour; `wrap_handler` does that once for all four RPC kinds, including async-generator
@@ -19,10 +21,10 @@ from google.rpc import status_pb2
 from server.access import Access, access_for
 from server.errors import INTERNAL, UNIMPLEMENTED, rich_status, to_grpc_status
 from server.request_context import RequestInfo, current_request
-from services.analytics.recorder import EventKind, EventRecorder
 from services.auth.principal import Principal
 from services.auth.tokens import TokenCodec
 from services.errors import DomainError, PermissionDenied, Unauthenticated
+from services.usage_events.recorder import EventKind, EventRecorder
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Behavior = Callable[..., Any]

@@ -20,9 +20,9 @@ from server.interceptors import (
     metadata_value,
 )
 from server.request_context import current_request
-from services.analytics.recorder import EventKind, EventRecorder
 from services.errors import QuotaViolation, ResourceExhausted
 from services.limits import RateLimiter
+from services.usage_events.recorder import EventKind, EventRecorder
 
 # Guessing passwords and minting tokens get their own, much smaller budget per IP.
 CREDENTIAL_RPCS = frozenset(

@@ -11,10 +11,9 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.analytics.recorder import EventRecorder
+from services.db import PoolStats
+from services.usage_events.recorder import EventRecorder
 
 log = logging.getLogger("agentmesh.metrics")
 
@@ -23,25 +22,21 @@ Probe = Callable[[], Awaitable[object]]
 
 
 class PoolCollector(Collector):
-    """The SQLAlchemy pool of `engine`, read at scrape time."""
+    """The database connection pool, read at scrape time through `read`."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._pool = engine.sync_engine.pool
+    def __init__(self, read: Callable[[], PoolStats]) -> None:
+        self._read = read
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        pool = self._pool
-        size = getattr(pool, "size", lambda: 0)()
-        in_use = getattr(pool, "checkedout", lambda: 0)()
-        idle = getattr(pool, "checkedin", lambda: 0)()
-        overflow = max(0, getattr(pool, "overflow", lambda: 0)())
+        pool = self._read()
         states = GaugeMetricFamily(
             "agentmesh_db_pool_connections", "Database connections by state.", labels=["state"]
         )
-        states.add_metric(["in_use"], in_use)
-        states.add_metric(["idle"], idle)
-        states.add_metric(["overflow"], overflow)
+        states.add_metric(["in_use"], pool.in_use)
+        states.add_metric(["idle"], pool.idle)
+        states.add_metric(["overflow"], pool.overflow)
         yield states
-        yield GaugeMetricFamily("agentmesh_db_pool_size", "The pool's base size.", value=size)
+        yield GaugeMetricFamily("agentmesh_db_pool_size", "The pool's base size.", value=pool.size)
 
 
 class HitCounts(Protocol):
@@ -146,11 +141,3 @@ class RuntimeMonitor:
             asked = time.perf_counter()
             await asyncio.sleep(self._lag_interval)
             self._lag.observe(max(0.0, time.perf_counter() - asked - self._lag_interval))
-
-
-def database_probe(engine: AsyncEngine) -> Probe:
-    async def probe() -> None:
-        async with engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
-
-    return probe

@@ -1,1 +1,2 @@
-"""Domain logic of agentmesh: no gRPC imports; wired together by server/main.py."""
+"""Domain logic of agentmesh, no gRPC imports: built by server/domain.py, served by
+server/main.py."""

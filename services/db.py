@@ -2,10 +2,11 @@
 behave the same on SQLite and PostgreSQL, and the engine/session factory."""
 
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, MetaData, event, func
+from sqlalchemy import DateTime, MetaData, event, func, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
     AsyncAttrs,
@@ -95,6 +96,33 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """The connection pool as a metrics scrape reads it."""
+
+    size: int
+    in_use: int
+    idle: int
+    overflow: int
+
+
+def pool_stats(engine: AsyncEngine) -> PoolStats:
+    """The pool's counts now (SQLite's pool has no size: zeros)."""
+    pool: Any = engine.sync_engine.pool
+    return PoolStats(
+        size=getattr(pool, "size", lambda: 0)(),
+        in_use=getattr(pool, "checkedout", lambda: 0)(),
+        idle=getattr(pool, "checkedin", lambda: 0)(),
+        overflow=max(0, getattr(pool, "overflow", lambda: 0)()),
+    )
+
+
+async def ping(engine: AsyncEngine) -> None:
+    """One round trip to the database (the readiness probe's check)."""
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -18,8 +18,8 @@ from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as kb_grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from server.config import Settings
-from server.envoy import EnvoySidecar
-from server.main import Application, build_application, envoy_config
+from server.envoy import EnvoySidecar, envoy_config
+from server.main import Application, build_application
 from services.auth.principal import Role
 
 TEST_JWT_SECRET = "test-secret-" + "x" * 40

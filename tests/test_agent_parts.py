@@ -131,7 +131,7 @@ async def test_outbound_client_allows_configured_networks_and_checks_redirects(
 
 def _registry(app: Application) -> ToolRegistry:
     http = OutboundHttp([])
-    prompts = app.domain.agent.deps.prompts
+    prompts = app.domain.agent.prompts
     api = ApiToolSettings(
         url="https://records.example.org/?q={query}",
         method="GET",
@@ -208,7 +208,7 @@ async def test_tools_convert_to_langchain_and_function_specs(app: Application) -
 async def test_embedding_classifier_recognises_clear_intents(
     app: Application, question: str, intent: Intent
 ) -> None:
-    deps = app.domain.agent.deps
-    assert deps.intents is not None
-    guess = await deps.intents.guess(deps.embedder, question)
+    intents = app.domain.agent.intents
+    assert intents is not None
+    guess = await intents.guess(app.domain.knowledge.embedder, question)
     assert guess.intent is intent

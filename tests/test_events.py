@@ -13,9 +13,9 @@ from sqlalchemy import select
 
 from server import migrations
 from server.main import Application
-from services.analytics.models import Event
-from services.analytics.recorder import EventKind, EventRecorder, RecorderSettings
 from services.db import create_engine, create_sessionmaker
+from services.usage_events.models import Event
+from services.usage_events.recorder import EventKind, EventRecorder, RecorderSettings
 from tests.harness import Stubs, new_user
 from tests.knowledge import upload
 

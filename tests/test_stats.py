@@ -24,8 +24,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from redis.asyncio import Redis
 
 from server.main import Application
-from services.analytics.models import Event
 from services.db import utcnow
+from services.usage_events.models import Event
 from tests.backends import Database
 from tests.harness import Account, Stubs, new_admin, new_user, running_app
 from tests.limited import REDIS_URL, redis_up

@@ -10,15 +10,14 @@ from agentmesh.agent.v1 import agent_service_pb2_grpc as agent_grpc
 
 from server.errors import INTERNAL, rich_status
 from server.request_context import current_principal, current_request
-from server.servicers.feedback import feedback_to_proto
-from server.servicers.knowledge import passage_to_proto
-from server.servicers.timestamps import to_timestamp
+from server.servicers.converters import feedback_to_proto, search_result_to_proto, to_timestamp
 from services.agent import events
 from services.agent.models import Conversation, Message
 from services.agent.service import AgentService
 from services.agent.tools.base import Source, SourceKind
 from services.errors import DomainError
 from services.feedback.models import Feedback
+from services.feedback.service import FeedbackService
 
 ROLE_TO_PROTO = {"user": agent_pb2.MESSAGE_ROLE_USER, "assistant": agent_pb2.MESSAGE_ROLE_ASSISTANT}
 MODE_TO_PROTO = {
@@ -149,7 +148,7 @@ def event_fields(event: events.Event) -> dict[str, Any]:
         case events.RetrievalDone():
             return {
                 "retrieval": agent_pb.RetrievalResults(
-                    query=event.query, results=[passage_to_proto(p) for p in event.passages]
+                    query=event.query, results=[search_result_to_proto(p) for p in event.passages]
                 )
             }
         case events.TokenDelta():
@@ -179,8 +178,11 @@ def _request_id() -> str:
 
 
 class AgentServicer(agent_grpc.AgentServiceServicer):
-    def __init__(self, agent: AgentService) -> None:
+    def __init__(self, agent: AgentService, feedback: FeedbackService) -> None:
         self._agent = agent
+        # GetConversation shows the caller's feedback on each message: the feedback package
+        # sits above the agent's (it judges the agent's messages), so the two meet here.
+        self._feedback = feedback
 
     async def Query(self, request: agent_pb.QueryRequest, context: Any) -> agent_pb.QueryResponse:
         result = await self._agent.query(
@@ -233,10 +235,12 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
     async def GetConversation(
         self, request: agent_pb.GetConversationRequest, context: Any
     ) -> agent_pb.GetConversationResponse:
-        detail = await self._agent.get_conversation(current_principal(), request.conversation_id)
+        principal = current_principal()
+        detail = await self._agent.get_conversation(principal, request.conversation_id)
+        mine = await self._feedback.mine(principal, [m.id for m in detail.messages])
         return agent_pb.GetConversationResponse(
             conversation=conversation_to_proto(detail.conversation, len(detail.messages)),
-            messages=[message_to_proto(m, f) for m, f in detail.messages],
+            messages=[message_to_proto(m, mine.get(m.id)) for m in detail.messages],
         )
 
     async def DeleteConversation(

@@ -7,7 +7,7 @@ from agentmesh.analytics.v1 import analytics_service_pb2 as analytics_pb
 from agentmesh.analytics.v1 import analytics_service_pb2_grpc as analytics_grpc
 
 from server.request_context import current_principal
-from server.servicers.timestamps import optional_time, to_timestamp
+from server.servicers.converters import optional_time, to_timestamp
 from services.analytics.stats import Bucket, StatsRequest, StatsService
 from services.analytics.usage import UsageService, WindowUsage
 from services.errors import InvalidArgument

@@ -6,7 +6,7 @@ from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from agentmesh.auth.v1 import auth_service_pb2_grpc as auth_grpc
 
 from server.request_context import current_principal
-from server.servicers.users import user_to_proto
+from server.servicers.converters import user_to_proto
 from services.auth.service import AuthService, TokenPair
 
 TOKEN_TYPE = "Bearer"

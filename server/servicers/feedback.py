@@ -2,50 +2,24 @@
 
 from typing import Any
 
-from agentmesh.feedback.v1 import feedback_pb2 as feedback_pb
 from agentmesh.feedback.v1 import feedback_service_pb2 as service_pb
 from agentmesh.feedback.v1 import feedback_service_pb2_grpc as feedback_grpc
 
 from server.request_context import current_principal
-from server.servicers.timestamps import optional_time, to_timestamp
+from server.servicers.converters import (
+    RATING_FROM_PROTO,
+    REASON_FROM_PROTO,
+    REASON_TO_PROTO,
+    feedback_to_proto,
+    optional_time,
+    to_timestamp,
+)
 from services.errors import InvalidArgument
-from services.feedback.models import Feedback
 from services.feedback.service import (
     FeedbackFilter,
     FeedbackService,
-    Rating,
-    Reason,
     Submission,
 )
-
-RATING_FROM_PROTO = {
-    feedback_pb.RATING_THUMBS_UP: Rating.THUMBS_UP,
-    feedback_pb.RATING_THUMBS_DOWN: Rating.THUMBS_DOWN,
-}
-RATING_TO_PROTO = {rating.value: value for value, rating in RATING_FROM_PROTO.items()}
-REASON_FROM_PROTO = {
-    feedback_pb.FEEDBACK_REASON_WRONG: Reason.WRONG,
-    feedback_pb.FEEDBACK_REASON_INCOMPLETE: Reason.INCOMPLETE,
-    feedback_pb.FEEDBACK_REASON_BAD_CITATION: Reason.BAD_CITATION,
-    feedback_pb.FEEDBACK_REASON_HARMFUL: Reason.HARMFUL,
-    feedback_pb.FEEDBACK_REASON_OTHER: Reason.OTHER,
-}
-REASON_TO_PROTO = {reason.value: value for value, reason in REASON_FROM_PROTO.items()}
-
-
-def feedback_to_proto(feedback: Feedback) -> feedback_pb.Feedback:
-    return feedback_pb.Feedback(
-        feedback_id=str(feedback.id),
-        message_id=str(feedback.message_id),
-        conversation_id=str(feedback.conversation_id),
-        user_id=str(feedback.user_id),
-        rating=RATING_TO_PROTO.get(feedback.rating, feedback_pb.RATING_UNSPECIFIED),
-        score=feedback.score or 0,
-        reasons=[REASON_TO_PROTO[r] for r in feedback.reasons if r in REASON_TO_PROTO],
-        comment=feedback.comment,
-        created_at=to_timestamp(feedback.created_at),
-        updated_at=to_timestamp(feedback.updated_at),
-    )
 
 
 def _filter(request: service_pb.ListFeedbackRequest) -> FeedbackFilter:

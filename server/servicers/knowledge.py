@@ -7,12 +7,12 @@ from agentmesh.knowledge.v1 import knowledge_service_pb2 as kb_service_pb
 from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as kb_grpc
 
 from server.request_context import current_principal
-from server.servicers.timestamps import to_timestamp
+from server.servicers.converters import search_result_to_proto, to_timestamp
 from services.errors import InvalidArgument
 from services.knowledge.models import Document, DocumentStatus, Stage
 from services.knowledge.parsing import DocumentFormat
-from services.knowledge.retrieval import Leg, Rerank, SearchMode
-from services.knowledge.service import KnowledgeService, Passage, SearchRequest, Upload
+from services.knowledge.retrieval import Rerank, SearchMode
+from services.knowledge.service import KnowledgeService, SearchRequest, Upload
 
 FORMAT_TO_PROTO = {
     DocumentFormat.PDF: kb_pb.DOCUMENT_TYPE_PDF,
@@ -51,7 +51,6 @@ RERANK_FROM_PROTO = {
     kb_service_pb.RERANK_MODE_MMR: Rerank.MMR,
     kb_service_pb.RERANK_MODE_CROSS_ENCODER: Rerank.CROSS_ENCODER,
 }
-LEG_TO_PROTO = {Leg.DENSE: kb_pb.RETRIEVAL_LEG_DENSE, Leg.SPARSE: kb_pb.RETRIEVAL_LEG_SPARSE}
 
 
 def document_to_proto(document: Document) -> kb_pb.Document:
@@ -72,21 +71,6 @@ def document_to_proto(document: Document) -> kb_pb.Document:
         metadata=document.extra,
         created_at=to_timestamp(document.created_at),
         updated_at=to_timestamp(document.updated_at),
-    )
-
-
-def passage_to_proto(passage: Passage) -> kb_pb.SearchResult:
-    return kb_pb.SearchResult(
-        chunk_id=passage.chunk_id,
-        document_id=str(passage.document_id),
-        document_title=passage.document_title,
-        text=passage.text,
-        score=passage.score,
-        page=passage.page,
-        start_offset=passage.start,
-        end_offset=passage.end,
-        chunk_index=passage.chunk_index,
-        legs=sorted(LEG_TO_PROTO[leg] for leg in passage.legs),
     )
 
 
@@ -159,5 +143,5 @@ class KnowledgeBaseServicer(kb_grpc.KnowledgeBaseServiceServicer):
         search = search_from_proto(request)
         passages = await self._knowledge.search(current_principal(), search)
         return kb_service_pb.SearchKnowledgeBaseResponse(
-            results=[passage_to_proto(p) for p in passages], mode=MODE_TO_PROTO[search.mode]
+            results=[search_result_to_proto(p) for p in passages], mode=MODE_TO_PROTO[search.mode]
         )

@@ -8,26 +8,12 @@ from agentmesh.auth.v1 import user_service_pb2_grpc as users_grpc
 from google.protobuf import field_mask_pb2
 
 from server.request_context import current_principal
-from server.servicers.timestamps import to_timestamp
-from services.auth.models import User
-from services.auth.principal import Role
+from server.servicers.converters import ROLE_TO_PROTO, user_to_proto
 from services.auth.users import UserChanges, UserService, require_user_id
 from services.errors import Violations
 
-ROLE_TO_PROTO = {Role.USER: user_pb.ROLE_USER, Role.ADMIN: user_pb.ROLE_ADMIN}
 ROLE_FROM_PROTO = {v: k for k, v in ROLE_TO_PROTO.items()}
 MASKABLE = ("full_name", "email", "role")
-
-
-def user_to_proto(user: User) -> user_pb.User:
-    return user_pb.User(
-        user_id=str(user.id),
-        email=user.email,
-        full_name=user.full_name,
-        role=ROLE_TO_PROTO[user.role],
-        created_at=to_timestamp(user.created_at),
-        updated_at=to_timestamp(user.updated_at),
-    )
 
 
 def changes_from_proto(user: user_pb.User, mask: field_mask_pb2.FieldMask) -> UserChanges:

@@ -3,17 +3,19 @@
 import uuid
 from dataclasses import dataclass
 
+from langgraph.runtime import Runtime
+
 from services.agent.conversations import ConversationStore
 from services.agent.intents import IntentExamples
 from services.agent.llm import ChatModel
 from services.agent.prompts import PromptManager
 from services.agent.tools.registry import ToolRegistry
 from services.agent.tracing import RunTrace
-from services.analytics.recorder import EventRecorder
 from services.auth.principal import Principal
 from services.knowledge.embeddings import Embedder
 from services.metrics import Metrics
 from services.quotas.service import QuotaService
+from services.usage_events.recorder import EventRecorder
 
 
 @dataclass(frozen=True)
@@ -31,20 +33,32 @@ class AgentSettings:
     assistant_name: str = "agentmesh"
 
 
-@dataclass
+@dataclass(frozen=True)
 class AgentDeps:
-    """Built once at start-up and shared by every run."""
+    """Built once, complete, before the service is; shared by every run."""
 
     prompts: PromptManager
+    """Every prompt the steps render (re-read on SIGHUP)."""
+
     registry: ToolRegistry
+    """The configured tools, and which of them each intent may use."""
+
     embedder: Embedder
-    llm: ChatModel | None  # None: extractive mode
+    """The knowledge base's embedding model (the intent classifier embeds with it too)."""
+
+    intents: IntentExamples
+    """The example question of each intent, embedded: the fast intent classifier."""
+
+    llm: ChatModel | None
+    """The chat model; None answers extractively (no LLM configured, or not started yet)."""
+
     store: ConversationStore
+    """Where conversations and their messages are kept."""
+
     settings: AgentSettings
     events: EventRecorder
     quotas: QuotaService
     metrics: Metrics
-    intents: IntentExamples | None = None  # embedded at start()
 
 
 @dataclass(frozen=True)
@@ -53,10 +67,20 @@ class RunContext:
 
     deps: AgentDeps
     principal: Principal
+    """The caller: tools act with their permissions only."""
+
     run_id: str
     conversation_id: uuid.UUID
-    new_title: str | None  # set when this run creates the conversation
+    new_title: str | None
+    """The title of the conversation this run creates; None when it continues one."""
+
     user_message_id: uuid.UUID
     assistant_message_id: uuid.UUID
-    started: float  # time.perf_counter() at the start
+    started: float
+    """time.perf_counter() when the run started (latencies count from here)."""
+
     trace: RunTrace
+
+
+# What every graph node receives besides the state.
+AgentRuntime = Runtime[RunContext]

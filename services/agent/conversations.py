@@ -1,5 +1,7 @@
 """Conversations and their messages: ownership checks, history, the atomic save of a run,
-listing (most recently updated first) and deletion with messages and feedback."""
+listing (most recently updated first) and deletion. Feedback on messages belongs to the
+feedback package, above this one: its rows go with a deleted conversation by the foreign
+keys' ON DELETE CASCADE."""
 
 import uuid
 from dataclasses import dataclass
@@ -13,7 +15,6 @@ from services.agent.models import Conversation, Message
 from services.auth.principal import Principal
 from services.db import require_uuid, utcnow
 from services.errors import NotFound
-from services.feedback.models import Feedback
 from services.pagination import decode_cursor, page_size, split_page
 
 
@@ -32,7 +33,7 @@ class ConversationPage:
 @dataclass(frozen=True)
 class ConversationDetail:
     conversation: Conversation
-    messages: list[tuple[Message, Feedback | None]]
+    messages: list[Message]  # oldest first
 
 
 def _not_found() -> NotFound:
@@ -135,19 +136,15 @@ class ConversationStore:
         return ConversationPage([ConversationSummary(c, counts[c.id]) for c in page], next_token)
 
     async def get(self, principal: Principal, cid: uuid.UUID) -> ConversationDetail:
-        """A conversation with all its messages, oldest first, each with the caller's feedback."""
+        """A conversation with all its messages, oldest first."""
         async with self._sessions() as s:
             conversation = await self._owned(s, principal, cid)
-            rows = await s.execute(
-                select(Message, Feedback)
-                .outerjoin(
-                    Feedback,
-                    and_(Feedback.message_id == Message.id, Feedback.user_id == principal.user_id),
-                )
+            rows = await s.scalars(
+                select(Message)
                 .where(Message.conversation_id == cid)
                 .order_by(Message.created_at, Message.id)
             )
-            return ConversationDetail(conversation, [(m, f) for m, f in rows.all()])
+            return ConversationDetail(conversation, list(rows.all()))
 
     async def count_messages(self, cid: uuid.UUID) -> int:
         async with self._sessions() as s:
@@ -157,9 +154,8 @@ class ConversationStore:
             )
 
     async def delete(self, principal: Principal, cid: uuid.UUID) -> None:
-        """Delete a conversation, its messages and their feedback, all or nothing."""
+        """Delete a conversation and its messages (their feedback cascades), all or nothing."""
         async with self._sessions.begin() as s:
             await self._owned(s, principal, cid)
-            await s.execute(delete(Feedback).where(Feedback.conversation_id == cid))
             await s.execute(delete(Message).where(Message.conversation_id == cid))
             await s.execute(delete(Conversation).where(Conversation.id == cid))

@@ -4,8 +4,7 @@ import enum
 from dataclasses import dataclass
 
 from services.agent.models import Message
-from services.agent.tools.base import Source
-from services.knowledge.service import Passage
+from services.agent.tools.base import RetrievedPassage, Source
 
 
 class Step(enum.StrEnum):
@@ -72,7 +71,7 @@ class ToolCallFinished:
 @dataclass(frozen=True)
 class RetrievalDone:
     query: str
-    passages: list[Passage]
+    passages: list[RetrievedPassage]
 
 
 @dataclass(frozen=True)

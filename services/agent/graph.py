@@ -2,22 +2,23 @@
 
 classify_intent → load_context → select_tools → [execute_tools] → synthesize → persist
 
-Nodes get their dependencies from the runtime context (`RunContext`) and report progress
-with the runtime's stream writer; the service turns what they write into stream events.
+Each node is a step (`steps.step`): the wrapper announces it on the run's stream and the
+body does only the step's work. Nodes get their dependencies from the runtime context
+(`RunContext`); what they emit reaches the caller through the service as stream events.
 """
 
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.runtime import Runtime
 
 from services.agent.answers import citation_record, cited
-from services.agent.context import RunContext
+from services.agent.context import AgentDeps, AgentRuntime, RunContext
 from services.agent.events import (
     AnswerMode,
     CitationAdded,
@@ -33,20 +34,17 @@ from services.agent.events import (
     UsageReported,
 )
 from services.agent.intents import Intent
-from services.agent.llm import LlmCall, LlmUnavailable
+from services.agent.llm import ChatModel, LlmCall, RawToolCall
 from services.agent.models import Message
 from services.agent.planning import RejectedCall, default_calls, vet_calls
-from services.agent.state import AgentState, PlannedCall, Turn
-from services.agent.tools.base import Source, ToolCallContext, ToolFailed, ToolResult
+from services.agent.state import InputState, PlannedCall, State, Turn
+from services.agent.steps import Done, ask_llm, emit, step, stream_llm
+from services.agent.tools.base import Source, Tool, ToolCallContext, ToolFailed, ToolResult
+from services.auth.principal import Principal
 from services.errors import DomainError
 
 log = logging.getLogger("agentmesh.agent")
-Ctx = Runtime[RunContext]
 INTENT_SCHEMA_NAME = "agent/intent_classification.j2"
-
-
-def _emit(runtime: Ctx, event: object) -> None:
-    runtime.stream_writer(event)
 
 
 def _tokens(text: str) -> int:
@@ -54,335 +52,341 @@ def _tokens(text: str) -> int:
     return len(text) // 4 + 1
 
 
-def _fall_back(runtime: Ctx, error: LlmUnavailable) -> None:
-    """Continue without the LLM when the settings allow it; otherwise fail the run."""
-    if not runtime.context.deps.settings.fallback_extractive:
-        raise error
-    log.warning("LLM unavailable, answering extractively: %s", error.message)
-
-
-async def classify_intent(state: AgentState, runtime: Ctx) -> dict[str, Any]:
+@step(Step.CLASSIFY_INTENT)
+async def classify_intent(state: State, runtime: AgentRuntime) -> Done:
+    """The question's intent: the nearest example's, or the model's when that one is unsure."""
     deps = runtime.context.deps
-    _emit(runtime, StepChanged(Step.CLASSIFY_INTENT, StepStatus.STARTED))
-    assert deps.intents is not None
-    guess = await deps.intents.guess(deps.embedder, state["query"])
+    guess = await deps.intents.guess(deps.embedder, state.query)
     intent, how = guess.intent, "embedding"
-    calls: list[LlmCall] = []
-    llm_down = False
+    update: dict[str, Any] = {}
     if deps.llm is not None and guess.confidence < deps.settings.intent_confidence:
-        names = [info.name for info in deps.intents.infos]
-        prompt = deps.prompts.render(
-            INTENT_SCHEMA_NAME,
-            intents=deps.intents.infos,
-            examples=[
-                {"question": example, "answer": f'{{"intent": "{info.name}"}}'}
-                for info in deps.intents.infos
-                for example in info.examples[:2]
-            ],
-            history=state["history"][-4:],
-            query=state["query"],
-        )
-        schema = {
-            "type": "object",
-            "properties": {"intent": {"type": "string", "enum": names}},
-            "required": ["intent"],
-            "additionalProperties": False,
-        }
-        try:
-            value, call = await deps.llm.structured(
-                INTENT_SCHEMA_NAME, [{"role": "user", "content": prompt}], schema
-            )
-            runtime.context.trace.generation(call)
-            calls.append(call)
-            if value is not None and value.get("intent") in names:
-                intent, how = Intent(value["intent"]), "llm"
-        except LlmUnavailable as error:
-            _fall_back(runtime, error)
-            llm_down = True
-    if intent is Intent.FOLLOW_UP and not state["history"]:
+        reply = await ask_llm(runtime, _ask_intent(deps, deps.llm, state))
+        if reply is None:
+            update["llm_down"] = True
+        else:
+            chosen, call = reply
+            update["llm_calls"] = [call]
+            if chosen is not None:
+                intent, how = chosen, "llm"
+    if intent is Intent.FOLLOW_UP and not state.history:
         intent = Intent.GENERAL  # nothing earlier to follow up on
-    _emit(
-        runtime,
-        StepChanged(
-            Step.CLASSIFY_INTENT,
-            StepStatus.COMPLETED,
-            detail=f"{intent.value} ({how}, similarity {guess.confidence:.2f})",
-            intent=intent.value,
-        ),
+    detail = f"{intent.value} ({how}, similarity {guess.confidence:.2f})"
+    return Done({**update, "intent": intent}, detail, intent=intent.value)
+
+
+async def _ask_intent(
+    deps: AgentDeps, llm: ChatModel, state: State
+) -> tuple[Intent | None, LlmCall]:
+    """The model's pick among the intents (None when it names none of them)."""
+    infos = deps.intents.infos
+    names = [info.name for info in infos]
+    prompt = deps.prompts.render(
+        INTENT_SCHEMA_NAME,
+        intents=infos,
+        examples=[
+            {"question": example, "answer": f'{{"intent": "{info.name}"}}'}
+            for info in infos
+            for example in info.examples[:2]
+        ],
+        history=state.history[-4:],
+        query=state.query,
     )
-    return {"intent": intent.value, "llm_calls": calls, "llm_down": llm_down}
+    schema = {
+        "type": "object",
+        "properties": {"intent": {"type": "string", "enum": names}},
+        "required": ["intent"],
+        "additionalProperties": False,
+    }
+    value, call = await llm.structured(
+        INTENT_SCHEMA_NAME, [{"role": "user", "content": prompt}], schema
+    )
+    chosen = value.get("intent") if value is not None else None
+    return (Intent(chosen) if chosen in names else None), call
 
 
-async def load_context(state: AgentState, runtime: Ctx) -> dict[str, Any]:
-    deps = runtime.context.deps
-    history = state["history"]
-    if not history:
-        _emit(runtime, StepChanged(Step.LOAD_CONTEXT, StepStatus.SKIPPED, "new conversation"))
-        return {"context": [], "summary": ""}
-    _emit(runtime, StepChanged(Step.LOAD_CONTEXT, StepStatus.STARTED))
-    budget, kept = deps.settings.context_token_budget, 0
-    split = len(history)
-    while split > 0 and kept + _tokens(history[split - 1]["content"]) <= budget:
-        kept += _tokens(history[split - 1]["content"])
-        split -= 1
-    older, recent = history[:split], history[split:]
+def _new_conversation(state: State, runtime: AgentRuntime) -> str | None:
+    return "new conversation" if not state.history else None
+
+
+@step(Step.LOAD_CONTEXT, skip=_new_conversation)
+async def load_context(state: State, runtime: AgentRuntime) -> Done:
+    """The history the answer sees: the newest turns verbatim within the token budget,
+    the older ones summarized."""
+    budget = runtime.context.deps.settings.context_token_budget
+    older, recent = _split_history(state.history, budget)
     summary, calls = "", list[LlmCall]()
     if older:
         summary, calls = await _summarize(older, state, runtime)
-    _emit(
-        runtime,
-        StepChanged(
-            Step.LOAD_CONTEXT,
-            StepStatus.COMPLETED,
-            f"{len(recent)} messages verbatim, {len(older)} summarized",
-        ),
-    )
-    return {"context": recent, "summary": summary, "llm_calls": calls}
+    detail = f"{len(recent)} messages verbatim, {len(older)} summarized"
+    return Done({"context": recent, "summary": summary, "llm_calls": calls}, detail)
+
+
+def _split_history(history: list[Turn], budget: int) -> tuple[list[Turn], list[Turn]]:
+    """(older, recent): the newest turns that fit in `budget` tokens are the recent ones."""
+    kept, split = 0, len(history)
+    while split > 0 and kept + _tokens(history[split - 1]["content"]) <= budget:
+        kept += _tokens(history[split - 1]["content"])
+        split -= 1
+    return history[:split], history[split:]
 
 
 async def _summarize(
-    turns: list[Turn], state: AgentState, runtime: Ctx
+    turns: list[Turn], state: State, runtime: AgentRuntime
 ) -> tuple[str, list[LlmCall]]:
     deps = runtime.context.deps
-    if deps.llm is not None and not state.get("llm_down"):
+    if deps.llm is not None and not state.llm_down:
         name = "agent/conversation_summary.j2"
         prompt = deps.prompts.render(name, turns=turns, max_words=deps.settings.summary_words)
-        try:
-            text, call = await deps.llm.complete(
-                name,
-                [{"role": "user", "content": prompt}],
-                max_tokens=deps.settings.summary_words * 2,
-            )
-            runtime.context.trace.generation(call)
+        messages = [{"role": "user", "content": prompt}]
+        max_tokens = deps.settings.summary_words * 2
+        reply = await ask_llm(runtime, deps.llm.complete(name, messages, max_tokens=max_tokens))
+        if reply is not None:
+            text, call = reply
             return text, [call]
-        except LlmUnavailable as error:
-            _fall_back(runtime, error)
     # Without a model: the start of each older turn.
     return "\n".join(f"{t['role']}: {t['content'][:200]}" for t in turns[-20:]), []
 
 
-async def select_tools(state: AgentState, runtime: Ctx) -> dict[str, Any]:
-    ctx = runtime.context
-    deps = ctx.deps
-    allowed = deps.registry.tools_for(Intent(state["intent"]), ctx.principal.role)
-    if not allowed:
-        _emit(runtime, StepChanged(Step.SELECT_TOOLS, StepStatus.SKIPPED, "no tools needed"))
-        return {"planned": []}
-    _emit(runtime, StepChanged(Step.SELECT_TOOLS, StepStatus.STARTED))
-    planned: list[PlannedCall] = default_calls(allowed, state["query"], 1)
-    calls: list[LlmCall] = []
-    records: list[dict[str, Any]] = []
-    llm_down = bool(state.get("llm_down"))
-    if deps.llm is not None and not llm_down:
-        name = "agent/tool_selection.j2"
-        prompt = deps.prompts.render(
-            name,
-            tools=[{"name": t.name, "guidance": deps.registry.description(t)} for t in allowed],
-            history=state["context"][-6:],
-            query=state["query"],
-        )
-        try:
-            raw, call = await deps.llm.tool_calls(
-                name,
-                [{"role": "user", "content": prompt}],
-                deps.registry.openai_specs(allowed, ctx.principal),
-            )
-            ctx.trace.generation(call)
-            calls.append(call)
+def _allowed_tools(state: State, runtime: AgentRuntime) -> list[Tool]:
+    """The tools the router allows for the question's intent and the caller's role."""
+    return runtime.context.deps.registry.tools_for(state.intent, runtime.context.principal.role)
+
+
+def _no_tools(state: State, runtime: AgentRuntime) -> str | None:
+    return "no tools needed" if not _allowed_tools(state, runtime) else None
+
+
+@step(Step.SELECT_TOOLS, skip=_no_tools)
+async def select_tools(state: State, runtime: AgentRuntime) -> Done:
+    """The calls to run: the model's choice among the allowed tools (vetted), or the
+    router's default calls when there is no model or it calls nothing."""
+    deps, allowed = runtime.context.deps, _allowed_tools(state, runtime)
+    planned = default_calls(allowed, state.query, 1)
+    update: dict[str, Any] = {}
+    if deps.llm is not None and not state.llm_down:
+        reply = await ask_llm(runtime, _ask_tools(runtime, deps.llm, state, allowed))
+        if reply is None:
+            update["llm_down"] = True
+        else:
+            raw, call = reply
+            update["llm_calls"] = [call]
             if raw:  # a model that calls nothing gets the router's default calls
                 planned, rejected = vet_calls(raw, allowed, 1)
-                records = [_report_rejected(runtime, r) for r in rejected]
-        except LlmUnavailable as error:
-            _fall_back(runtime, error)
-            llm_down = True
+                update["tool_calls"] = [_refuse(runtime, r) for r in rejected]
     names = ", ".join(p.tool.name for p in planned) or "none"
-    _emit(runtime, StepChanged(Step.SELECT_TOOLS, StepStatus.COMPLETED, names))
-    if not planned:
-        _emit(runtime, StepChanged(Step.EXECUTE_TOOLS, StepStatus.SKIPPED, "no valid tool calls"))
-    return {"planned": planned, "llm_calls": calls, "tool_calls": records, "llm_down": llm_down}
+    # Nothing valid to run: the graph goes straight to the answer (route_after_selection).
+    skipped = StepChanged(Step.EXECUTE_TOOLS, StepStatus.SKIPPED, "no valid tool calls")
+    return Done({**update, "planned": planned}, names, after=() if planned else (skipped,))
 
 
-def _report_rejected(runtime: Ctx, rejected: RejectedCall) -> dict[str, Any]:
-    """Announce a refused call as started and ended (it never ran); its stored record."""
-    r, outcome = rejected, ToolOutcome.INVALID_ARGUMENTS
-    deps = runtime.context.deps
-    # The model may name a tool that does not exist: such names are not a metrics label.
-    known = r.tool_name if deps.registry.get_tool_by_name(r.tool_name) else "unknown"
-    deps.metrics.tool_calls.labels(known, outcome.value).inc()
-    _emit(runtime, ToolCallStarted(r.call_id, r.tool_name, r.arguments_json))
-    _emit(runtime, ToolCallFinished(r.call_id, r.tool_name, outcome, "", [], r.error, 0))
-    return _tool_record(r.call_id, r.tool_name, r.arguments_json, outcome, r.error, 0)
+async def _ask_tools(
+    runtime: AgentRuntime, llm: ChatModel, state: State, allowed: list[Tool]
+) -> tuple[list[RawToolCall], LlmCall]:
+    """The model's tool calls among `allowed` (possibly none)."""
+    deps, name = runtime.context.deps, "agent/tool_selection.j2"
+    prompt = deps.prompts.render(
+        name,
+        tools=[{"name": t.name, "guidance": deps.registry.description(t)} for t in allowed],
+        history=state.context[-6:],
+        query=state.query,
+    )
+    specs = deps.registry.openai_specs(allowed, runtime.context.principal)
+    return await llm.tool_calls(name, [{"role": "user", "content": prompt}], specs)
 
 
-def _tool_record(
-    call_id: str, name: str, arguments: str, outcome: ToolOutcome, error: str, latency_ms: int
-) -> dict[str, Any]:
-    return {
-        "tool_call_id": call_id,
-        "name": name,
-        "arguments_json": arguments,
-        "outcome": outcome.value,
-        "error_message": error,
-        "latency_ms": latency_ms,
-    }
+def route_after_selection(state: State) -> str:
+    """Run the planned tool calls, or go straight to the answer when there are none."""
+    return "execute_tools" if state.planned else "synthesize"
 
 
-def route_after_selection(state: AgentState) -> str:
-    return "execute_tools" if state["planned"] else "synthesize"
+@dataclass(frozen=True)
+class ToolRun:
+    """How one tool call ended: its outcome, what it returned, and how long it took."""
+
+    call_id: str
+    tool_name: str
+    arguments_json: str
+    outcome: ToolOutcome
+    error: str = ""
+    latency_ms: int = 0
+    result: ToolResult | None = None
+
+    @property
+    def sources(self) -> list[Source]:
+        return self.result.sources if self.result else []
+
+    @property
+    def summary(self) -> str:
+        return self.result.summary if self.result else ""
+
+    def finished(self) -> ToolCallFinished:
+        """The call's result event."""
+        return ToolCallFinished(
+            self.call_id,
+            self.tool_name,
+            self.outcome,
+            self.summary,
+            self.sources,
+            self.error,
+            self.latency_ms,
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The call as stored with the answer (plain JSON)."""
+        return {
+            "tool_call_id": self.call_id,
+            "name": self.tool_name,
+            "arguments_json": self.arguments_json,
+            "outcome": self.outcome.value,
+            "error_message": self.error,
+            "latency_ms": self.latency_ms,
+        }
 
 
-async def execute_tools(state: AgentState, runtime: Ctx) -> dict[str, Any]:
+async def run_tool_call(call: PlannedCall, principal: Principal, timeout: float) -> ToolRun:
+    """Run one planned call for `principal` within `timeout`; a failure is its outcome."""
+    started = time.perf_counter()
+    result: ToolResult | None = None
+    outcome, error = ToolOutcome.OK, ""
+    try:
+        async with asyncio.timeout(timeout):
+            result = await call.tool.execute(call.args, ToolCallContext(principal))
+    except TimeoutError:
+        outcome, error = ToolOutcome.TIMEOUT, "the tool did not finish in time"
+    except (ToolFailed, DomainError) as failure:
+        outcome, error = ToolOutcome.ERROR, str(failure)
+    except Exception:
+        log.exception("tool %s failed", call.tool.name)
+        outcome, error = ToolOutcome.ERROR, "the tool failed unexpectedly"
+    latency = int((time.perf_counter() - started) * 1000)
+    return ToolRun(
+        call.call_id, call.tool.name, call.arguments_json, outcome, error, latency, result
+    )
+
+
+def _report(runtime: AgentRuntime, run: ToolRun, query: str) -> None:
+    """A finished call on the stream (its retrieval, its result), in metrics and the trace."""
     ctx = runtime.context
-    _emit(runtime, StepChanged(Step.EXECUTE_TOOLS, StepStatus.STARTED))
-    sources: list[Source] = []
-    errors: list[str] = []
-    records: list[dict[str, Any]] = []
+    if run.result is not None and run.result.retrieval is not None:
+        emit(runtime, RetrievalDone(query, run.result.retrieval))
+    emit(runtime, run.finished())
+    ctx.deps.metrics.tool_calls.labels(run.tool_name, run.outcome.value).inc()
+    ctx.deps.metrics.tool_call_seconds.labels(run.tool_name).observe(run.latency_ms / 1000)
+    ctx.trace.tool(
+        name=run.tool_name,
+        arguments=run.arguments_json,
+        outcome=run.outcome.value,
+        latency_ms=run.latency_ms,
+        summary=run.summary,
+        error=run.error,
+    )
 
-    async def run(call: PlannedCall) -> None:
-        _emit(runtime, ToolCallStarted(call.call_id, call.tool.name, call.arguments_json))
-        started = time.perf_counter()
-        result: ToolResult | None = None
-        outcome, error = ToolOutcome.OK, ""
-        try:
-            async with asyncio.timeout(ctx.deps.settings.tool_timeout):
-                result = await call.tool.execute(call.args, ToolCallContext(ctx.principal))
-        except TimeoutError:
-            outcome, error = ToolOutcome.TIMEOUT, "the tool did not finish in time"
-        except (ToolFailed, DomainError) as failure:
-            outcome, error = ToolOutcome.ERROR, str(failure)
-        except Exception:
-            log.exception("tool %s failed", call.tool.name)
-            outcome, error = ToolOutcome.ERROR, "the tool failed unexpectedly"
-        latency = int((time.perf_counter() - started) * 1000)
-        found = result.sources if result else []
-        for source in found:  # numbered in the order results arrive
+
+def _refuse(runtime: AgentRuntime, rejected: RejectedCall) -> dict[str, Any]:
+    """Announce a refused call as started and ended (it never ran); its stored record."""
+    r, registry = rejected, runtime.context.deps.registry
+    run = ToolRun(r.call_id, r.tool_name, r.arguments_json, ToolOutcome.INVALID_ARGUMENTS, r.error)
+    # The model may name a tool that does not exist: such names are not a metrics label.
+    known = r.tool_name if registry.get_tool_by_name(r.tool_name) else "unknown"
+    runtime.context.deps.metrics.tool_calls.labels(known, run.outcome.value).inc()
+    emit(runtime, ToolCallStarted(r.call_id, r.tool_name, r.arguments_json))
+    emit(runtime, run.finished())
+    return run.record()
+
+
+@step(Step.EXECUTE_TOOLS)
+async def execute_tools(state: State, runtime: AgentRuntime) -> Done:
+    """Run the planned calls concurrently; their sources are numbered as they finish."""
+    ctx = runtime.context
+    sources: list[Source] = []
+    finished: list[ToolRun] = []
+
+    async def run_and_report(call: PlannedCall) -> None:
+        emit(runtime, ToolCallStarted(call.call_id, call.tool.name, call.arguments_json))
+        ran = await run_tool_call(call, ctx.principal, ctx.deps.settings.tool_timeout)
+        for source in ran.sources:  # numbered in the order results arrive
             sources.append(source)
             source.index = len(sources)
-        if result is not None and result.retrieval is not None:
-            _emit(
-                runtime,
-                RetrievalDone(call.args.model_dump().get("query", ""), result.retrieval),
-            )
-        summary = result.summary if result else ""
-        _emit(
-            runtime,
-            ToolCallFinished(call.call_id, call.tool.name, outcome, summary, found, error, latency),
-        )
-        if outcome is not ToolOutcome.OK:
-            errors.append(call.tool.name)
-        records.append(
-            _tool_record(call.call_id, call.tool.name, call.arguments_json, outcome, error, latency)
-        )
-        ctx.deps.metrics.tool_calls.labels(call.tool.name, outcome.value).inc()
-        ctx.deps.metrics.tool_call_seconds.labels(call.tool.name).observe(latency / 1000)
-        ctx.trace.tool(
-            name=call.tool.name,
-            arguments=call.arguments_json,
-            outcome=outcome.value,
-            latency_ms=latency,
-            summary=summary,
-            error=error,
-        )
+        finished.append(ran)
+        _report(runtime, ran, call.args.model_dump().get("query", ""))
 
-    await asyncio.gather(*(run(call) for call in state["planned"]))
-    _emit(runtime, StepChanged(Step.EXECUTE_TOOLS, StepStatus.COMPLETED, f"{len(sources)} sources"))
-    return {"sources": sources, "tool_errors": errors, "tool_calls": records}
+    await asyncio.gather(*(run_and_report(call) for call in state.planned))
+    update = {
+        "sources": sources,
+        "tool_errors": [r.tool_name for r in finished if r.outcome is not ToolOutcome.OK],
+        "tool_calls": [r.record() for r in finished],
+    }
+    return Done(update, f"{len(sources)} sources")
 
 
-async def synthesize(state: AgentState, runtime: Ctx) -> dict[str, Any]:
-    ctx = runtime.context
-    deps = ctx.deps
-    _emit(runtime, StepChanged(Step.SYNTHESIZE, StepStatus.STARTED))
-    sources = state.get("sources", [])
-    if deps.llm is not None and not state.get("llm_down"):
+@step(Step.SYNTHESIZE)
+async def synthesize(state: State, runtime: AgentRuntime) -> Done:
+    """The answer, streamed from the model; extractive without one (or when it is down
+    and the settings allow)."""
+    deps = runtime.context.deps
+    if deps.llm is not None and not state.llm_down:
         name = "agent/response_synthesis.j2"
-        messages: list[dict[str, Any]] = [
-            {
-                "role": "system",
-                "content": deps.prompts.render(
-                    "agent/system.j2",
-                    assistant_name=deps.settings.assistant_name,
-                    today=date.today().isoformat(),
-                    summary=state.get("summary", ""),
-                ),
-            },
-            *({"role": t["role"], "content": t["content"]} for t in state.get("context", [])),
-            {
-                "role": "user",
-                "content": deps.prompts.render(
-                    name,
-                    sources=sources,
-                    query=state["query"],
-                    tool_errors=state.get("tool_errors", []),
-                ),
-            },
-        ]
-        call = LlmCall(name, deps.llm.model)
-        answer = ""
-        try:
-            async for delta in deps.llm.stream(name, messages, call):
-                answer += delta
-                _emit(runtime, TokenDelta(delta))
-        except LlmUnavailable as error:
-            if answer:  # half an answer was already sent: the run fails
-                raise
-            _fall_back(runtime, error)
-        else:
-            ctx.trace.generation(call)
-            _emit(
-                runtime,
-                StepChanged(Step.SYNTHESIZE, StepStatus.COMPLETED, AnswerMode.GENERATED.value),
-            )
-            return {
+        streamed = await stream_llm(runtime, deps.llm, name, _synthesis_messages(state, deps))
+        if streamed is not None:
+            answer, call = streamed
+            update = {
                 "answer": answer,
-                "mode": AnswerMode.GENERATED.value,
+                "mode": AnswerMode.GENERATED,
                 "finish_reason": call.finish_reason or "stop",
                 "llm_calls": [call],
             }
-    return _extractive(state, runtime, sources)
+            return Done(update, AnswerMode.GENERATED.value)
+    return _extractive(state, runtime)
 
 
-def _extractive(state: AgentState, runtime: Ctx, sources: list[Source]) -> dict[str, Any]:
+def _synthesis_messages(state: State, deps: AgentDeps) -> list[dict[str, Any]]:
+    """The system prompt, the recent turns, then the question with its sources."""
+    system = deps.prompts.render(
+        "agent/system.j2",
+        assistant_name=deps.settings.assistant_name,
+        today=date.today().isoformat(),
+        summary=state.summary,
+    )
+    question = deps.prompts.render(
+        "agent/response_synthesis.j2",
+        sources=state.sources,
+        query=state.query,
+        tool_errors=state.tool_errors,
+    )
+    return [
+        {"role": "system", "content": system},
+        *({"role": t["role"], "content": t["content"]} for t in state.context),
+        {"role": "user", "content": question},
+    ]
+
+
+def _extractive(state: State, runtime: AgentRuntime) -> Done:
+    """The answer without a model: the best sources quoted, each line sent as a token."""
     deps = runtime.context.deps
-    shown = sorted(sources, key=lambda s: -s.score)[: deps.settings.extractive_sources]
+    shown = sorted(state.sources, key=lambda s: -s.score)[: deps.settings.extractive_sources]
     shown.sort(key=lambda s: s.index)
     answer = deps.prompts.render(
         "agent/extractive_answer.j2",
         sources=shown,
-        greeting=state["intent"] == Intent.GREETING.value,
+        greeting=state.intent is Intent.GREETING,
         web=deps.registry.get_tool_by_name("web_search") is not None,
     )
     for line in answer.splitlines(keepends=True):
-        _emit(runtime, TokenDelta(line))
-    _emit(runtime, StepChanged(Step.SYNTHESIZE, StepStatus.COMPLETED, AnswerMode.EXTRACTIVE.value))
+        emit(runtime, TokenDelta(line))
     # The template prints each shown passage's [n] marker, so persist cites exactly those.
-    return {"answer": answer, "mode": AnswerMode.EXTRACTIVE.value, "finish_reason": "stop"}
+    mode = AnswerMode.EXTRACTIVE
+    return Done({"answer": answer, "mode": mode, "finish_reason": "stop"}, mode.value)
 
 
-async def persist(state: AgentState, runtime: Ctx) -> dict[str, Any]:
+@step(Step.PERSIST)
+async def persist(state: State, runtime: AgentRuntime) -> Done:
+    """Store the question and the answer together; announce citations, usage, the end."""
     ctx = runtime.context
-    _emit(runtime, StepChanged(Step.PERSIST, StepStatus.STARTED))
-    answer = state["answer"]
-    citations = cited(answer, state.get("sources", []))
-    calls = state.get("llm_calls", [])
-    prompt_tokens = sum(c.prompt_tokens for c in calls)
-    completion_tokens = sum(c.completion_tokens for c in calls)
-    generated = state["mode"] == AnswerMode.GENERATED.value
+    citations = cited(state.answer, state.sources)
     question = Message(
-        id=ctx.user_message_id, role="user", content=state["query"], citations=[], tool_calls=[]
+        id=ctx.user_message_id, role="user", content=state.query, citations=[], tool_calls=[]
     )
-    reply = Message(
-        id=ctx.assistant_message_id,
-        role="assistant",
-        content=answer,
-        citations=[citation_record(s) for s in citations],
-        tool_calls=state.get("tool_calls", []),
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        model=ctx.deps.llm.model if generated and ctx.deps.llm else None,
-        mode=state["mode"],
-        latency_ms=int((time.perf_counter() - ctx.started) * 1000),
-    )
+    reply = _reply(state, ctx, citations)
     await ctx.deps.store.save_run(
         ctx.principal,
         conversation_id=ctx.conversation_id,
@@ -391,17 +395,31 @@ async def persist(state: AgentState, runtime: Ctx) -> dict[str, Any]:
         answer=reply,
     )
     for source in citations:
-        _emit(runtime, CitationAdded(source))
-    _emit(runtime, UsageReported(prompt_tokens, completion_tokens))
-    _emit(runtime, StepChanged(Step.PERSIST, StepStatus.COMPLETED))
-    _emit(runtime, RunCompleted(reply, state.get("finish_reason", "stop")))
-    ctx.trace.end(answer=answer, intent=state["intent"], error=None)
-    return {}
+        emit(runtime, CitationAdded(source))
+    emit(runtime, UsageReported(reply.prompt_tokens, reply.completion_tokens))
+    return Done({}, after=(RunCompleted(reply, state.finish_reason),))
 
 
-def build_graph() -> CompiledStateGraph[AgentState, RunContext, AgentState, AgentState]:
+def _reply(state: State, ctx: RunContext, citations: list[Source]) -> Message:
+    """The assistant's message: the answer, what it cites, the calls and tokens it took."""
+    generated = state.mode is AnswerMode.GENERATED
+    return Message(
+        id=ctx.assistant_message_id,
+        role="assistant",
+        content=state.answer,
+        citations=[citation_record(s) for s in citations],
+        tool_calls=state.tool_calls,
+        prompt_tokens=sum(c.prompt_tokens for c in state.llm_calls),
+        completion_tokens=sum(c.completion_tokens for c in state.llm_calls),
+        model=ctx.deps.llm.model if generated and ctx.deps.llm else None,
+        mode=state.mode.value,
+        latency_ms=int((time.perf_counter() - ctx.started) * 1000),
+    )
+
+
+def build_graph() -> CompiledStateGraph[State, RunContext, InputState, State]:
     """The workflow, compiled (once, at start-up)."""
-    graph = StateGraph(AgentState, context_schema=RunContext)
+    graph = StateGraph(State, context_schema=RunContext, input_schema=InputState)
     graph.add_node("classify_intent", classify_intent)
     graph.add_node("load_context", load_context)
     graph.add_node("select_tools", select_tools)

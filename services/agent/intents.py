@@ -43,7 +43,8 @@ class IntentExamples:
         self._matrix = matrix
 
     @classmethod
-    async def load(cls, prompts: PromptManager, embedder: Embedder) -> "IntentExamples":
+    def build(cls, prompts: PromptManager, embedder: Embedder) -> "IntentExamples":
+        """Embed the examples (blocking: once, while the domain is built)."""
         raw = prompts.data(EXAMPLES_FILE)
         infos = [
             IntentInfo(
@@ -53,7 +54,7 @@ class IntentExamples:
         ]
         labels = [Intent(info.name) for info in infos for _ in info.examples]
         texts = [example for info in infos for example in info.examples]
-        vectors = np.asarray(await embedder.encode_passages(texts), dtype=np.float32)
+        vectors = np.asarray(embedder.encode_passages_sync(texts), dtype=np.float32)
         return cls(infos, labels, _normalise(vectors))
 
     async def guess(self, embedder: Embedder, text: str) -> IntentGuess:

@@ -6,25 +6,27 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
+from services.agent.accounting import RunAccount, record_refused
 from services.agent.context import AgentDeps, RunContext
 from services.agent.conversations import (
     ConversationDetail,
     ConversationPage,
     conversation_id_of,
 )
-from services.agent.events import Event, RunCompleted, RunStarted, StepChanged, TokenDelta
+from services.agent.events import Event, RunCompleted, RunStarted
 from services.agent.graph import build_graph
 from services.agent.intents import IntentExamples
-from services.agent.state import AgentState, Turn
+from services.agent.llm import ChatModel
+from services.agent.prompts import PromptManager
+from services.agent.state import InputState, Turn
 from services.agent.text import clean_query, title_from
 from services.agent.tracing import NoopTracer, Tracer
-from services.analytics.recorder import EventKind
 from services.auth.principal import Principal
 from services.db import new_id
-from services.errors import DomainError, QuotaViolation, ResourceExhausted
+from services.errors import QuotaViolation, ResourceExhausted
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,19 @@ class QueryResult:
     completed: RunCompleted
 
 
+def _run_started(context: RunContext) -> RunStarted:
+    return RunStarted(
+        conversation_id=str(context.conversation_id),
+        user_message_id=str(context.user_message_id),
+        assistant_message_id=str(context.assistant_message_id),
+        conversation_created=context.new_title is not None,
+    )
+
+
 class AgentService:
+    """The agent's runs (each one pass through the compiled graph) and the caller's
+    conversations; built with every dependency it needs (see `use_llm` for the one late one)."""
+
     def __init__(self, deps: AgentDeps, tracer: Tracer | None = None) -> None:
         self._deps = deps
         self._tracer: Tracer = tracer or NoopTracer()
@@ -42,14 +56,23 @@ class AgentService:
         self._running: Counter[uuid.UUID] = Counter()  # runs in flight per user
 
     @property
-    def deps(self) -> AgentDeps:
-        return self._deps
+    def prompts(self) -> PromptManager:
+        """The prompts the agent renders."""
+        return self._deps.prompts
 
-    async def start(self) -> None:
-        """Embed the intent examples (needs the embedding model's workers running)."""
-        self._deps.intents = await IntentExamples.load(self._deps.prompts, self._deps.embedder)
+    @property
+    def intents(self) -> IntentExamples:
+        """The embedded intent examples (the fast intent classifier)."""
+        return self._deps.intents
+
+    def use_llm(self, llm: ChatModel) -> None:
+        """Answer with `llm` from now on. Only for a model served by a sidecar the process
+        starts itself (LLM_PROVIDER=local), whose address is known once it runs: call it
+        before serving. Every other model is in the deps the service is built with."""
+        self._deps = replace(self._deps, llm=llm)
 
     async def stop(self) -> None:
+        """Close the LLM client and flush the tracer (at shutdown)."""
         if self._deps.llm is not None:
             await self._deps.llm.close()
         # Flushing may wait on an unreachable Langfuse: not on the event loop.
@@ -76,29 +99,24 @@ class AgentService:
         with self._admitted(principal):
             try:
                 await self._deps.quotas.admit_query(principal)
-            except ResourceExhausted as error:
-                self._deps.events.record(
-                    EventKind.QUOTA_REFUSED,
-                    user_id=principal.user_id,
-                    code=error.reason,
-                    data=error.metadata,  # which quota: metric and period
-                )
-                self._deps.metrics.agent_queries.labels("unknown", "refused").inc()
+            except ResourceExhausted as refusal:
+                record_refused(self._deps, principal, refusal)
                 raise
-            async for item in self._run(principal, question, cid, history, title, request_id):
+            context = self._new_run(principal, question, cid, title, request_id)
+            async for item in self._run(context, InputState(query=question, history=history)):
                 yield item
 
-    async def _run(
+    def _new_run(
         self,
         principal: Principal,
         question: str,
         cid: uuid.UUID,
-        history: list[Turn],
         title: str | None,
         request_id: str,
-    ) -> AsyncIterator[tuple[str, Event]]:
+    ) -> RunContext:
+        """The context of a new run, with its trace opened."""
         run_id = uuid.uuid4().hex
-        context = RunContext(
+        return RunContext(
             deps=self._deps,
             principal=principal,
             run_id=run_id,
@@ -115,96 +133,40 @@ class AgentService:
                 query=question,
             ),
         )
-        started = RunStarted(
-            conversation_id=str(cid),
-            user_message_id=str(context.user_message_id),
-            assistant_message_id=str(context.assistant_message_id),
-            conversation_created=title is not None,
-        )
-        yield run_id, started
-        state: AgentState = {
-            "query": question,
-            "history": history,
-            "tool_calls": [],
-            "llm_calls": [],
-        }
+
+    async def _run(
+        self, context: RunContext, given: InputState
+    ) -> AsyncIterator[tuple[str, Event]]:
+        """Stream the graph's events within the run's time budget; the account records how
+        the run ended."""
+        account = RunAccount(context)
+        yield context.run_id, _run_started(context)
         budget = self._deps.settings.run_timeout
         window = asyncio.timeout(budget)
-        metrics, intent, first_token = self._deps.metrics, "unknown", True
         try:
             async with window:
                 async for event in self._graph.astream(
-                    state, context=context, stream_mode="custom"
+                    given, context=context, stream_mode="custom"
                 ):
-                    if isinstance(event, StepChanged) and event.intent:
-                        intent = event.intent
-                    elif isinstance(event, TokenDelta) and first_token:
-                        first_token = False
-                        metrics.agent_first_token_seconds.observe(
-                            time.perf_counter() - context.started
-                        )
-                    elif isinstance(event, RunCompleted):
-                        self._record_completed(principal, event)
-                        self._count_run(context, intent, "ok")
-                        message = event.message
-                        await self._deps.quotas.add_tokens(
-                            principal, message.prompt_tokens + message.completion_tokens
-                        )
-                    yield run_id, cast(Event, event)
-        except TimeoutError:
-            if not window.expired():
+                    if isinstance(event, RunCompleted):
+                        await account.completed(event.message)
+                    else:
+                        account.progress(event)
+                    yield context.run_id, cast(Event, event)
+        except TimeoutError as error:
+            if not window.expired():  # not this run's budget: a failure like any other
+                account.failed(error)
                 raise
-            context.trace.end(answer="", intent="", error="run timeout")
-            self._record_failed(principal, context, "AGENT_RUN_TIMEOUT")
-            self._count_run(context, intent, "timeout")
+            account.timed_out()
             raise ResourceExhausted(
                 f"the run took longer than its {budget:g} s budget", reason="AGENT_RUN_TIMEOUT"
             ) from None
-        except BaseException as error:  # cancellation included: the trace says how it ended
-            context.trace.end(answer="", intent="", error=type(error).__name__)
-            reason = error.reason if isinstance(error, DomainError) else type(error).__name__
-            self._record_failed(principal, context, reason)
-            cancelled = isinstance(error, asyncio.CancelledError | GeneratorExit)
-            self._count_run(context, intent, "cancelled" if cancelled else "error")
+        except BaseException as error:  # cancellation included: the account says how it ended
+            if isinstance(error, asyncio.CancelledError | GeneratorExit):
+                account.cancelled(error)
+            else:
+                account.failed(error)
             raise
-
-    def _count_run(self, context: RunContext, intent: str, outcome: str) -> None:
-        metrics = self._deps.metrics
-        metrics.agent_queries.labels(intent, outcome).inc()
-        seconds = time.perf_counter() - context.started
-        metrics.agent_run_seconds.labels(outcome).observe(seconds)
-
-    def _record_completed(self, principal: Principal, completed: RunCompleted) -> None:
-        """Usage events of a finished run: the query, and each tool call it made."""
-        message, events = completed.message, self._deps.events
-        for call in message.tool_calls:
-            events.record(
-                EventKind.TOOL_CALL,
-                user_id=principal.user_id,
-                tool=call["name"],
-                code=call["outcome"],
-                latency_ms=call["latency_ms"],
-                success=call["outcome"] == "ok",
-            )
-        events.record(
-            EventKind.AGENT_QUERY,
-            user_id=principal.user_id,
-            model=message.model,
-            tokens_in=message.prompt_tokens,
-            tokens_out=message.completion_tokens,
-            latency_ms=message.latency_ms,
-            success=True,
-            data={"mode": message.mode, "tools": [c["name"] for c in message.tool_calls]},
-        )
-
-    def _record_failed(self, principal: Principal, context: RunContext, reason: str) -> None:
-        self._deps.events.record(
-            EventKind.AGENT_QUERY,
-            user_id=principal.user_id,
-            latency_ms=(time.perf_counter() - context.started) * 1000,
-            success=False,
-            code=reason,
-        )
 
     @contextlib.contextmanager
     def _admitted(self, principal: Principal) -> Iterator[None]:

@@ -1,1 +1,1 @@
-"""Usage events and the statistics computed from them."""
+"""Usage, quotas and the statistics computed from the usage events."""

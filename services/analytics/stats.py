@@ -25,13 +25,13 @@ from typing import Any
 from sqlalchemy import Integer, Select, and_, case, column, func, select, values
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.analytics.models import Event
-from services.analytics.recorder import EventKind
 from services.auth.models import User
 from services.cache import Cache
 from services.db import UTCDateTime, require_uuid, utcnow
 from services.errors import InvalidArgument, NotFound
 from services.periods import Window, periods, previous_start, window_bounds
+from services.usage_events.models import Event
+from services.usage_events.recorder import EventKind
 
 # How many buckets a range holds when its start is not given, by bucket width.
 DEFAULT_BUCKETS = {Window.DAY: 30, Window.WEEK: 12, Window.MONTH: 12}

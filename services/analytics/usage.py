@@ -8,12 +8,12 @@ from datetime import datetime
 from sqlalchemy import and_, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.analytics.models import Event
-from services.analytics.recorder import EventKind
 from services.auth.principal import Principal
 from services.db import utcnow
 from services.periods import Window, window_bounds
 from services.quotas.service import QuotaService, QuotaStatus
+from services.usage_events.models import Event
+from services.usage_events.recorder import EventKind
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.analytics.recorder import EventKind, EventRecorder
 from services.auth.models import RefreshToken, User
 from services.auth.passwords import PasswordHasher, password_problems
 from services.auth.principal import Principal, Role
@@ -31,6 +30,7 @@ from services.errors import (
     Unauthenticated,
     Violations,
 )
+from services.usage_events.recorder import EventKind, EventRecorder
 
 
 @dataclass(frozen=True)

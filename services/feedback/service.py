@@ -3,6 +3,7 @@ an administrators' listing with filters, and summary statistics over a range."""
 
 import enum
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -11,12 +12,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.agent.models import Conversation, Message
-from services.analytics.recorder import EventKind, EventRecorder
 from services.auth.principal import Principal
 from services.db import parse_uuid, require_uuid, utc_day, utcnow
 from services.errors import InvalidArgument, NotFound, Violations
 from services.feedback.models import Feedback
 from services.pagination import decode_cursor, page_size, split_page
+from services.usage_events.recorder import EventKind, EventRecorder
 
 MAX_COMMENT_CHARS = 2000
 DEFAULT_STATS_DAYS = 30
@@ -166,6 +167,20 @@ class FeedbackService:
             feedback.comment = submission.comment
             feedback.updated_at = now
         return feedback, created
+
+    async def mine(
+        self, principal: Principal, message_ids: Collection[uuid.UUID]
+    ) -> dict[uuid.UUID, Feedback]:
+        """The caller's own feedback on these messages, by message id."""
+        if not message_ids:
+            return {}
+        async with self._sessions() as s:
+            rows = await s.scalars(
+                select(Feedback).where(
+                    Feedback.user_id == principal.user_id, Feedback.message_id.in_(message_ids)
+                )
+            )
+            return {feedback.message_id: feedback for feedback in rows}
 
     async def list(self, size: int, token: str, where: FeedbackFilter) -> FeedbackPage:
         """All users' feedback, newest first (by when it was first given), filtered."""

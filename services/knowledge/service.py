@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.analytics.recorder import EventKind, EventRecorder
 from services.auth.principal import Principal
 from services.db import parse_uuid, require_uuid
 from services.errors import (
@@ -40,6 +39,7 @@ from services.knowledge.retrieval import (
 from services.knowledge.vector_store import SearchScope, VectorStore
 from services.metrics import Metrics
 from services.pagination import decode_cursor, page_size, split_page
+from services.usage_events.recorder import EventKind, EventRecorder
 
 MAX_FILENAME = 255
 MAX_TITLE = 300

@@ -9,7 +9,6 @@ from typing import ClassVar
 from pydantic import BaseModel
 
 from services.auth.principal import Principal, Role
-from services.knowledge.service import Passage
 
 
 class SourceKind(enum.StrEnum):
@@ -35,14 +34,31 @@ class Source:
     index: int = 0
 
 
+@dataclass(frozen=True)
+class RetrievedPassage:
+    """A passage as a retrieval tool found it, reported whole in the run's retrieval event
+    (the tool's own payload: the agent does not depend on the knowledge package's types)."""
+
+    chunk_id: str
+    document_id: str
+    document_title: str
+    text: str
+    score: float
+    page: int
+    start: int
+    end: int
+    chunk_index: int
+    legs: frozenset[str]  # the retrieval legs that found it: "dense", "sparse"
+
+
 @dataclass
 class ToolResult:
     """What a tool returns: its sources and a one-line summary for the event stream."""
 
     sources: list[Source]
     summary: str
-    # The knowledge-base passages as searched, for the stream's retrieval event.
-    retrieval: list[Passage] | None = None
+    # Passages as a retrieval tool searched them, for the stream's retrieval event.
+    retrieval: list[RetrievedPassage] | None = None
 
 
 class ToolFailed(Exception):

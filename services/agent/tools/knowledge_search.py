@@ -4,8 +4,15 @@ from typing import ClassVar
 
 from pydantic import BaseModel, Field
 
-from services.agent.tools.base import Source, SourceKind, Tool, ToolCallContext, ToolResult
-from services.knowledge.service import KnowledgeService, SearchRequest
+from services.agent.tools.base import (
+    RetrievedPassage,
+    Source,
+    SourceKind,
+    Tool,
+    ToolCallContext,
+    ToolResult,
+)
+from services.knowledge.service import KnowledgeService, Passage, SearchRequest
 
 
 class KnowledgeSearchArgs(BaseModel):
@@ -42,4 +49,20 @@ class KnowledgeSearchTool(Tool):
             )
             for p in passages
         ]
-        return ToolResult(sources, f"{len(sources)} passages", retrieval=passages)
+        retrieval = [retrieved(p) for p in passages]
+        return ToolResult(sources, f"{len(sources)} passages", retrieval=retrieval)
+
+
+def retrieved(passage: Passage) -> RetrievedPassage:
+    return RetrievedPassage(
+        chunk_id=passage.chunk_id,
+        document_id=str(passage.document_id),
+        document_title=passage.document_title,
+        text=passage.text,
+        score=passage.score,
+        page=passage.page,
+        start=passage.start,
+        end=passage.end,
+        chunk_index=passage.chunk_index,
+        legs=frozenset(leg.value for leg in passage.legs),
+    )

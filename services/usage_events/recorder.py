@@ -18,10 +18,10 @@ from sqlalchemy import insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.analytics.models import Event
 from services.db import utcnow
+from services.usage_events.models import Event
 
-log = logging.getLogger("agentmesh.analytics")
+log = logging.getLogger("agentmesh.usage_events")
 
 
 class EventKind(enum.StrEnum):

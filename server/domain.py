@@ -1,0 +1,300 @@
+"""The first layer of the composition root: the domain, built from Settings.
+
+`build_domain` decides which objects exist and hands each what it needs by constructor;
+`server/domain_settings.py` maps Settings onto their settings objects. Nothing here
+imports grpc: `server/main.py` serves a built Domain, and any process kind (every service
+in one, or one service alone) is a choice of services over the same Domain.
+"""
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+from prometheus_client import CollectorRegistry
+from redis.asyncio import BlockingConnectionPool, Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from server import domain_settings as configured
+from server.config import Settings
+from server.llm_sidecar import LocalLlmSidecar, packaged_model
+from services.agent.context import AgentDeps
+from services.agent.conversations import ConversationStore
+from services.agent.intents import IntentExamples
+from services.agent.llm import ChatModel, LlmSettings
+from services.agent.prompts import PromptManager
+from services.agent.service import AgentService
+from services.agent.tools.api_search import ApiSearchTool
+from services.agent.tools.base import Tool
+from services.agent.tools.knowledge_search import KnowledgeSearchTool
+from services.agent.tools.outbound import OutboundHttp
+from services.agent.tools.registry import ToolRegistry
+from services.agent.tools.web_search import WebSearchTool
+from services.agent.tracing import NoopTracer, Tracer
+from services.analytics.stats import StatsService
+from services.analytics.usage import UsageService
+from services.auth.passwords import PasswordHasher
+from services.auth.service import AuthService
+from services.auth.tokens import TokenCodec
+from services.auth.users import UserService
+from services.cache import Cache, InProcessCache, RedisCache
+from services.db import create_engine, create_sessionmaker
+from services.feedback.service import FeedbackService
+from services.knowledge.chunking import ChunkingPolicy
+from services.knowledge.embeddings import Embedder
+from services.knowledge.ingestion import IngestionPipeline, IngestionQueue
+from services.knowledge.lexical import LexicalEncoder
+from services.knowledge.reranking import CrossEncoderReranker
+from services.knowledge.service import KnowledgeService
+from services.knowledge.vector_store import VectorStore
+from services.limits import InProcessRateLimiter, RateLimiter, RedisRateLimiter
+from services.metrics import Metrics
+from services.quotas.counters import Counters, InProcessCounters, RedisCounters
+from services.quotas.service import QuotaService
+from services.usage_events.recorder import EventRecorder
+
+# Threads parsing, chunking and building lexical vectors (a PDF waits on its child process).
+PARSE_THREADS = 2
+# Redis connections per process; the pool blocks past this (see `connect_redis`).
+REDIS_CONNECTIONS = 64
+
+
+@dataclass
+class Domain:
+    """The domain services and the resources they hold."""
+
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    executor: ThreadPoolExecutor
+    tokens: TokenCodec
+    auth: AuthService
+    users: UserService
+    knowledge: KnowledgeService
+    agent: AgentService
+    feedback: FeedbackService
+    events: EventRecorder
+    usage: UsageService
+    stats: StatsService
+    outbound: OutboundHttp
+    limiter: RateLimiter
+    redis: Redis | None
+    metrics: Metrics
+    # The llama.cpp server of LLM_PROVIDER=local; the agent's client is made once it serves.
+    local_llm: LocalLlmSidecar | None = None
+    local_llm_settings: LlmSettings | None = None
+
+    async def start(self) -> None:
+        await self.events.start()
+        await self.knowledge.start()
+        if self.local_llm is not None and self.local_llm_settings is not None:
+            await self.local_llm.start()
+            # Its address and model are known only now that it runs.
+            settings = replace(
+                self.local_llm_settings,
+                base_url=self.local_llm.base_url,
+                model=self.local_llm.model,
+                api_key=None,
+            )
+            self.agent.use_llm(ChatModel(settings, self.metrics))
+
+    async def close(self) -> None:
+        await self.agent.stop()
+        if self.local_llm is not None:
+            await self.local_llm.stop()
+        await self.outbound.close()
+        await self.knowledge.stop()
+        await self.events.stop()  # after everything that records events
+        if self.redis is not None:
+            await self.redis.aclose()
+        await self.engine.dispose()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def build_knowledge(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    events: EventRecorder,
+    metrics: Metrics,
+) -> KnowledgeService:
+    """The knowledge base: embedding model (loaded here), Qdrant, ingestion workers."""
+    embedder = Embedder.load(configured.embedder_settings(settings))
+    store = VectorStore.connect(
+        url=settings.qdrant_url,
+        api_key=configured.revealed(settings.qdrant_api_key),
+        path=settings.data_dir / "qdrant",
+        collection=settings.qdrant_collection,
+    )
+    lexical = LexicalEncoder()
+    executor = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="ingest")
+    chunking = ChunkingPolicy(
+        embedder.max_tokens, settings.chunk_overlap_tokens, settings.max_chunks_per_document
+    )
+    limits = configured.parse_limits(settings)
+    pipeline = IngestionPipeline(
+        sessions, store, embedder, lexical, chunking, limits, executor, metrics
+    )
+    queue = IngestionQueue(
+        pipeline, workers=settings.ingest_workers, capacity=settings.ingest_queue_size
+    )
+    reranker = (
+        CrossEncoderReranker.load(settings.reranker_model, embedder)
+        if settings.reranker_model
+        else None
+    )
+    return KnowledgeService(
+        sessions,
+        store,
+        embedder,
+        lexical,
+        queue,
+        executor,
+        configured.knowledge_settings(settings),
+        events,
+        metrics,
+        reranker,
+    )
+
+
+def build_tools(
+    settings: Settings, knowledge: KnowledgeService, outbound: OutboundHttp
+) -> list[Tool]:
+    """The knowledge-base tool, plus web and API search when their services are configured."""
+    tools: list[Tool] = [KnowledgeSearchTool(knowledge, settings.agent_top_k)]
+    if web := configured.web_search_settings(settings):
+        tools.append(WebSearchTool(outbound, web))
+    if api := configured.api_tool_settings(settings):
+        tools.append(ApiSearchTool(outbound, api))
+    return tools
+
+
+def build_tracer(settings: Settings) -> Tracer:
+    """Langfuse when both keys are set; otherwise no tracing."""
+    if settings.langfuse_public_key and settings.langfuse_secret_key:
+        # Imported only when configured: the SDK pulls in OpenTelemetry's exporter stack.
+        from services.agent.tracing_langfuse import LangfuseTracer
+
+        return LangfuseTracer(
+            host=settings.langfuse_host or "https://cloud.langfuse.com",
+            public_key=settings.langfuse_public_key,
+            secret_key=settings.langfuse_secret_key.get_secret_value(),
+        )
+    return NoopTracer()
+
+
+def build_agent(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    knowledge: KnowledgeService,
+    outbound: OutboundHttp,
+    events: EventRecorder,
+    quotas: QuotaService,
+    metrics: Metrics,
+) -> AgentService:
+    """The agent: prompts, tools, the embedded intent examples, the LLM client (none in
+    extractive mode) and the graph."""
+    prompts = PromptManager(settings.prompts_dir, auto_reload=settings.prompts_auto_reload)
+    provider = settings.resolved_llm_provider
+    # The local provider's client is made when its sidecar has started (Domain.start).
+    llm = ChatModel(configured.llm_settings(settings), metrics) if provider == "openai" else None
+    deps = AgentDeps(
+        prompts=prompts,
+        registry=ToolRegistry(build_tools(settings, knowledge, outbound), prompts),
+        embedder=knowledge.embedder,
+        intents=IntentExamples.build(prompts, knowledge.embedder),
+        llm=llm,
+        store=ConversationStore(sessions),
+        settings=configured.agent_settings(settings),
+        events=events,
+        quotas=quotas,
+        metrics=metrics,
+    )
+    return AgentService(deps, build_tracer(settings))
+
+
+def connect_redis(settings: Settings) -> Redis | None:
+    """One Redis client for limits, quotas and caches when REDIS_URL is set (shared by
+    replicas); None keeps all of them in process."""
+    if not settings.redis_url:
+        return None
+    timeout = settings.rate_limit_timeout_seconds
+    # A blocking pool: the default one raises past its size, which would wave a burst
+    # through (fail open) instead of queueing it within the decision timeout.
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=REDIS_CONNECTIONS,
+        timeout=None,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+    )
+    return Redis.from_pool(pool)
+
+
+def build_limiter(settings: Settings, redis: Redis | None) -> RateLimiter:
+    """Rate limits counted in Redis when it is configured (shared by replicas)."""
+    if redis is None:
+        return InProcessRateLimiter(max_keys=100_000)
+    return RedisRateLimiter(
+        redis,
+        prefix=f"{settings.redis_key_prefix}rl:",
+        timeout=settings.rate_limit_timeout_seconds,
+        fail_open=settings.rate_limit_fail_open,
+    )
+
+
+def build_quotas(settings: Settings, redis: Redis | None) -> QuotaService:
+    """Per-role quotas, counted in Redis when it is configured (shared by replicas)."""
+    counters: Counters = (
+        RedisCounters(redis, settings.redis_key_prefix) if redis else InProcessCounters()
+    )
+    return QuotaService(counters, configured.quota_limits(settings))
+
+
+def build_stats(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], redis: Redis | None
+) -> StatsService:
+    """Statistics from the events table, cached in Redis when it is configured."""
+    cache: Cache = (
+        RedisCache(redis, f"{settings.redis_key_prefix}cache:") if redis else InProcessCache()
+    )
+    return StatsService(sessions, cache, configured.stats_settings(settings))
+
+
+def build_domain(settings: Settings, registry: CollectorRegistry | None = None) -> Domain:
+    """The domain services; their metrics go to `registry` (none: a private one)."""
+    metrics = Metrics(registry)
+    engine = create_engine(settings.resolved_database_url)
+    sessions = create_sessionmaker(engine)
+    executor = ThreadPoolExecutor(settings.password_hash_workers, thread_name_prefix="argon2")
+    tokens = TokenCodec(configured.token_settings(settings))
+    events = EventRecorder(
+        sessions, configured.recorder_settings(settings), observer=metrics.observe_event
+    )
+    knowledge = build_knowledge(settings, sessions, events, metrics)
+    outbound = OutboundHttp(settings.outbound_allowed_networks)
+    redis = connect_redis(settings)
+    quotas = build_quotas(settings, redis)
+    local_llm = None
+    if settings.resolved_llm_provider == "local":
+        local_llm = LocalLlmSidecar(
+            packaged_model(settings.data_dir),
+            threads=settings.local_llm_threads,
+            workdir=settings.data_dir / "llm",
+        )
+    return Domain(
+        engine=engine,
+        sessions=sessions,
+        executor=executor,
+        tokens=tokens,
+        auth=AuthService(sessions, PasswordHasher(executor), tokens, events),
+        users=UserService(sessions, on_deleted=knowledge.purge_owner),
+        knowledge=knowledge,
+        agent=build_agent(settings, sessions, knowledge, outbound, events, quotas, metrics),
+        feedback=FeedbackService(sessions, events),
+        events=events,
+        usage=UsageService(sessions, quotas),
+        stats=build_stats(settings, sessions, redis),
+        limiter=build_limiter(settings, redis),
+        redis=redis,
+        metrics=metrics,
+        outbound=outbound,
+        local_llm=local_llm,
+        local_llm_settings=configured.llm_settings(settings),
+    )

@@ -1,0 +1,77 @@
+"""The gRPC services a process can serve, each with how its servicer is added over a
+Domain. A process kind (every service in one, or one service alone) is a choice of these."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
+from agentmesh.agent.v1 import agent_service_pb2_grpc as agent_grpc
+from agentmesh.analytics.v1 import analytics_service_pb2 as analytics_pb
+from agentmesh.analytics.v1 import analytics_service_pb2_grpc as analytics_grpc
+from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
+from agentmesh.auth.v1 import auth_service_pb2_grpc as auth_grpc
+from agentmesh.auth.v1 import user_service_pb2 as users_pb
+from agentmesh.auth.v1 import user_service_pb2_grpc as users_grpc
+from agentmesh.feedback.v1 import feedback_service_pb2 as feedback_pb
+from agentmesh.feedback.v1 import feedback_service_pb2_grpc as feedback_grpc
+from agentmesh.knowledge.v1 import knowledge_service_pb2 as knowledge_pb
+from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as knowledge_grpc
+from google.protobuf.descriptor import FileDescriptor
+
+from server.domain import Domain
+from server.servicers.agent import AgentServicer
+from server.servicers.analytics import AnalyticsServicer
+from server.servicers.auth import AuthServicer
+from server.servicers.feedback import FeedbackServicer
+from server.servicers.knowledge import KnowledgeBaseServicer
+from server.servicers.users import UserServicer
+
+
+def _name(file: FileDescriptor, service: str) -> str:
+    return file.services_by_name[service].full_name
+
+
+@dataclass(frozen=True)
+class ServedService:
+    """A gRPC service a process can serve: its full name and how to add its servicer."""
+
+    name: str
+    add: Callable[[Domain, grpc.aio.Server], None]
+
+
+SERVICES = (
+    ServedService(
+        _name(auth_pb.DESCRIPTOR, "AuthService"),
+        lambda d, s: auth_grpc.add_AuthServiceServicer_to_server(AuthServicer(d.auth), s),
+    ),
+    ServedService(
+        _name(users_pb.DESCRIPTOR, "UserService"),
+        lambda d, s: users_grpc.add_UserServiceServicer_to_server(UserServicer(d.users), s),
+    ),
+    ServedService(
+        _name(agent_pb.DESCRIPTOR, "AgentService"),
+        lambda d, s: agent_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(d.agent, d.feedback), s
+        ),
+    ),
+    ServedService(
+        _name(knowledge_pb.DESCRIPTOR, "KnowledgeBaseService"),
+        lambda d, s: knowledge_grpc.add_KnowledgeBaseServiceServicer_to_server(
+            KnowledgeBaseServicer(d.knowledge), s
+        ),
+    ),
+    ServedService(
+        _name(feedback_pb.DESCRIPTOR, "FeedbackService"),
+        lambda d, s: feedback_grpc.add_FeedbackServiceServicer_to_server(
+            FeedbackServicer(d.feedback), s
+        ),
+    ),
+    ServedService(
+        _name(analytics_pb.DESCRIPTOR, "AnalyticsService"),
+        lambda d, s: analytics_grpc.add_AnalyticsServiceServicer_to_server(
+            AnalyticsServicer(d.usage, d.stats), s
+        ),
+    ),
+)
+SERVICE_NAMES = [service.name for service in SERVICES]
