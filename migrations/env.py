@@ -24,11 +24,17 @@ def _url() -> str:
     return Settings().resolved_database_url
 
 
+def _ours(name: str | None, type_: str, parent_names: object) -> bool:
+    """Leave procrastinate's tables (the job queue, migration 0003) out of autogenerate."""
+    return not (type_ == "table" and name is not None and name.startswith("procrastinate"))
+
+
 def _configure(connection: Connection | None = None, url: str | None = None) -> None:
     context.configure(
         connection=connection,
         url=url,
         target_metadata=target_metadata,
+        include_name=_ours,
         compare_type=True,
         # SQLite cannot ALTER most things in place; batch mode copies the table instead.
         render_as_batch=(url or str(connection.engine.url) if connection else "").startswith(

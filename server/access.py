@@ -12,6 +12,7 @@ class Access(enum.Enum):
     PUBLIC = "public"  # no token needed
     USER = "user"  # any authenticated account
     ADMIN = "admin"  # administrators only
+    SERVICE = "service"  # agentmesh's own processes, with the service credential (INDEX_TOKEN)
 
 
 # Infrastructure services that must answer without a token (probes, grpcurl).
@@ -29,6 +30,7 @@ _AGENT = "/agentmesh.agent.v1.AgentService/"
 _KB = "/agentmesh.knowledge.v1.KnowledgeBaseService/"
 _FEEDBACK = "/agentmesh.feedback.v1.FeedbackService/"
 _ANALYTICS = "/agentmesh.analytics.v1.AnalyticsService/"
+_INDEXING = "/agentmesh.indexing.v1.IndexingService/"
 
 RPC_ACCESS: Mapping[str, Access] = {
     _AUTH + "Register": Access.PUBLIC,
@@ -58,6 +60,9 @@ RPC_ACCESS: Mapping[str, Access] = {
     _ANALYTICS + "GetUsage": Access.USER,
     _ANALYTICS + "GetSystemStats": Access.ADMIN,
     _ANALYTICS + "GetUserStats": Access.ADMIN,
+    _INDEXING + "UpsertPassages": Access.SERVICE,
+    _INDEXING + "DeleteGeneration": Access.SERVICE,
+    _INDEXING + "DeleteDocumentPassages": Access.SERVICE,
 }
 
 

@@ -1,4 +1,5 @@
-"""The `agentmesh` command: serve, migrate, create-admin, call, envoy-config."""
+"""The `agentmesh` command: serve, migrate, create-admin, call, kb import, envoy-config,
+reindex."""
 
 import argparse
 import asyncio
@@ -6,9 +7,10 @@ import json
 import os
 import secrets
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import yaml
@@ -18,11 +20,21 @@ from server.config import Settings
 from services.auth.principal import Role
 from services.errors import AlreadyExists, DomainError
 
+if TYPE_CHECKING:
+    from server.kb_import import Credentials
+
 
 def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     from server.main import serve
 
     asyncio.run(serve(settings))
+    return 0
+
+
+def _worker(settings: Settings, _args: argparse.Namespace) -> int:
+    from server.worker import run_worker
+
+    asyncio.run(run_worker(settings))
     return 0
 
 
@@ -121,6 +133,54 @@ def _call(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(_call_async(settings, args))
 
 
+def _kb_credentials(args: argparse.Namespace) -> "Credentials | None":
+    """--token / AGENTMESH_TOKEN, else --email with AGENTMESH_PASSWORD or a password read
+    from stdin; None (with a message) when neither is given."""
+    from server.kb_import import Credentials
+
+    token = args.token or os.environ.get("AGENTMESH_TOKEN", "")
+    if token:
+        return Credentials(token=token)
+    if not args.email:
+        print("kb import: give --token (or AGENTMESH_TOKEN) or --email", file=sys.stderr)
+        return None
+    password = os.environ.get("AGENTMESH_PASSWORD")
+    if password is None:
+        if sys.stdin.isatty():
+            import getpass
+
+            password = getpass.getpass(f"Password for {args.email}: ")
+        else:
+            password = sys.stdin.readline().rstrip("\n")
+    return Credentials(email=args.email, password=password)
+
+
+def _kb_import(settings: Settings, args: argparse.Namespace) -> int:
+    from server.kb_import import Display, ImportOptions, import_paths
+
+    credentials = _kb_credentials(args)
+    if credentials is None:
+        return 2
+    options = ImportOptions(
+        shared=args.shared,
+        concurrency=args.concurrency,
+        max_retry_delay=args.max_retry_delay,
+        poll_interval=args.poll_interval,
+        timeout=args.timeout,
+    )
+    target = args.target or f"127.0.0.1:{settings.grpc_port}"
+    # The bars go to stderr, and only when both streams are a terminal: logs stay plain.
+    bars = not args.no_progress and sys.stdout.isatty() and sys.stderr.isatty()
+    try:
+        with Display(enabled=bars) as display:
+            summary = asyncio.run(import_paths(target, credentials, args.paths, options, display))
+    except KeyboardInterrupt:
+        print("kb import: interrupted; uploaded documents keep ingesting", file=sys.stderr)
+        return 130
+    print(json.dumps(summary.as_json(), indent=2) if args.json else summary.as_text())
+    return summary.exit_code
+
+
 def _envoy_config(settings: Settings, args: argparse.Namespace) -> int:
     """The config for an Envoy that runs apart from agentmesh (its own container)."""
     from server.envoy import add_stats_listener, envoy_config
@@ -139,12 +199,71 @@ def _envoy_config(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+async def _reindex_async(settings: Settings, args: argparse.Namespace) -> int:
+    from server import domain_settings as configured
+    from services.knowledge.embeddings import Embedder
+    from services.knowledge.qdrant_edge_store import ShardInUse
+    from services.knowledge.reindexing import passage_encoder
+    from services.knowledge.vector_backends import reindex_vector_store
+
+    model = configured.embedder_settings(settings)
+    embedder = Embedder.load(model)
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    try:
+        result = await reindex_vector_store(
+            url=settings.qdrant_url,
+            api_key=configured.revealed(settings.qdrant_api_key),
+            data_dir=settings.data_dir,
+            collection=settings.qdrant_collection,
+            target_collection=args.collection or f"{settings.qdrant_collection}_{stamp}",
+            embed=passage_encoder(embedder),
+            dimension=embedder.dimension,
+            progress=lambda done: print(f"{done} passages re-embedded", file=sys.stderr),
+        )
+    except (ShardInUse, FileNotFoundError, FileExistsError) as error:
+        print(f"Cannot re-index: {error}", file=sys.stderr)
+        return 1
+    finally:
+        embedder.close()
+    print(f"Re-embedded {result.passages} passages with {model.model} into {result.index}.")
+    if settings.qdrant_url:
+        print(
+            f"Set AGENTMESH_QDRANT_COLLECTION={result.index} and restart agentmesh; the old "
+            f"collection {result.previous} is kept (delete it once satisfied)."
+        )
+    else:
+        print(f"The previous index is kept in {result.previous} (delete it once satisfied).")
+    return 0
+
+
+def _reindex(settings: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(_reindex_async(settings, args))
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="agentmesh", description="A self-hosted AI agent platform.")
     commands = root.add_subparsers(dest="command", required=True)
     commands.add_parser(
         "serve", help="run the gRPC server (and the Envoy sidecar for REST)"
     ).set_defaults(run=_serve)
+    commands.add_parser(
+        "worker",
+        help="run ingestion jobs from the PostgreSQL queue (scale embedding out; see README)",
+    ).set_defaults(run=_worker)
     migrate = commands.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--revision", default="head")
     migrate.set_defaults(run=_migrate)
@@ -161,6 +280,34 @@ def parser() -> argparse.ArgumentParser:
     call.add_argument("--target", help="host:port (default 127.0.0.1:AGENTMESH_GRPC_PORT)")
     call.add_argument("--timeout", type=float, default=30.0)
     call.set_defaults(run=_call)
+    kb = commands.add_parser("kb", help="knowledge-base commands").add_subparsers(
+        dest="kb_command", required=True
+    )
+    kb_import = kb.add_parser(
+        "import",
+        help="upload files and folders (PDF, DOCX, TXT, MD), wait for ingestion, summarize",
+        epilog="Exit status: 0 when no file failed, 1 when one did, 2 when the import stopped "
+        "(credentials or permission refused, server unreachable).",
+    )
+    kb_import.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    kb_import.add_argument("--target", help="host:port (default 127.0.0.1:AGENTMESH_GRPC_PORT)")
+    kb_import.add_argument("--token", help="access token (default: AGENTMESH_TOKEN)")
+    kb_import.add_argument(
+        "--email", help="log in as this user; password from AGENTMESH_PASSWORD or stdin"
+    )
+    kb_import.add_argument("--shared", action="store_true", help="share with every user (admins)")
+    kb_import.add_argument("--concurrency", type=_positive_int, default=4, help="uploads at once")
+    kb_import.add_argument(
+        "--max-retry-delay",
+        type=_positive_float,
+        default=60.0,
+        help="longest wait when the server is busy, whatever delay it asks (seconds)",
+    )
+    kb_import.add_argument("--poll-interval", type=_positive_float, default=1.0, help="seconds")
+    kb_import.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds per RPC")
+    kb_import.add_argument("--no-progress", action="store_true", help="no progress bars")
+    kb_import.add_argument("--json", action="store_true", help="print the summary as JSON")
+    kb_import.set_defaults(run=_kb_import)
     envoy = commands.add_parser(
         "envoy-config", help="print the Envoy config for an Envoy in its own container"
     )
@@ -170,6 +317,23 @@ def parser() -> argparse.ArgumentParser:
         "--stats-port", type=int, help="also serve /stats/prometheus and /ready on this port"
     )
     envoy.set_defaults(run=_envoy_config)
+    reindex = commands.add_parser(
+        "reindex",
+        help="re-embed every stored passage with the configured embedding model",
+        description=(
+            "Re-embed every stored passage from its text with the configured embedding model "
+            "(after changing AGENTMESH_EMBEDDING_MODEL), keeping ids and payloads. Embedded "
+            "index: stop the server first (one process owns DATA_DIR/vectors); the new index "
+            "replaces it and the old one is kept beside it. Qdrant server: the passages go "
+            "into a new collection while the server keeps serving the old one; then set "
+            "AGENTMESH_QDRANT_COLLECTION to it and restart."
+        ),
+    )
+    reindex.add_argument(
+        "--collection",
+        help="Qdrant server only: the new collection (default: QDRANT_COLLECTION_<timestamp>)",
+    )
+    reindex.set_defaults(run=_reindex)
     return root
 
 

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     redis_key_prefix: str = "agentmesh:"
     """Prefix of every Redis key agentmesh writes."""
     qdrant_url: str | None = None
-    """Qdrant server URL (http://host:6333); unset: embedded Qdrant in DATA_DIR/qdrant."""
+    """Qdrant server URL (http://host:6333); unset: the embedded engine in DATA_DIR/vectors."""
     qdrant_api_key: SecretStr | None = None
     """API key for the Qdrant server."""
     qdrant_collection: str = "agentmesh_chunks"
@@ -94,10 +94,25 @@ class Settings(BaseSettings):
     """Longest document ingested, in passages; a longer one ends FAILED."""
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     """Largest accepted document; the gRPC receive limit is raised to match."""
-    ingest_workers: int = Field(default=8, gt=0)
-    """Documents ingested concurrently; their chunks are embedded together in batches."""
+    ingest_workers: int = Field(default=8, ge=0)
+    """Documents this process ingests concurrently (their chunks are embedded together in
+    batches); 0 with PostgreSQL leaves ingestion to `agentmesh worker` processes."""
     ingest_queue_size: int = Field(default=1000, gt=0)
     """Documents waiting for ingestion before uploads get RESOURCE_EXHAUSTED."""
+    ingest_max_attempts: int = Field(default=5, gt=0)
+    """Runs of an ingestion job that fails unexpectedly (PostgreSQL queue), with exponential
+    backoff; the last one marks the document FAILED."""
+    ingest_stalled_seconds: float = Field(default=30.0, gt=0)
+    """A worker silent this long is taken for dead and its jobs run again (PostgreSQL)."""
+    ingest_sweep_seconds: float = Field(default=15.0, gt=0)
+    """How often workers look for the jobs of dead workers and documents without a job."""
+    index_token: SecretStr | None = None
+    """The service credential `agentmesh worker` presents to the process that owns the
+    embedded vector index; unset: a random one created once in DATA_DIR/index-token, which
+    workers sharing DATA_DIR read."""
+    index_target: str | None = None
+    """host:port of the process that owns the embedded vector index, for `agentmesh worker`;
+    unset: 127.0.0.1:GRPC_PORT."""
     pdf_timeout_seconds: float = Field(default=60.0, gt=0)
     """Wall-time limit of the child process that parses one PDF."""
     pdf_memory_mb: int = Field(default=1024, gt=0)

@@ -39,12 +39,18 @@ from services.cache import Cache, InProcessCache, RedisCache
 from services.db import create_engine, create_sessionmaker
 from services.feedback.service import FeedbackService
 from services.knowledge.chunking import ChunkingPolicy
+from services.knowledge.durable_queue import DurableQueue
 from services.knowledge.embeddings import Embedder
-from services.knowledge.ingestion import IngestionPipeline, IngestionQueue
+from services.knowledge.ingestion import (
+    IngestionPipeline,
+    InProcessQueue,
+    JobQueue,
+    PassageIndex,
+)
 from services.knowledge.lexical import LexicalEncoder
 from services.knowledge.reranking import CrossEncoderReranker
 from services.knowledge.service import KnowledgeService
-from services.knowledge.vector_store import VectorStore
+from services.knowledge.vector_backends import connect_vector_store
 from services.limits import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from services.metrics import Metrics
 from services.quotas.counters import Counters, InProcessCounters, RedisCounters
@@ -65,6 +71,7 @@ class Domain:
     sessions: async_sessionmaker[AsyncSession]
     executor: ThreadPoolExecutor
     tokens: TokenCodec
+    service_token: str  # what agentmesh's own processes present (internal services)
     auth: AuthService
     users: UserService
     knowledge: KnowledgeService
@@ -116,24 +123,16 @@ def build_knowledge(
 ) -> KnowledgeService:
     """The knowledge base: embedding model (loaded here), Qdrant, ingestion workers."""
     embedder = Embedder.load(configured.embedder_settings(settings))
-    store = VectorStore.connect(
+    store = connect_vector_store(
         url=settings.qdrant_url,
         api_key=configured.revealed(settings.qdrant_api_key),
-        path=settings.data_dir / "qdrant",
+        data_dir=settings.data_dir,
         collection=settings.qdrant_collection,
     )
     lexical = LexicalEncoder()
     executor = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="ingest")
-    chunking = ChunkingPolicy(
-        embedder.max_tokens, settings.chunk_overlap_tokens, settings.max_chunks_per_document
-    )
-    limits = configured.parse_limits(settings)
-    pipeline = IngestionPipeline(
-        sessions, store, embedder, lexical, chunking, limits, executor, metrics
-    )
-    queue = IngestionQueue(
-        pipeline, workers=settings.ingest_workers, capacity=settings.ingest_queue_size
-    )
+    pipeline = build_pipeline(settings, sessions, store, embedder, lexical, executor, metrics)
+    queue = build_ingestion_queue(settings, sessions, pipeline)
     reranker = (
         CrossEncoderReranker.load(settings.reranker_model, embedder)
         if settings.reranker_model
@@ -150,6 +149,49 @@ def build_knowledge(
         events,
         metrics,
         reranker,
+    )
+
+
+def build_pipeline(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    index: PassageIndex,
+    embedder: Embedder,
+    lexical: LexicalEncoder,
+    executor: ThreadPoolExecutor,
+    metrics: Metrics,
+) -> IngestionPipeline:
+    """Parse, chunk, embed and write into `index`: the vector store itself, or (in a worker
+    process beside an embedded store) the process that owns it."""
+    chunking = ChunkingPolicy(
+        embedder.max_tokens, settings.chunk_overlap_tokens, settings.max_chunks_per_document
+    )
+    limits = configured.parse_limits(settings)
+    return IngestionPipeline(
+        sessions, index, embedder, lexical, chunking, limits, executor, metrics
+    )
+
+
+def build_ingestion_queue(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    pipeline: IngestionPipeline | None,
+) -> JobQueue:
+    """PostgreSQL: the durable queue, which any number of processes work on (`pipeline`
+    None: this one only queues). SQLite: the in-process queue of the one process."""
+    url = settings.resolved_database_url
+    if url.startswith("postgresql"):
+        return DurableQueue(
+            url,
+            sessions,
+            configured.queue_settings(settings),
+            pipeline,
+            queue_name=configured.ingestion_queue(settings),
+        )
+    if pipeline is None or settings.ingest_workers == 0:
+        raise ValueError("with SQLite this process must ingest: set INGEST_WORKERS above 0")
+    return InProcessQueue(
+        pipeline, sessions, workers=settings.ingest_workers, capacity=settings.ingest_queue_size
     )
 
 
@@ -283,6 +325,7 @@ def build_domain(settings: Settings, registry: CollectorRegistry | None = None) 
         sessions=sessions,
         executor=executor,
         tokens=tokens,
+        service_token=configured.index_token(settings),
         auth=AuthService(sessions, PasswordHasher(executor), tokens, events),
         users=UserService(sessions, on_deleted=knowledge.purge_owner),
         knowledge=knowledge,

@@ -6,9 +6,11 @@ needs. This module is the one place that maps the environment's names onto those
 connect. It imports no grpc.
 """
 
+import hashlib
 import os
 import secrets
 from datetime import timedelta
+from pathlib import Path
 
 from pydantic import SecretStr
 
@@ -20,6 +22,7 @@ from services.agent.tools.web_search import WebSearchSettings
 from services.analytics.stats import StatsSettings
 from services.auth.principal import Role
 from services.auth.tokens import TokenSettings
+from services.knowledge.durable_queue import QUEUE_PREFIX, QueueSettings
 from services.knowledge.embeddings import EmbedderSettings, packaged_model_path
 from services.knowledge.parsing import ParseLimits
 from services.knowledge.service import KnowledgeSettings
@@ -35,14 +38,32 @@ def revealed(value: SecretStr | None) -> str | None:
 
 def jwt_secret(settings: Settings) -> str:
     """JWT_SECRET, or a random key created once in DATA_DIR (so tokens survive restarts)."""
-    if settings.jwt_secret is not None:
-        return settings.jwt_secret.get_secret_value()
-    path = settings.data_dir / "jwt-secret"
+    return _secret(settings.jwt_secret, settings.data_dir / "jwt-secret")
+
+
+def index_token(settings: Settings) -> str:
+    """INDEX_TOKEN, or a random one created once in DATA_DIR (workers beside it read it)."""
+    return _secret(settings.index_token, settings.data_dir / "index-token")
+
+
+def _secret(configured: SecretStr | None, path: Path) -> str:
+    """The configured secret, or the one in `path`, written there (0600) the first time."""
+    if configured is not None:
+        return configured.get_secret_value()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Written whole under a private name, then linked into place: processes starting
+        # together (a server and its workers) all end up reading the one that won.
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_urlsafe(48))
+        try:
+            os.link(partial, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(partial)
     return path.read_text().strip()
 
 
@@ -75,6 +96,28 @@ def parse_limits(settings: Settings) -> ParseLimits:
     return ParseLimits(
         pdf_timeout_seconds=settings.pdf_timeout_seconds,
         pdf_memory_bytes=settings.pdf_memory_mb * MIB,
+    )
+
+
+def ingestion_queue(settings: Settings) -> str:
+    """The queue of the index ingestion writes into. A Qdrant server takes any worker's
+    writes: one queue. An embedded engine takes only its owner's (and its workers', through
+    the owner): one queue per owner, named from the service credential they share, so two
+    owners on one database never run each other's jobs."""
+    if settings.qdrant_url:
+        return QUEUE_PREFIX
+    digest = hashlib.sha256(index_token(settings).encode()).hexdigest()[:16]
+    return f"{QUEUE_PREFIX}-{digest}"
+
+
+def queue_settings(settings: Settings) -> QueueSettings:
+    return QueueSettings(
+        capacity=settings.ingest_queue_size,
+        workers=settings.ingest_workers,
+        max_attempts=settings.ingest_max_attempts,
+        heartbeat_seconds=settings.ingest_stalled_seconds / 3,
+        stalled_seconds=settings.ingest_stalled_seconds,
+        sweep_seconds=settings.ingest_sweep_seconds,
     )
 
 

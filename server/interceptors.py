@@ -7,6 +7,7 @@ behaviour; `wrap_handler` does that once for all four RPC kinds, including async
 (server-streaming) handlers.
 """
 
+import hmac
 import inspect
 import logging
 import re
@@ -207,10 +208,12 @@ class RequestLogInterceptor(WrappingInterceptor):
 
 
 class AuthInterceptor(WrappingInterceptor):
-    """Authenticates `authorization: Bearer <access token>` and enforces the access table."""
+    """Authenticates `authorization: Bearer <access token>` and enforces the access table.
+    SERVICE methods take the service credential instead, and act for no user."""
 
-    def __init__(self, tokens: TokenCodec) -> None:
+    def __init__(self, tokens: TokenCodec, service_token: str) -> None:
         self._tokens = tokens
+        self._service_token = service_token.encode()
 
     def _principal(self, context: Context, method: str) -> Principal | None:
         access = access_for(method)
@@ -223,6 +226,10 @@ class AuthInterceptor(WrappingInterceptor):
         scheme, _, token = (metadata_value(context, "authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("missing bearer token", reason="TOKEN_MISSING")
+        if access is Access.SERVICE:
+            if not hmac.compare_digest(token.strip().encode(), self._service_token):
+                raise Unauthenticated("not the service credential", reason="TOKEN_INVALID")
+            return None
         claims = self._tokens.decode_access(token.strip())
         principal = Principal(user_id=claims.user_id, role=claims.role)
         if access is Access.ADMIN and not principal.is_admin:

@@ -41,7 +41,7 @@ from server.runtime_metrics import (
     Probe,
     RuntimeMonitor,
 )
-from server.served import SERVICE_NAMES, SERVICES, ServedService
+from server.served import INDEXING, SERVICE_NAMES, SERVICES, ServedService
 from services.db import ping, pool_stats
 
 __all__ = ["SERVICE_NAMES", "Application", "build_application", "serve"]
@@ -92,7 +92,7 @@ def interceptors(
     chain: list[grpc.aio.ServerInterceptor] = [
         RpcMetricsInterceptor(registry),
         RequestLogInterceptor(rpc_log, domain.events),
-        AuthInterceptor(domain.tokens),
+        AuthInterceptor(domain.tokens, domain.service_token),
     ]
     if settings.rate_limit_enabled:
         chain.append(RateLimitInterceptor(domain.limiter, rate_limits(settings), domain.events))
@@ -116,7 +116,7 @@ def build_monitor(
         probes["redis"] = domain.redis.ping
     if probe_qdrant:
         probes["qdrant"] = domain.knowledge.ping_store
-    return RuntimeMonitor(registry, probes)
+    return RuntimeMonitor(registry, probes, domain.knowledge.queue_stats)
 
 
 @dataclass
@@ -165,10 +165,15 @@ def build_application(
     for service in services:
         service.add(domain, server)
     names = [service.name for service in services]
+    internal = []
+    if settings.qdrant_url is None:  # this process owns the embedded index: workers write here
+        INDEXING.add(domain, server)
+        internal.append(INDEXING.name)
     health = ServiceHealth(names)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
+    reflected = [*names, *internal, health_name, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(reflected, server)
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     ops = OpsServer(health, registry, settings.metrics_host, settings.metrics_port)
     monitor = build_monitor(domain, registry, probe_qdrant=settings.qdrant_url is not None)

@@ -33,7 +33,10 @@ CREDENTIAL_RPCS = frozenset(
     }
 )
 # Probes and tooling are never limited.
-UNLIMITED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Probes, grpcurl's reflection, and agentmesh's own processes on the internal indexing
+# service (authenticated by the service credential before this interceptor runs, and paced
+# by the ingestion queue).
+UNLIMITED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/agentmesh.indexing.")
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.db import PoolStats
+from services.knowledge.ingestion import QueueStats
 from services.usage_events.recorder import EventRecorder
 
 log = logging.getLogger("agentmesh.metrics")
 
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 Probe = Callable[[], Awaitable[object]]
+QueueSampler = Callable[[], Awaitable[QueueStats]]
 
 
 class PoolCollector(Collector):
@@ -72,12 +74,14 @@ class CountersCollector(Collector):
 
 class RuntimeMonitor:
     """Background probes: each configured dependency every `interval` seconds (1 when it
-    answers within `timeout`, else 0), and how late the event loop wakes up."""
+    answers within `timeout`, else 0), the ingestion queue as often, and how late the
+    event loop wakes up."""
 
     def __init__(
         self,
         registry: CollectorRegistry,
         probes: dict[str, Probe],
+        queue: QueueSampler | None = None,
         *,
         interval: float = 10.0,
         timeout: float = 2.0,
@@ -97,6 +101,19 @@ class RuntimeMonitor:
             "agentmesh_event_loop_lag_seconds",
             "How much later than asked the event loop ran a timer.",
             buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+        self._queue = queue
+        self._jobs = Gauge(
+            "agentmesh_ingestion_jobs",
+            "Ingestion jobs by state: waiting, running, retrying (waiting again after a failed "
+            "or interrupted run), failed (out of attempts).",
+            ["state"],
+            registry=registry,
+        )
+        self._oldest = Gauge(
+            "agentmesh_ingestion_oldest_job_seconds",
+            "How long the oldest waiting ingestion job has waited (0 when none waits).",
             registry=registry,
         )
         self._tasks: list[asyncio.Task[None]] = []
@@ -121,6 +138,19 @@ class RuntimeMonitor:
         results = await asyncio.gather(*(self._probe(self._probes[n]) for n in names))
         for name, up in zip(names, results, strict=True):
             self._up.labels(name).set(1 if up else 0)
+        if self._queue is not None:
+            await self._sample_queue(self._queue)
+
+    async def _sample_queue(self, sample: QueueSampler) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                stats = await sample()
+        except Exception as error:  # the database probe reports the outage itself
+            log.warning("ingestion queue sample failed: %s: %s", type(error).__name__, error)
+            return
+        for state in ("waiting", "running", "retrying", "failed"):
+            self._jobs.labels(state).set(getattr(stats, state))
+        self._oldest.set(stats.oldest_waiting_seconds)
 
     async def _probe(self, probe: Probe) -> bool:
         try:

@@ -15,6 +15,8 @@ from agentmesh.auth.v1 import user_service_pb2 as users_pb
 from agentmesh.auth.v1 import user_service_pb2_grpc as users_grpc
 from agentmesh.feedback.v1 import feedback_service_pb2 as feedback_pb
 from agentmesh.feedback.v1 import feedback_service_pb2_grpc as feedback_grpc
+from agentmesh.indexing.v1 import indexing_service_pb2 as indexing_pb
+from agentmesh.indexing.v1 import indexing_service_pb2_grpc as indexing_grpc
 from agentmesh.knowledge.v1 import knowledge_service_pb2 as knowledge_pb
 from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as knowledge_grpc
 from google.protobuf.descriptor import FileDescriptor
@@ -24,6 +26,7 @@ from server.servicers.agent import AgentServicer
 from server.servicers.analytics import AnalyticsServicer
 from server.servicers.auth import AuthServicer
 from server.servicers.feedback import FeedbackServicer
+from server.servicers.indexing import IndexingServicer
 from server.servicers.knowledge import KnowledgeBaseServicer
 from server.servicers.users import UserServicer
 
@@ -75,3 +78,12 @@ SERVICES = (
     ),
 )
 SERVICE_NAMES = [service.name for service in SERVICES]
+
+# Internal: ingestion workers write into the vector index of the process that owns the
+# embedded engine. Not in Envoy's routes, the health report or the public contract.
+INDEXING = ServedService(
+    _name(indexing_pb.DESCRIPTOR, "IndexingService"),
+    lambda d, s: indexing_grpc.add_IndexingServiceServicer_to_server(
+        IndexingServicer(d.knowledge.index), s
+    ),
+)

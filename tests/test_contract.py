@@ -137,6 +137,11 @@ REQUIRED_FIELDS = {
     # services/feedback/service.py _validate(): message_id must be a UUID, rating "is
     # required" (RATING_UNSPECIFIED maps to no rating).
     "agentmesh.feedback.v1.SubmitFeedbackRequest": {"message_id", "rating"},
+    # server/servicers/indexing.py (internal): require_uuid on the ids, generation "is
+    # required".
+    "agentmesh.indexing.v1.UpsertPassagesRequest": {"document_id", "generation", "owner_id"},
+    "agentmesh.indexing.v1.DeleteGenerationRequest": {"document_id", "generation"},
+    "agentmesh.indexing.v1.DeleteDocumentPassagesRequest": {"document_id"},
     # services/agent/text.py clean_query(): "must not be empty".
     "agentmesh.agent.v1.QueryRequest": {"query"},
     "agentmesh.agent.v1.StreamQueryRequest": {"query"},

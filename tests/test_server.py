@@ -21,6 +21,7 @@ from sqlalchemy import text
 from server.access import RPC_ACCESS, Access
 from server.logs import RequestContextFilter
 from server.main import SERVICE_NAMES, Application, build_application
+from server.served import INDEXING
 from services.db import create_engine
 from tests.backends import Database
 from tests.harness import (
@@ -39,7 +40,7 @@ def _all_methods() -> set[str]:
     pool = descriptor_pool.Default()
     return {
         f"/{name}/{method.name}"
-        for name in SERVICE_NAMES
+        for name in [*SERVICE_NAMES, INDEXING.name]  # the public services and the internal one
         for method in pool.FindServiceByName(name).methods
     }
 

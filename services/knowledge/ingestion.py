@@ -1,17 +1,24 @@
-"""Background ingestion: parse → chunk → embed → index, one bounded queue of jobs.
+"""Background ingestion: parse → chunk → embed → index, run as jobs from a queue.
 
-A job names a document and the generation to build; the bytes wait in the database, so a
-restarted server (or another replica) can pick the job up again. Every step that writes
-checks that the generation is still the document's pending one, so a job overtaken by a
-replacement or a deletion removes what it wrote instead of publishing it.
+A job names a document and the generation to build; the bytes wait in the database, so any
+process that can reach it can run the job, and running it twice is harmless. Every step
+that writes checks that the generation is still the document's pending one, so a job
+overtaken by a replacement or a deletion removes what it wrote instead of publishing it,
+and never removes a generation that is published (a second run of a job that another
+runner already finished must not delete the passages that run published).
+
+Two queues run the jobs: `InProcessQueue` (this module; SQLite, one process) and
+`DurableQueue` (`durable_queue.py`; PostgreSQL, any number of worker processes).
 """
 
 import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -29,7 +36,7 @@ from services.knowledge.parsing import (
     UnreadableDocument,
     parse_document,
 )
-from services.knowledge.vector_store import ChunkOwner, VectorStore
+from services.knowledge.vector_store import ChunkOwner
 from services.metrics import Metrics
 
 log = logging.getLogger("agentmesh.ingestion")
@@ -39,6 +46,52 @@ log = logging.getLogger("agentmesh.ingestion")
 class Job:
     document_id: uuid.UUID
     generation: str
+
+
+class PassageIndex(Protocol):
+    """What ingestion writes to: the vector store itself, or (in a worker process beside
+    an embedded store) the process that owns it."""
+
+    async def upsert(
+        self,
+        owner: ChunkOwner,
+        chunks: Sequence[Chunk],
+        dense: Sequence[list[float]],
+        sparse: Sequence[SparseVector],
+    ) -> None: ...
+
+    async def delete_document(self, document_id: uuid.UUID, *, keep: str | None = None) -> None:
+        """Delete a document's passages, except those of generation `keep`."""
+        ...
+
+    async def delete_generation(self, document_id: uuid.UUID, generation: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """The queue's state now, for its metrics."""
+
+    waiting: int
+    running: int
+    retrying: int  # waiting again after a failed or interrupted run
+    failed: int  # out of attempts (their documents are FAILED)
+    oldest_waiting_seconds: float
+
+
+class JobQueue(Protocol):
+    """Where uploads hand their ingestion jobs."""
+
+    async def stats(self) -> QueueStats: ...
+
+    async def check_capacity(self) -> None:
+        """RESOURCE_EXHAUSTED (retry later) when too many jobs wait."""
+        ...
+
+    async def submit(self, job: Job) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class Stale(Exception):
@@ -97,7 +150,7 @@ class IngestionPipeline:
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
-        store: VectorStore,
+        store: PassageIndex,
         embedder: Embedder,
         lexical: LexicalEncoder,
         policy: ChunkingPolicy,
@@ -114,7 +167,9 @@ class IngestionPipeline:
         self._limits = limits
         self._executor = executor
 
-    async def run(self, job: Job) -> None:
+    async def run(self, job: Job, *, last_attempt: bool = True) -> None:
+        """Ingest `job` to READY or FAILED. An unexpected error fails the document on the
+        last attempt; before that it is raised, for the queue to retry the job later."""
         stage = Stage.QUEUED
         clock = StageClock(self._metrics)
         try:
@@ -139,14 +194,26 @@ class IngestionPipeline:
             await self._publish(job, prepared)
             clock.done(len(prepared.chunks))
         except Stale:
-            await self._store.delete_generation(job.document_id, job.generation)
+            await self._discard(job)
         except UnreadableDocument as error:
             clock.failed()
             await self._fail(job, stage, error.reason)
         except Exception:
             clock.failed()
             log.exception("ingestion failed", extra={"document_id": str(job.document_id)})
+            if not last_attempt:
+                raise
             await self._fail(job, stage, f"internal error while {stage.value}; try again")
+
+    async def _discard(self, job: Job) -> None:
+        """Remove what a stale job wrote, unless its generation is the published one (then
+        another run of the same job finished first, and those passages are live)."""
+        async with self._sessions.begin() as s:
+            published = await s.scalar(
+                select(Document.generation).where(Document.id == job.document_id)
+            )
+        if published != job.generation:
+            await self._store.delete_generation(job.document_id, job.generation)
 
     async def _prepare(
         self, content: bytes, fmt: DocumentFormat, job: Job, clock: "StageClock"
@@ -205,11 +272,12 @@ class IngestionPipeline:
             await self._store.delete_document(job.document_id, keep=job.generation)
 
     async def _fail(self, job: Job, stage: Stage, reason: str) -> None:
-        """FAILED with `reason`; a previous generation, if any, stays searchable."""
+        """FAILED with `reason`; a previous generation, if any, stays searchable. The state
+        goes first: points of a generation the database does not name are never searched,
+        and this job may only remove them while the generation is still its own."""
         try:
-            await self._store.delete_generation(job.document_id, job.generation)
             async with self._sessions.begin() as s:
-                await queries.finish_ingestion(
+                failed = await queries.finish_ingestion(
                     s,
                     document_id=job.document_id,
                     generation=job.generation,
@@ -219,36 +287,66 @@ class IngestionPipeline:
                         "failure_reason": reason,
                     },
                 )
+            if failed:
+                await self._store.delete_generation(job.document_id, job.generation)
+            else:
+                await self._discard(job)
         except Exception:
             log.exception(
                 "could not record a failed ingestion", extra={"document_id": str(job.document_id)}
             )
 
 
-class IngestionQueue:
-    """A bounded queue of jobs and the worker tasks that drain it."""
+def queue_full() -> ResourceExhausted:
+    return ResourceExhausted(
+        "too many documents are waiting for ingestion; try again shortly",
+        retry_after=30.0,
+        reason="INGESTION_QUEUE_FULL",
+    )
 
-    def __init__(self, pipeline: IngestionPipeline, *, workers: int, capacity: int) -> None:
+
+class InProcessQueue:
+    """A bounded in-memory queue and the tasks that drain it, for a database that one
+    process serves (SQLite): jobs a stop interrupted are found again at the next start."""
+
+    def __init__(
+        self,
+        pipeline: IngestionPipeline,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        workers: int,
+        capacity: int,
+    ) -> None:
         self._pipeline = pipeline
+        self._sessions = sessions
         self._workers = workers
         self._capacity = capacity
-        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        # Each job with when it was queued (time.monotonic()).
+        self._queue: asyncio.Queue[tuple[Job, float]] = asyncio.Queue()
+        self._queued: dict[Job, float] = {}
+        self._running = 0
         self._tasks: list[asyncio.Task[None]] = []
 
-    def check_capacity(self) -> None:
-        """RESOURCE_EXHAUSTED (retry later) when the queue is full."""
+    async def check_capacity(self) -> None:
         if self._queue.qsize() >= self._capacity:
-            raise ResourceExhausted(
-                "too many documents are waiting for ingestion; try again shortly",
-                retry_after=30.0,
-                reason="INGESTION_QUEUE_FULL",
-            )
+            raise queue_full()
 
-    def submit(self, job: Job) -> None:
-        self._queue.put_nowait(job)
+    async def submit(self, job: Job) -> None:
+        self._queued[job] = time.monotonic()
+        self._queue.put_nowait((job, self._queued[job]))
 
-    def start(self) -> None:
+    async def stats(self) -> QueueStats:
+        oldest = min(self._queued.values(), default=None)
+        age = time.monotonic() - oldest if oldest is not None else 0.0
+        return QueueStats(len(self._queued), self._running, 0, 0, age)
+
+    async def start(self) -> None:
+        """Start the workers, then resume every ingestion a stop interrupted."""
         self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]
+        async with self._sessions.begin() as s:
+            interrupted = await queries.processing(s)
+        for document_id, generation in interrupted:
+            await self.submit(Job(document_id, generation))
 
     async def stop(self) -> None:
         """Cancel the workers; interrupted jobs stay PROCESSING and resume on next start."""
@@ -259,8 +357,11 @@ class IngestionQueue:
 
     async def _work(self) -> None:
         while True:
-            job = await self._queue.get()
+            job, _ = await self._queue.get()
+            self._queued.pop(job, None)
+            self._running += 1
             try:
                 await self._pipeline.run(job)
             finally:
+                self._running -= 1
                 self._queue.task_done()

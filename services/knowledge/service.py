@@ -22,7 +22,7 @@ from services.errors import (
 )
 from services.knowledge import queries
 from services.knowledge.embeddings import Embedder
-from services.knowledge.ingestion import IngestionQueue, Job
+from services.knowledge.ingestion import Job, JobQueue, PassageIndex, QueueStats
 from services.knowledge.lexical import LexicalEncoder
 from services.knowledge.models import Document, DocumentStatus, Stage
 from services.knowledge.parsing import DocumentFormat, ParseLimits, inspect_upload
@@ -114,7 +114,7 @@ class KnowledgeService:
         store: VectorStore,
         embedder: Embedder,
         lexical: LexicalEncoder,
-        ingestion: IngestionQueue,
+        ingestion: JobQueue,
         executor: ThreadPoolExecutor,
         settings: KnowledgeSettings,
         events: EventRecorder,
@@ -140,14 +140,20 @@ class KnowledgeService:
     def embedder(self) -> Embedder:
         return self._embedder
 
+    @property
+    def index(self) -> PassageIndex:
+        """The vector store's writes, for the internal indexing service of the process
+        that owns the embedded store (ingestion workers elsewhere write through it)."""
+        return self._store
+
+    async def queue_stats(self) -> QueueStats:
+        """How many ingestion jobs wait, run, wait for a retry or failed; the oldest's age."""
+        return await self._ingestion.stats()
+
     async def start(self) -> None:
-        """Create the collection if needed, then resume ingestions a stop interrupted."""
+        """Create the collection if needed, then start the ingestion queue."""
         await self._store.ensure_collection(self._embedder.dimension)
-        self._ingestion.start()
-        async with self._sessions.begin() as s:
-            interrupted = await queries.processing(s)
-        for document_id, generation in interrupted:
-            self._ingestion.submit(Job(document_id, generation))
+        await self._ingestion.start()
 
     async def stop(self) -> None:
         """Stop ingesting (interrupted documents resume on the next start), release resources."""
@@ -172,7 +178,7 @@ class KnowledgeService:
             self._settings.parse_limits,
         )
         digest = await loop.run_in_executor(self._executor, _sha256, upload.content)
-        self._ingestion.check_capacity()
+        await self._ingestion.check_capacity()
         generation = uuid.uuid4().hex
         async with self._sessions.begin() as s:
             if replaces is not None:
@@ -209,7 +215,7 @@ class KnowledgeService:
             await queries.put_upload(
                 s, document_id=document.id, generation=generation, content=upload.content
             )
-        self._ingestion.submit(Job(document.id, generation))
+        await self._ingestion.submit(Job(document.id, generation))
         self._uploaded(principal, upload, fmt, deduplicated=False)
         return UploadResult(document, deduplicated=False)
 

@@ -1,0 +1,62 @@
+"""IndexingService (internal): ingestion workers' passages into this process's vector index."""
+
+from typing import Any
+
+from agentmesh.indexing.v1 import indexing_service_pb2 as indexing_pb
+from agentmesh.indexing.v1 import indexing_service_pb2_grpc as indexing_grpc
+
+from services.db import require_uuid
+from services.errors import InvalidArgument
+from services.knowledge.chunking import Chunk
+from services.knowledge.ingestion import PassageIndex
+from services.knowledge.lexical import SparseVector
+from services.knowledge.vector_store import ChunkOwner
+
+
+def _generation(value: str, field: str = "generation") -> str:
+    if not value:
+        raise InvalidArgument.of(field, "is required")
+    return value
+
+
+def _owner(request: indexing_pb.UpsertPassagesRequest) -> ChunkOwner:
+    return ChunkOwner(
+        document_id=require_uuid(request.document_id, field="document_id"),
+        generation=_generation(request.generation),
+        owner_id=require_uuid(request.owner_id, field="owner_id"),
+        shared=request.shared,
+    )
+
+
+def _sparse(passage: indexing_pb.IndexedPassage) -> SparseVector:
+    if len(passage.sparse_indices) != len(passage.sparse_values):
+        raise InvalidArgument.of("passages", "sparse indices and values differ in length")
+    return SparseVector(list(passage.sparse_indices), list(passage.sparse_values))
+
+
+class IndexingServicer(indexing_grpc.IndexingServiceServicer):
+    def __init__(self, index: PassageIndex) -> None:
+        self._index = index
+
+    async def UpsertPassages(
+        self, request: indexing_pb.UpsertPassagesRequest, context: Any
+    ) -> indexing_pb.UpsertPassagesResponse:
+        passages = request.passages
+        chunks = [Chunk(p.index, p.text, p.start, p.end, p.page, tokens=0) for p in passages]
+        sparse = [_sparse(p) for p in passages]
+        await self._index.upsert(_owner(request), chunks, [list(p.dense) for p in passages], sparse)
+        return indexing_pb.UpsertPassagesResponse()
+
+    async def DeleteGeneration(
+        self, request: indexing_pb.DeleteGenerationRequest, context: Any
+    ) -> indexing_pb.DeleteGenerationResponse:
+        document_id = require_uuid(request.document_id, field="document_id")
+        await self._index.delete_generation(document_id, _generation(request.generation))
+        return indexing_pb.DeleteGenerationResponse()
+
+    async def DeleteDocumentPassages(
+        self, request: indexing_pb.DeleteDocumentPassagesRequest, context: Any
+    ) -> indexing_pb.DeleteDocumentPassagesResponse:
+        document_id = require_uuid(request.document_id, field="document_id")
+        await self._index.delete_document(document_id, keep=request.keep_generation or None)
+        return indexing_pb.DeleteDocumentPassagesResponse()
