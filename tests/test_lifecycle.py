@@ -18,10 +18,12 @@ import aiohttp
 import grpc
 import pytest
 from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
+from agentmesh.knowledge.v1 import knowledge_pb2 as kb_pb
 from grpc_health.v1 import health_pb2
 
 from server.main import SERVICE_NAMES
-from tests.harness import PASSWORD, Stubs, login, unique_email
+from tests.harness import PASSWORD, Stubs, login, new_user, unique_email
+from tests.knowledge import search, upload, wait_settled
 
 AGENTMESH = [sys.executable, "-m", "server"]
 
@@ -71,18 +73,9 @@ async def _collect(stream: asyncio.StreamReader, logs: list[dict[str, Any]]) -> 
             logs.append(json.loads(raw))
 
 
-@pytest.fixture
-async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Served]:
-    """`agentmesh migrate`, `create-admin --if-no-admin`, then `serve`, as `make run` does.
-    The shutdown delay is 1.5 s unless the test parametrizes it (indirectly)."""
-    env = cli_env(
-        tmp_path / "data",
-        AGENTMESH_SHUTDOWN_DELAY_SECONDS=getattr(request, "param", "1.5"),
-        AGENTMESH_SHUTDOWN_GRACE_SECONDS="2",
-    )
-    assert (await run_cli("migrate", env=env))[0] == 0
-    code, output = await run_cli("create-admin", "--if-no-admin", env=env)
-    assert code == 0 and "initial-admin-password" in output, output
+@contextlib.asynccontextmanager
+async def serving(env: dict[str, str]) -> AsyncIterator[Served]:
+    """`agentmesh serve` until it logs that it serves; killed on exit if still running."""
     process = await asyncio.create_subprocess_exec(
         *AGENTMESH, "serve", env=env, stderr=asyncio.subprocess.PIPE
     )
@@ -98,6 +91,50 @@ async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
             process.kill()
             await process.wait()
         collector.cancel()
+
+
+@pytest.fixture
+async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    """`agentmesh migrate`, `create-admin --if-no-admin`, then `serve`, as `make run` does.
+    The shutdown delay is 1.5 s unless the test parametrizes it (indirectly)."""
+    env = cli_env(
+        tmp_path / "data",
+        AGENTMESH_SHUTDOWN_DELAY_SECONDS=getattr(request, "param", "1.5"),
+        AGENTMESH_SHUTDOWN_GRACE_SECONDS="2",
+    )
+    assert (await run_cli("migrate", env=env))[0] == 0
+    code, output = await run_cli("create-admin", "--if-no-admin", env=env)
+    assert code == 0 and "initial-admin-password" in output, output
+    async with serving(env) as running:
+        yield running
+
+
+async def test_the_embedded_index_survives_kill_9_of_the_server(tmp_path: Path) -> None:
+    """Passages of READY documents are all still there after SIGKILL and a restart. (No
+    Envoy sidecar: killed with its parent's SIGKILL it would outlive the test.)"""
+    env = cli_env(tmp_path / "data", AGENTMESH_ENVOY_ENABLED="false")
+    assert (await run_cli("migrate", env=env))[0] == 0
+    expected: dict[str, int] = {}
+    async with serving(env) as first:
+        stubs = Stubs.connect(first.addresses["grpc"])
+        account = await new_user(stubs)
+        for topic in ("basalt", "gneiss", "schist"):
+            text = "\n\n".join(f"{topic} sample {i} was logged on day {i}." for i in range(60))
+            response = await upload(stubs, account, f"{topic}.txt", text.encode())
+            document = await wait_settled(stubs, account, response.document.document_id)
+            assert document.status == kb_pb.DOCUMENT_STATUS_READY
+            expected[document.document_id] = document.chunk_count
+        await stubs.channel.close()
+        first.process.send_signal(signal.SIGKILL)
+        assert await first.process.wait() == -signal.SIGKILL
+    async with serving(env) as second:
+        stubs = Stubs.connect(second.addresses["grpc"])
+        for document_id, chunks in expected.items():
+            found = await search(
+                stubs, account, "sample logged", top_k=100, document_ids=[document_id]
+            )
+            assert len(found) == chunks
+        await stubs.channel.close()
 
 
 async def test_first_run_creates_one_admin_with_a_private_password(tmp_path: Path) -> None:
