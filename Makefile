@@ -11,7 +11,7 @@ PROTOS := $(shell find protos -name '*.proto')
 DESCRIPTOR := gen/agentmesh.binpb
 OPENAPI := gen/openapi
 
-.PHONY: help install gen gen-check lint fmt migrate admin run test bench bench-rest bench-agent bench-limits bench-retrieval clean
+.PHONY: help install gen gen-check lint fmt migrate admin run test bench bench-rest bench-agent bench-limits bench-retrieval bench-vectors clean
 
 help:
 	@echo "make run     set up and run agentmesh (gRPC :50051, REST+gRPC via Envoy :8080)"
@@ -86,7 +86,7 @@ run: migrate
 test: $(GOOGLEAPIS)/.copied
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: bench-rest bench-agent bench-limits bench-retrieval
+bench: bench-rest bench-agent bench-limits bench-retrieval bench-vectors
 
 bench-rest: install
 	$(BIN)/python -m bench.rest_tax $(BENCH_ARGS)
@@ -100,6 +100,9 @@ bench-limits: install
 
 bench-retrieval: install
 	$(BIN)/python -m bench.retrieval $(BENCH_ARGS)
+
+bench-vectors: install
+	$(BIN)/python -m bench.vector_scale $(BENCH_ARGS)
 
 # Prometheus config, alert rules and their unit tests (promtool: apt-get install -y prometheus).
 .PHONY: monitoring-check
