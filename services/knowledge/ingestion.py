@@ -321,9 +321,8 @@ class InProcessQueue:
         self._sessions = sessions
         self._workers = workers
         self._capacity = capacity
-        # Each job with when it was queued (time.monotonic()).
-        self._queue: asyncio.Queue[tuple[Job, float]] = asyncio.Queue()
-        self._queued: dict[Job, float] = {}
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._queued: dict[Job, float] = {}  # waiting jobs: when each was queued (monotonic)
         self._running = 0
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -333,7 +332,7 @@ class InProcessQueue:
 
     async def submit(self, job: Job) -> None:
         self._queued[job] = time.monotonic()
-        self._queue.put_nowait((job, self._queued[job]))
+        self._queue.put_nowait(job)
 
     async def stats(self) -> QueueStats:
         oldest = min(self._queued.values(), default=None)
@@ -357,7 +356,7 @@ class InProcessQueue:
 
     async def _work(self) -> None:
         while True:
-            job, _ = await self._queue.get()
+            job = await self._queue.get()
             self._queued.pop(job, None)
             self._running += 1
             try:
