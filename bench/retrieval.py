@@ -23,12 +23,18 @@ all-MiniLM-L6-v2) is started in this process and everything goes through its gRP
                query-embedding cache cleared before every call. Target <= 2.0.
 
     python -m bench.retrieval [--datasets scifact cranfield] [--max-queries N] [--search-only]
+                              [--data-dir DIR]
+
+--data-dir keeps each dataset's application data (database, vector shard) in DIR/<dataset>;
+a later run with the same DIR logs in as the account that uploaded it and skips ingestion,
+so a change on the search path is measured in a minute instead of re-embedding the corpus.
 """
 
 from __future__ import annotations  # the Async stub types exist only in the .pyi files
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -104,10 +110,13 @@ async def start(data_dir: Path, dense_weight: float | None) -> Application:
     return app
 
 
-async def account(channel: grpc.aio.Channel) -> tuple[str, tuple[tuple[str, str], ...]]:
+async def account(
+    channel: grpc.aio.Channel, email: str, *, register: bool
+) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Log in as `email`, registering it first unless an earlier run did."""
     auth = auth_grpc.AuthServiceStub(channel)
-    email = f"bench-{uuid.uuid4().hex[:8]}@example.com"
-    await auth.Register(auth_pb.RegisterRequest(email=email, password=PASSWORD, full_name="B"))
+    if register:
+        await auth.Register(auth_pb.RegisterRequest(email=email, password=PASSWORD, full_name="B"))
     login = await auth.Login(auth_pb.LoginRequest(email=email, password=PASSWORD))
     return login.user.user_id, (("authorization", f"Bearer {login.access_token}"),)
 
@@ -383,16 +392,32 @@ async def run(
     dense_weight: float | None,
     weights: list[float],
     search_only: bool = False,
+    data_dir: Path | None = None,
 ) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix=f"bench-{dataset.name}-") as tmp:
-        app = await start(Path(tmp), dense_weight)
+    with contextlib.ExitStack() as cleanup:
+        if data_dir is None:
+            tmp = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        else:
+            tmp = data_dir / dataset.name
+            tmp.mkdir(parents=True, exist_ok=True)
+        kept = tmp / "ingested.json"
+        app = await start(tmp, dense_weight)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}")
         report: dict[str, Any] = {"dataset": dataset.name}
         try:
             stub = kb_grpc.KnowledgeBaseServiceStub(channel)
-            user_id, auth = await account(channel)
-            print(f"[{dataset.name}] ingesting {len(dataset.corpus)} documents", flush=True)
-            ingested = await ingest(stub, auth, dataset)
+            if kept.exists():
+                earlier = json.loads(kept.read_text())
+                user_id, auth = await account(channel, earlier["email"], register=False)
+                ingested = earlier["ingested"]
+                print(f"[{dataset.name}] reusing the corpus ingested in {tmp}", flush=True)
+            else:
+                email = f"bench-{uuid.uuid4().hex[:8]}@example.com"
+                user_id, auth = await account(channel, email, register=True)
+                print(f"[{dataset.name}] ingesting {len(dataset.corpus)} documents", flush=True)
+                ingested = await ingest(stub, auth, dataset)
+                if data_dir is not None:
+                    kept.write_text(json.dumps({"email": email, "ingested": ingested}))
             corpus_ids = ingested.pop("map")
             print(f"[{dataset.name}] {ingested}", flush=True)
             queries = sorted(dataset.queries)[:max_queries]
@@ -431,7 +456,7 @@ async def run(
             texts = [dataset.queries[q] for q in queries]
             report["latency"] = await latency(app, stub, auth, user_id, texts)
             print(f"[{dataset.name}] REST search vs floor over {len(texts)} queries", flush=True)
-            report["rest_vs_floor"] = await rest_vs_floor(app, auth, texts, Path(tmp) / "envoy")
+            report["rest_vs_floor"] = await rest_vs_floor(app, auth, texts, tmp / "envoy")
         finally:
             await channel.close()
             await app.stop(grace=0)
@@ -440,7 +465,7 @@ async def run(
         # The same index served again with other fusion weights: hybrid through the RPC.
         by_weight = {}
         for weight in weights:
-            app = await start(Path(tmp), weight)
+            app = await start(tmp, weight)
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}")
             try:
                 stub = kb_grpc.KnowledgeBaseServiceStub(channel)
@@ -510,12 +535,23 @@ async def main(argv: list[str]) -> int:
         help="upload the corpus, then measure search latency only (no quality, fusion sweep,"
         " --weights or bare-encode baseline)",
     )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="keep each dataset's data in DIR/<dataset> and reuse a corpus ingested there",
+    )
     parser.add_argument("--report", type=Path, default=REPORT)
     args = parser.parse_args(argv)
     reports = []
     for name in args.datasets:
         report = await run(
-            load(name), args.max_queries, args.dense_weight, args.weights, args.search_only
+            load(name),
+            args.max_queries,
+            args.dense_weight,
+            args.weights,
+            args.search_only,
+            args.data_dir,
         )
         print_report(report)
         reports.append(report)

@@ -15,6 +15,8 @@ from server.main import Application
 from services.db import create_engine
 from services.knowledge.embeddings import packaged_model_path
 from services.knowledge.models import Document
+from services.knowledge.qdrant_edge_store import QdrantEdgeStore
+from services.knowledge.vector_store import StoredPoint
 from tests.backends import Database
 from tests.documents import make_docx, make_pdf, make_zip_bomb
 from tests.harness import Account, Stubs, new_admin, new_user, running_app
@@ -421,6 +423,38 @@ async def test_replacing_content_swaps_passages_atomically(app: Application, stu
     assert await app.domain.knowledge.indexed_chunks(uuid.UUID(document.document_id)) == (
         final.chunk_count
     )
+
+
+async def test_stale_passages_in_the_index_never_crowd_out_served_ones(
+    app: Application, stubs: Stubs
+) -> None:
+    """Passages of a generation the database does not serve (left by a crash, or in the
+    moment between a swap and the old generation's deletion) rank like the real ones:
+    a search reads documents window by window until it has top_k servable passages."""
+    account = await new_user(stubs)
+    document = await ingest(stubs, account, "herons.txt", filler("heron", 100).encode())
+    index = app.domain.knowledge.index
+    assert isinstance(index, QdrantEdgeStore)  # the tests' default: the embedded engine
+    served = [
+        point
+        async for batch in index.scroll_points(256)
+        for point in batch
+        if point.payload["document_id"] == document.document_id
+    ]
+    assert len(served) == document.chunk_count > 10
+    stale = [
+        StoredPoint(str(uuid.uuid4()), p.dense, p.sparse, {**p.payload, "generation": "stale"})
+        for p in served
+        for _ in range(3)  # three stale twins per passage: most of every window is stale
+    ]
+    await index.upsert_points(stale)
+
+    for mode in ALL_MODES:
+        results = await search(stubs, account, "heron observation", top_k=8, mode=mode)
+        ids = [r.chunk_id for r in results]
+        assert len(ids) == len(set(ids)) == 8
+        assert set(ids) <= {p.point_id for p in served}
+        assert all("heron" in r.text for r in results)
 
 
 async def test_failed_replacement_keeps_the_previous_version(stubs: Stubs) -> None:

@@ -110,6 +110,30 @@ async def test_a_search_sees_own_and_shared_passages_never_another_owners(
     assert shared_hit.payload["shared"] is True and shared_hit.payload["owner_id"] == str(admin)
 
 
+async def test_a_search_can_return_only_named_payload_fields_and_fetch_the_rest(
+    store: VectorStore,
+) -> None:
+    alice = uuid.uuid4()
+    owner = owner_of(alice, generation="g7")
+    ids = await put(store, owner, ["coral reefs bleach", "coral reefs recover"], seed=50)
+    dense_hits, sparse_hits = await store.search(
+        SearchScope(alice),
+        dense=unit(50),
+        sparse=LEXICAL.encode_query("coral reefs"),
+        limit=5,
+        fields=("document_id", "generation"),
+    )
+    expected = {"document_id": str(owner.document_id), "generation": "g7"}
+    assert {h.point_id for h in dense_hits} == {h.point_id for h in sparse_hits} == set(ids)
+    assert all(h.payload == expected for h in [*dense_hits, *sparse_hits])
+
+    payloads = await store.payloads([ids[1], point_id(owner_of(alice), 0)])  # one unknown id
+    assert list(payloads) == [ids[1]]
+    assert payloads[ids[1]]["text"] == "coral reefs recover"
+    assert payloads[ids[1]]["shared"] is False and payloads[ids[1]]["chunk_index"] == 1
+    assert payloads[ids[1]]["generation"] == "g7"
+
+
 async def test_document_ids_narrow_a_search_within_what_the_caller_may_see(
     store: VectorStore,
 ) -> None:

@@ -133,23 +133,28 @@ class QdrantEdgeStore:
         dense: list[float] | None,
         sparse: SparseVector | None,
         limit: int,
+        fields: Sequence[str] | None = None,
     ) -> tuple[list[StoredHit], list[StoredHit]]:
         """The dense and sparse legs' hits (a leg not asked for is empty), in one batch."""
         flt = edge_filter(scope_filter(scope))
+        payload = True if fields is None else qe.PayloadSelector.Include(list(fields))
         requests: list[qe.QueryRequest] = []
         if dense is not None:
             query = qe.Query.Nearest(dense, using=DENSE)
-            requests.append(qe.QueryRequest(limit, query=query, filter=flt, with_payload=True))
+            requests.append(qe.QueryRequest(limit, query=query, filter=flt, with_payload=payload))
         if sparse is not None and sparse.indices:
             vector = qe.SparseVector(sparse.indices, sparse.values)
             query = qe.Query.Nearest(vector, using=SPARSE)
-            requests.append(qe.QueryRequest(limit, query=query, filter=flt, with_payload=True))
+            requests.append(qe.QueryRequest(limit, query=query, filter=flt, with_payload=payload))
         if not requests:
             return [], []
         legs = await self._run(_query_batch, self._require(), requests)
         dense_hits = legs.pop(0) if dense is not None else []
         sparse_hits = legs.pop(0) if legs else []
         return dense_hits, sparse_hits
+
+    async def payloads(self, point_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return await self._run(_payloads, self._require(), list(point_ids))
 
     async def dense_vectors(self, point_ids: Sequence[str]) -> dict[str, list[float]]:
         return await self._run(_dense_vectors, self._require(), list(point_ids))
@@ -332,6 +337,11 @@ def _payload(payload: dict[str, Any] | None) -> dict[str, Any]:
 def _query_batch(shard: qe.EdgeShard, requests: list[qe.QueryRequest]) -> list[list[StoredHit]]:
     legs = shard.query_batch(qe.QueryBatchRequest(requests))
     return [[StoredHit(str(p.id), p.score, _payload(p.payload)) for p in leg] for leg in legs]
+
+
+def _payloads(shard: qe.EdgeShard, point_ids: list[str]) -> dict[str, dict[str, Any]]:
+    records = shard.retrieve(list(point_ids), with_payload=True, with_vector=False)
+    return {str(record.id): _payload(record.payload) for record in records}
 
 
 def _dense_vectors(shard: qe.EdgeShard, point_ids: list[str]) -> dict[str, list[float]]:

@@ -143,21 +143,23 @@ class QdrantServerStore:
         dense: list[float] | None,
         sparse: SparseVector | None,
         limit: int,
+        fields: Sequence[str] | None = None,
     ) -> tuple[list[StoredHit], list[StoredHit]]:
         """The dense and sparse legs' hits (a leg not asked for is empty), in one round trip."""
         flt = scope_filter(scope)
+        payload: bool | list[str] = True if fields is None else list(fields)
         requests: list[qm.QueryRequest] = []
         if dense is not None:
             requests.append(
                 qm.QueryRequest(
-                    query=dense, using=DENSE, filter=flt, limit=limit, with_payload=True
+                    query=dense, using=DENSE, filter=flt, limit=limit, with_payload=payload
                 )
             )
         if sparse is not None and sparse.indices:
             query = qm.SparseVector(indices=sparse.indices, values=sparse.values)
             requests.append(
                 qm.QueryRequest(
-                    query=query, using=SPARSE, filter=flt, limit=limit, with_payload=True
+                    query=query, using=SPARSE, filter=flt, limit=limit, with_payload=payload
                 )
             )
         if not requests:
@@ -172,6 +174,17 @@ class QdrantServerStore:
         dense_hits = legs.pop(0) if dense is not None else []
         sparse_hits = legs.pop(0) if legs else []
         return dense_hits, sparse_hits
+
+    async def payloads(self, point_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        try:
+            records = await self._client.retrieve(
+                self._collection, list(point_ids), with_payload=True, with_vectors=False
+            )
+        except ResponseHandlingException as error:
+            raise Unavailable(
+                "the search index cannot be reached; try again", reason="INDEX_UNAVAILABLE"
+            ) from error
+        return {str(record.id): dict(record.payload or {}) for record in records}
 
     async def dense_vectors(self, point_ids: Sequence[str]) -> dict[str, list[float]]:
         records = await self._client.retrieve(

@@ -26,7 +26,7 @@ from services.knowledge.ingestion import Job, JobQueue, PassageIndex, QueueStats
 from services.knowledge.lexical import LexicalEncoder
 from services.knowledge.models import Document, DocumentStatus, Stage
 from services.knowledge.parsing import DocumentFormat, ParseLimits, inspect_upload
-from services.knowledge.reranking import CrossEncoderReranker
+from services.knowledge.reranking import RERANK_DEPTH, CrossEncoderReranker
 from services.knowledge.retrieval import (
     Candidate,
     Leg,
@@ -49,6 +49,10 @@ MAX_METADATA_VALUE = 1024
 MAX_QUERY = 2000
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 100
+# The payload keys candidates are ranked and checked by; the rest of a passage's payload
+# (its text above all) is read only for the passages served.
+HIT_FIELDS = ("document_id", "generation")
+SEARCH_ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -298,14 +302,36 @@ class KnowledgeService:
         document_ids: tuple[uuid.UUID, ...],
         top_k: int,
     ) -> list[Passage]:
-        candidates = await self._retrieve(principal, request, document_ids, top_k)
-        documents = await self._current_documents(principal, candidates)
-        candidates = [c for c in candidates if _is_served(c, documents)]
-        candidates = await self._rerank(request, candidates, top_k)
+        # The legs return point ids; the passages' text is read afterwards. A point can go
+        # in between (its generation swapped out, its document deleted): the search then
+        # looks once more, at the index as it is now, rather than serve fewer passages.
+        for _ in range(SEARCH_ATTEMPTS):
+            passages, moved = await self._search_once(principal, request, document_ids, top_k)
+            if not moved:
+                break
+        return passages
+
+    async def _search_once(
+        self,
+        principal: Principal,
+        request: SearchRequest,
+        document_ids: tuple[uuid.UUID, ...],
+        top_k: int,
+    ) -> tuple[list[Passage], bool]:
+        """The passages, and whether a chosen point vanished before its text was read."""
+        ranked = await self._retrieve(principal, request, document_ids, top_k)
+        candidates, documents = await self._served(principal, ranked, _pool(request, top_k, ranked))
+        text_first = request.rerank is Rerank.CROSS_ENCODER  # the cross-encoder reads it
+        moved = False
+        if text_first:
+            candidates, moved = await self._with_payloads(candidates)
+        candidates = (await self._rerank(request, candidates, top_k))[:top_k]
+        if not text_first:
+            candidates, moved = await self._with_payloads(candidates)
         passages = [_passage(c, documents[_document_of(c)]) for c in candidates]
         if request.min_score:
             passages = [p for p in passages if p.score >= request.min_score]
-        return passages[:top_k]
+        return passages, moved
 
     async def _retrieve(
         self,
@@ -326,6 +352,7 @@ class KnowledgeService:
             dense=dense,
             sparse=sparse,
             limit=max(self._settings.candidates, top_k),
+            fields=HIT_FIELDS,
         )
         if mode is SearchMode.DENSE:
             return single_leg(dense_hits, Leg.DENSE)
@@ -343,20 +370,52 @@ class KnowledgeService:
             return await self._reranker.rerank(request.query, candidates)
         return candidates
 
-    async def _current_documents(
-        self, principal: Principal, candidates: list[Candidate]
-    ) -> dict[uuid.UUID, Document]:
-        """The visible documents `candidates` came from, with the generation each serves.
+    async def _served(
+        self, principal: Principal, ranked: list[Candidate], wanted: int
+    ) -> tuple[list[Candidate], dict[uuid.UUID, Document]]:
+        """The best `wanted` candidates whose document the caller sees at their generation.
 
         The vector filter already limits hits to the caller's and shared documents; checking
         against the database as well hides a replaced generation the moment the new one is
         published (the atomic swap) and the passages of a document deleted a moment ago.
+        Only the documents of the candidates that may be served are read: the first
+        `wanted`, then twice as many more while stale ones leave the count short.
         """
-        async with self._sessions.begin() as s:
-            documents = await queries.current_generations(
-                s, owner_id=principal.user_id, document_ids={_document_of(c) for c in candidates}
-            )
-        return documents
+        served: list[Candidate] = []
+        documents: dict[uuid.UUID, Document] = {}
+        checked: set[uuid.UUID] = set()
+        start, batch = 0, wanted
+        while len(served) < wanted and start < len(ranked):
+            window = ranked[start : start + batch]
+            start, batch = start + batch, batch * 2
+            unchecked = {_document_of(c) for c in window} - checked
+            if unchecked:
+                async with self._sessions.begin() as s:
+                    documents |= await queries.current_generations(
+                        s, owner_id=principal.user_id, document_ids=unchecked
+                    )
+                checked |= unchecked
+            served += [c for c in window if _is_served(c, documents)]
+        return served[:wanted], documents
+
+    async def _with_payloads(self, candidates: list[Candidate]) -> tuple[list[Candidate], bool]:
+        """`candidates` with their whole payloads, and whether any point had gone meanwhile."""
+        if not candidates:
+            return [], False
+        payloads = await self._store.payloads([c.point_id for c in candidates])
+        present = [c for c in candidates if c.point_id in payloads]
+        for candidate in present:
+            candidate.payload = payloads[candidate.point_id]
+        return present, len(present) < len(candidates)
+
+
+def _pool(request: SearchRequest, top_k: int, ranked: list[Candidate]) -> int:
+    """How many served candidates the reranking step chooses the `top_k` passages from."""
+    if request.rerank is Rerank.MMR:  # diversity over every candidate the legs returned
+        return len(ranked)
+    if request.rerank is Rerank.CROSS_ENCODER:
+        return RERANK_DEPTH
+    return top_k
 
 
 def _document_of(candidate: Candidate) -> uuid.UUID:

@@ -112,8 +112,17 @@ class VectorStore(Protocol):
         dense: list[float] | None,
         sparse: SparseVector | None,
         limit: int,
+        fields: Sequence[str] | None = None,
     ) -> tuple[list[StoredHit], list[StoredHit]]:
-        """The dense and sparse legs' hits (a leg not asked for is empty), in one round trip."""
+        """The dense and sparse legs' hits (a leg not asked for is empty), in one round trip.
+
+        `fields` limits each hit's payload to those keys (None: the whole payload); a search
+        that ranks many candidates and serves a few asks for the few's text by `payloads`.
+        """
+        ...
+
+    async def payloads(self, point_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The whole payloads of the points that exist among `point_ids`."""
         ...
 
     async def dense_vectors(self, point_ids: Sequence[str]) -> dict[str, list[float]]:
