@@ -8,7 +8,8 @@
 #               project itself (editable, as `make install` does; see below)
 #   envoy-config, envoy
 #               the official Envoy image with the config `agentmesh envoy-config` renders
-#               from envoy/envoy.yaml for compose's host names, and the descriptor set
+#               from envoy/envoy.yaml for compose's host names (the mesh's upstreams are
+#               build arguments), and the descriptor set
 #   local-llm-build, local-llm
 #               llama.cpp's OpenAI-compatible server with Gemma 3 270M (compose profile
 #               `local-llm`); the model comes from PyPI packages, not a model hub
@@ -72,11 +73,18 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 
 FROM build AS envoy-config
-# The config for an Envoy in its own container: it listens on 0.0.0.0:8080, forwards to
-# agentmesh by its backend-network alias (docker-compose.yml), keeps its admin interface
-# on loopback (:9902) and serves only /stats/prometheus and /ready on :9901 for
-# Prometheus and health checks. CORS origins are baked in at build time.
+# The config for an Envoy in its own container: it listens on 0.0.0.0:8080, keeps its
+# admin interface on loopback (:9902) and serves only /stats/prometheus and /ready on :9901
+# for Prometheus and health checks. It forwards to one agentmesh by its backend-network
+# alias, or with AGENTMESH_ENVOY_UPSTREAMS (JSON: each service's replicas by host names
+# that resolve to all of them, as docker-compose.yml passes) routes the mesh: a cluster per
+# service, health-checked, with retries where safe. CORS origins and upstreams are baked in
+# at build time: the compose names do not change when a service scales.
 ARG AGENTMESH_CORS_ALLOWED_ORIGINS=
+ARG AGENTMESH_ENVOY_UPSTREAMS=
+ARG AGENTMESH_ENVOY_OPS_UPSTREAMS=
+# The mesh's routes know each method's kind from the descriptor set Envoy transcodes with.
+COPY --from=descriptor /src/gen/agentmesh.binpb /etc/envoy/agentmesh.binpb
 RUN AGENTMESH_HTTP_HOST=0.0.0.0 AGENTMESH_ENVOY_ADMIN_PORT=9902 agentmesh envoy-config --upstream agentmesh-backend --descriptor /etc/envoy/agentmesh.binpb --stats-port 9901 > /envoy.yaml
 
 

@@ -11,10 +11,11 @@ PROTOS := $(shell find protos -name '*.proto')
 DESCRIPTOR := gen/agentmesh.binpb
 OPENAPI := gen/openapi
 
-.PHONY: help install gen gen-check lint fmt migrate admin run test bench bench-rest bench-agent bench-limits bench-retrieval bench-vectors clean
+.PHONY: help install gen gen-check lint fmt migrate admin run mesh test bench bench-rest bench-agent bench-limits bench-retrieval bench-vectors bench-mesh clean
 
 help:
 	@echo "make run     set up and run agentmesh (gRPC :50051, REST+gRPC via Envoy :8080)"
+	@echo "make mesh    the services as separate processes behind Envoy :8080 (PostgreSQL, Redis)"
 	@echo "make test    set up and run the test suite"
 	@echo "make gen     regenerate gen/ from protos/"
 	@echo "make lint    buf lint/format, ruff, mypy"
@@ -81,18 +82,31 @@ run: migrate
 	$(BIN)/agentmesh create-admin --if-no-admin
 	$(BIN)/agentmesh serve
 
+# The one-machine mesh (server/mesh.py): the services as separate processes behind one
+# Envoy on :8080, on PostgreSQL and Redis (the tests' servers unless the URLs are set).
+MESH_DATABASE_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/agentmesh
+MESH_REDIS_URL ?= redis://127.0.0.1:6379/0
+mesh: gen
+	AGENTMESH_DATABASE_URL=$${AGENTMESH_DATABASE_URL:-$(MESH_DATABASE_URL)} \
+	AGENTMESH_REDIS_URL=$${AGENTMESH_REDIS_URL:-$(MESH_REDIS_URL)} \
+	AGENTMESH_DATA_DIR=$${AGENTMESH_DATA_DIR:-data/mesh} \
+	$(BIN)/agentmesh mesh
+
 # Tests check gen/ against a fresh generation instead of regenerating it, so a stale
 # commit fails here rather than being silently repaired.
 test: $(GOOGLEAPIS)/.copied
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: bench-rest bench-agent bench-limits bench-retrieval bench-vectors
+bench: bench-rest bench-agent bench-limits bench-retrieval bench-vectors bench-mesh
 
 bench-rest: install
 	$(BIN)/python -m bench.rest_tax $(BENCH_ARGS)
 
 bench-agent: install
 	$(BIN)/python -m bench.agent_stream $(BENCH_ARGS)
+
+bench-mesh: install
+	$(BIN)/python -m bench.mesh $(BENCH_ARGS)
 
 bench-limits: install
 	$(BIN)/python -m bench.rate_limit $(BENCH_ARGS)

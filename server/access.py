@@ -46,6 +46,8 @@ RPC_ACCESS: Mapping[str, Access] = {
     _USERS + "DeleteUser": Access.ADMIN,
     _AGENT + "Query": Access.USER,
     _AGENT + "StreamQuery": Access.USER,
+    _AGENT + "AttachRun": Access.USER,
+    _AGENT + "CancelRun": Access.USER,
     _AGENT + "ListConversations": Access.USER,
     _AGENT + "GetConversation": Access.USER,
     _AGENT + "DeleteConversation": Access.USER,
@@ -63,6 +65,7 @@ RPC_ACCESS: Mapping[str, Access] = {
     _INDEXING + "UpsertPassages": Access.SERVICE,
     _INDEXING + "DeleteGeneration": Access.SERVICE,
     _INDEXING + "DeleteDocumentPassages": Access.SERVICE,
+    _INDEXING + "DeleteOwnerPassages": Access.SERVICE,
 }
 
 

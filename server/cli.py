@@ -1,5 +1,5 @@
-"""The `agentmesh` command: serve, migrate, create-admin, call, kb import, envoy-config,
-reindex."""
+"""The `agentmesh` command: serve, mesh, worker, migrate, create-admin, call, kb import,
+envoy-config, reindex."""
 
 import argparse
 import asyncio
@@ -24,10 +24,20 @@ if TYPE_CHECKING:
     from server.kb_import import Credentials
 
 
-def _serve(settings: Settings, _args: argparse.Namespace) -> int:
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from server.main import serve
 
+    if args.services is not None:
+        # Through the settings' own parsing and checks, as AGENTMESH_SERVICES would go.
+        settings = Settings(**{**settings.model_dump(), "services": args.services})
     asyncio.run(serve(settings))
+    return 0
+
+
+def _mesh(settings: Settings, args: argparse.Namespace) -> int:
+    from server.mesh import run_mesh
+
+    asyncio.run(run_mesh(settings, replicas=args.replicas, workers=args.workers))
     return 0
 
 
@@ -64,7 +74,7 @@ def _admin_password(settings: Settings, args: argparse.Namespace) -> tuple[str, 
 async def _create_admin_async(settings: Settings, args: argparse.Namespace) -> int:
     from server.domain import build_domain
 
-    domain = build_domain(settings)
+    domain = build_domain(settings.model_copy(update={"services": ["auth"]}))  # no models
     try:
         if args.if_no_admin and await domain.auth.has_admin():
             print("An administrator exists; none created.")
@@ -182,16 +192,26 @@ def _kb_import(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _envoy_config(settings: Settings, args: argparse.Namespace) -> int:
-    """The config for an Envoy that runs apart from agentmesh (its own container)."""
+    """The config for an Envoy that runs apart from agentmesh (its own container): in front
+    of one process, or with ENVOY_UPSTREAMS set, the mesh's front and router."""
     from server.envoy import add_stats_listener, envoy_config
+    from server.envoy_mesh import mesh_envoy_config
 
-    config = envoy_config(
-        settings,
-        grpc_port=settings.grpc_port,
-        ops_port=settings.metrics_port,
-        upstream=args.upstream,
-        descriptor=args.descriptor,
-    )
+    if settings.envoy_upstreams:
+        ops = settings.envoy_ops_upstreams or [
+            f"{args.upstream or settings.metrics_host}:{settings.metrics_port}"
+        ]
+        config = mesh_envoy_config(
+            settings, upstreams=settings.envoy_upstreams, ops=ops, descriptor=args.descriptor
+        )
+    else:
+        config = envoy_config(
+            settings,
+            grpc_port=settings.grpc_port,
+            ops_port=settings.metrics_port,
+            upstream=args.upstream,
+            descriptor=args.descriptor,
+        )
     if args.stats_port is not None:
         add_stats_listener(config, args.stats_port, settings.envoy_admin_port)
     print("# Rendered by `agentmesh envoy-config` from envoy/envoy.yaml: edit that, not this.")
@@ -257,9 +277,23 @@ def _reindex(settings: Settings, args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="agentmesh", description="A self-hosted AI agent platform.")
     commands = root.add_subparsers(dest="command", required=True)
-    commands.add_parser(
+    serve = commands.add_parser(
         "serve", help="run the gRPC server (and the Envoy sidecar for REST)"
-    ).set_defaults(run=_serve)
+    )
+    serve.add_argument(
+        "--services",
+        metavar="LIST",
+        help="comma-separated services to serve (auth, users, agent, knowledge, feedback,"
+        " analytics); default AGENTMESH_SERVICES, or all",
+    )
+    serve.set_defaults(run=_serve)
+    mesh = commands.add_parser(
+        "mesh",
+        help="run the services as a mesh of processes behind one Envoy (PostgreSQL, Redis)",
+    )
+    mesh.add_argument("--replicas", type=_positive_int, default=2, help="of the stateless services")
+    mesh.add_argument("--workers", type=_positive_int, default=1, help="ingestion workers")
+    mesh.set_defaults(run=_mesh)
     commands.add_parser(
         "worker",
         help="run ingestion jobs from the PostgreSQL queue (scale embedding out; see README)",
@@ -309,9 +343,15 @@ def parser() -> argparse.ArgumentParser:
     kb_import.add_argument("--json", action="store_true", help="print the summary as JSON")
     kb_import.set_defaults(run=_kb_import)
     envoy = commands.add_parser(
-        "envoy-config", help="print the Envoy config for an Envoy in its own container"
+        "envoy-config",
+        help="print the Envoy config for an Envoy in its own container (the mesh's front and "
+        "router when AGENTMESH_ENVOY_UPSTREAMS is set)",
     )
-    envoy.add_argument("--upstream", help="agentmesh's host name (default: GRPC_HOST)")
+    envoy.add_argument(
+        "--upstream",
+        help="agentmesh's host name (default: GRPC_HOST); in the mesh, the operations "
+        "server's when AGENTMESH_ENVOY_OPS_UPSTREAMS is empty",
+    )
     envoy.add_argument("--descriptor", type=Path, help="default: AGENTMESH_DESCRIPTOR_SET")
     envoy.add_argument(
         "--stats-port", type=int, help="also serve /stats/prometheus and /ready on this port"

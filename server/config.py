@@ -5,13 +5,27 @@ files under DATA_DIR, an in-process cache, embedded Qdrant, and an Envoy sidecar
 """
 
 import importlib
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.upstreams import check_upstreams, split_address
+
 ROOT = Path(__file__).resolve().parents[1]
+# The public gRPC services by the short names `serve --services` and the mesh use
+# (server/served.py pairs each with its servicer).
+ServiceKey = Literal["auth", "users", "agent", "knowledge", "feedback", "analytics"]
+SERVICE_KEYS: tuple[ServiceKey, ...] = (
+    "auth",
+    "users",
+    "agent",
+    "knowledge",
+    "feedback",
+    "analytics",
+)
 
 
 class Settings(BaseSettings):
@@ -34,6 +48,14 @@ class Settings(BaseSettings):
     qdrant_collection: str = "agentmesh_chunks"
     """Qdrant collection holding every owner's chunks (owner id is the tenant key)."""
 
+    services: Annotated[list[ServiceKey], NoDecode] = Field(
+        default_factory=lambda: list(SERVICE_KEYS), min_length=1
+    )
+    """The gRPC services this process serves, comma-separated (`serve --services`): auth,
+    users, agent, knowledge, feedback, analytics; default all of them."""
+    knowledge_target: str | None = None
+    """host:port of KnowledgeBaseService (Envoy's, in a mesh) for a process serving the agent
+    but not `knowledge`: its tool searches there as the end user."""
     grpc_host: str = "127.0.0.1"
     """Address the gRPC server binds to (0.0.0.0 in containers)."""
     grpc_port: int = 50051
@@ -61,6 +83,38 @@ class Settings(BaseSettings):
     """The protobuf descriptor set Envoy transcodes REST/JSON with."""
     cors_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Browser origins allowed to call the REST API (comma-separated); none by default."""
+    envoy_upstreams: Annotated[dict[str, list[str]], NoDecode] = Field(default_factory=dict)
+    """The mesh, for `agentmesh envoy-config`: host:port of each service's replicas by service
+    key, as JSON ({"agent": ["agent-1:50051", "agent-2:50051"], "knowledge": [...], ...}),
+    every service named; empty: one agentmesh process behind Envoy."""
+    envoy_ops_upstreams: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """The mesh: host:port of the operations servers behind Envoy's /health (comma-separated);
+    empty: METRICS_HOST:METRICS_PORT."""
+
+    @field_validator("envoy_upstreams", mode="before")
+    @classmethod
+    def _json_upstreams(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return {}
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f'not JSON like {{"agent": ["host:50051"]}}: {error}') from None
+        return value
+
+    @field_validator("envoy_upstreams")
+    @classmethod
+    def _every_service_upstream(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        check_upstreams(value, SERVICE_KEYS)
+        return value
+
+    @field_validator("envoy_ops_upstreams")
+    @classmethod
+    def _ops_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            split_address(address)
+        return value
 
     jwt_secret: SecretStr | None = None
     """HMAC key for tokens (32+ bytes); unset: a random key kept in DATA_DIR/jwt-secret."""
@@ -111,8 +165,9 @@ class Settings(BaseSettings):
     embedded vector index; unset: a random one created once in DATA_DIR/index-token, which
     workers sharing DATA_DIR read."""
     index_target: str | None = None
-    """host:port of the process that owns the embedded vector index, for `agentmesh worker`;
-    unset: 127.0.0.1:GRPC_PORT."""
+    """host:port of the process serving `knowledge` (the index owner), for `agentmesh worker`
+    beside an embedded index (unset: 127.0.0.1:GRPC_PORT) and for a process serving `users`
+    without `knowledge` (it removes a deleted account's passages there)."""
     pdf_timeout_seconds: float = Field(default=60.0, gt=0)
     """Wall-time limit of the child process that parses one PDF."""
     pdf_memory_mb: int = Field(default=1024, gt=0)
@@ -164,7 +219,9 @@ class Settings(BaseSettings):
     agent_run_timeout_seconds: float = Field(default=180.0, gt=0)
     """Longest one agent run may take; beyond it the run fails with RESOURCE_EXHAUSTED."""
     max_concurrent_runs_per_user: int = Field(default=4, gt=0)
-    """Agent runs one user may have in flight in this process; more get RESOURCE_EXHAUSTED."""
+    """Agent runs one user may have in flight, on all replicas; more get RESOURCE_EXHAUSTED."""
+    agent_run_log_ttl_seconds: float = Field(default=600.0, gt=0)
+    """How long an ended run's events stay re-attachable (AttachRun), in Redis or in process."""
 
     web_search_provider: Literal["tavily", "serper", "searxng"] | None = None
     """Web search API behind the web_search tool; unset: the tool is off."""
@@ -259,13 +316,30 @@ class Settings(BaseSettings):
     """json: one JSON object per line (request id, rpc, code, latency, user id)."""
 
     @field_validator(
-        "cors_allowed_origins", "outbound_allowed_networks", "trusted_proxies", mode="before"
+        "cors_allowed_origins",
+        "outbound_allowed_networks",
+        "trusted_proxies",
+        "services",
+        "envoy_ops_upstreams",
+        mode="before",
     )
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _peers_configured(self) -> "Settings":
+        """A process serving a service whose dependency runs elsewhere must know where."""
+        if "knowledge" not in self.services:
+            if "agent" in self.services and not self.knowledge_target:
+                raise ValueError("serving agent without knowledge needs KNOWLEDGE_TARGET")
+            if "users" in self.services and not self.index_target:
+                raise ValueError(
+                    "serving users without knowledge needs INDEX_TARGET (the index owner)"
+                )
+        return self
 
     @property
     def resolved_llm_provider(self) -> str:

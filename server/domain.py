@@ -6,8 +6,10 @@ imports grpc: `server/main.py` serves a built Domain, and any process kind (ever
 in one, or one service alone) is a choice of services over the same Domain.
 """
 
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -21,10 +23,15 @@ from services.agent.conversations import ConversationStore
 from services.agent.intents import IntentExamples
 from services.agent.llm import ChatModel, LlmSettings
 from services.agent.prompts import PromptManager
+from services.agent.run_log import InProcessRunLog
+from services.agent.run_log_redis import SOCKET_TIMEOUT_SECONDS as RUN_LOG_SOCKET_TIMEOUT
+from services.agent.run_log_redis import RedisRunLog
+from services.agent.run_slots import InProcessRunSlots, RedisRunSlots
+from services.agent.runs import RunManager
 from services.agent.service import AgentService
 from services.agent.tools.api_search import ApiSearchTool
 from services.agent.tools.base import Tool
-from services.agent.tools.knowledge_search import KnowledgeSearchTool
+from services.agent.tools.knowledge_search import KnowledgeBase, KnowledgeSearchTool
 from services.agent.tools.outbound import OutboundHttp
 from services.agent.tools.registry import ToolRegistry
 from services.agent.tools.web_search import WebSearchTool
@@ -61,11 +68,23 @@ from services.usage_events.recorder import EventRecorder
 PARSE_THREADS = 2
 # Redis connections per process; the pool blocks past this (see `connect_redis`).
 REDIS_CONNECTIONS = 64
+T = TypeVar("T")
+
+
+@dataclass
+class Peers:
+    """Clients of services another process serves, made by the transport layer
+    (`server/peers.py`); None where this process serves the service itself."""
+
+    knowledge: KnowledgeBase | None = None  # searches, as the end user
+    index: PassageIndex | None = None  # the index owner's writes, as the service
+    close: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass
 class Domain:
-    """The domain services and the resources they hold."""
+    """The domain services and the resources they hold. The knowledge base and the agent
+    exist only in a process that serves them (the heavy ones: the vector index, models)."""
 
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
@@ -74,8 +93,9 @@ class Domain:
     service_token: str  # what agentmesh's own processes present (internal services)
     auth: AuthService
     users: UserService
-    knowledge: KnowledgeService
-    agent: AgentService
+    knowledge_service: KnowledgeService | None
+    agent_service: AgentService | None
+    embedder: Embedder | None  # the knowledge base's, or the agent's own without one
     feedback: FeedbackService
     events: EventRecorder
     usage: UsageService
@@ -84,13 +104,29 @@ class Domain:
     limiter: RateLimiter
     redis: Redis | None
     metrics: Metrics
+    peers: Peers = field(default_factory=Peers)
     # The llama.cpp server of LLM_PROVIDER=local; the agent's client is made once it serves.
     local_llm: LocalLlmSidecar | None = None
     local_llm_settings: LlmSettings | None = None
 
+    @property
+    def knowledge(self) -> KnowledgeService:
+        """The knowledge base of a process that serves it."""
+        if self.knowledge_service is None:
+            raise LookupError("this process does not serve the knowledge base")
+        return self.knowledge_service
+
+    @property
+    def agent(self) -> AgentService:
+        """The agent of a process that serves it."""
+        if self.agent_service is None:
+            raise LookupError("this process does not serve the agent")
+        return self.agent_service
+
     async def start(self) -> None:
         await self.events.start()
-        await self.knowledge.start()
+        if self.knowledge_service is not None:
+            await self.knowledge_service.start()
         if self.local_llm is not None and self.local_llm_settings is not None:
             await self.local_llm.start()
             # Its address and model are known only now that it runs.
@@ -103,11 +139,17 @@ class Domain:
             self.agent.use_llm(ChatModel(settings, self.metrics))
 
     async def close(self) -> None:
-        await self.agent.stop()
+        if self.agent_service is not None:
+            await self.agent_service.stop()
         if self.local_llm is not None:
             await self.local_llm.stop()
         await self.outbound.close()
-        await self.knowledge.stop()
+        if self.knowledge_service is not None:
+            await self.knowledge_service.stop()  # closes the embedder too
+        elif self.embedder is not None:
+            self.embedder.close()
+        if self.peers.close is not None:
+            await self.peers.close()
         await self.events.stop()  # after everything that records events
         if self.redis is not None:
             await self.redis.aclose()
@@ -118,11 +160,11 @@ class Domain:
 def build_knowledge(
     settings: Settings,
     sessions: async_sessionmaker[AsyncSession],
+    embedder: Embedder,
     events: EventRecorder,
     metrics: Metrics,
 ) -> KnowledgeService:
-    """The knowledge base: embedding model (loaded here), Qdrant, ingestion workers."""
-    embedder = Embedder.load(configured.embedder_settings(settings))
+    """The knowledge base: Qdrant, ingestion workers, the optional cross-encoder."""
     store = connect_vector_store(
         url=settings.qdrant_url,
         api_key=configured.revealed(settings.qdrant_api_key),
@@ -195,9 +237,7 @@ def build_ingestion_queue(
     )
 
 
-def build_tools(
-    settings: Settings, knowledge: KnowledgeService, outbound: OutboundHttp
-) -> list[Tool]:
+def build_tools(settings: Settings, knowledge: KnowledgeBase, outbound: OutboundHttp) -> list[Tool]:
     """The knowledge-base tool, plus web and API search when their services are configured."""
     tools: list[Tool] = [KnowledgeSearchTool(knowledge, settings.agent_top_k)]
     if web := configured.web_search_settings(settings):
@@ -224,7 +264,8 @@ def build_tracer(settings: Settings) -> Tracer:
 def build_agent(
     settings: Settings,
     sessions: async_sessionmaker[AsyncSession],
-    knowledge: KnowledgeService,
+    embedder: Embedder,
+    knowledge: KnowledgeBase,
     outbound: OutboundHttp,
     events: EventRecorder,
     quotas: QuotaService,
@@ -239,8 +280,8 @@ def build_agent(
     deps = AgentDeps(
         prompts=prompts,
         registry=ToolRegistry(build_tools(settings, knowledge, outbound), prompts),
-        embedder=knowledge.embedder,
-        intents=IntentExamples.build(prompts, knowledge.embedder),
+        embedder=embedder,
+        intents=IntentExamples.build(prompts, embedder),
         llm=llm,
         store=ConversationStore(sessions),
         settings=configured.agent_settings(settings),
@@ -248,7 +289,19 @@ def build_agent(
         quotas=quotas,
         metrics=metrics,
     )
-    return AgentService(deps, build_tracer(settings))
+    return AgentService(deps, build_tracer(settings), build_runs(settings))
+
+
+def build_runs(settings: Settings) -> RunManager:
+    """Where agent runs keep their events and count against the per-user cap: Redis when it
+    is configured (any replica re-attaches to or cancels a run), else this process."""
+    ttl = settings.agent_run_log_ttl_seconds
+    if not settings.redis_url:
+        return RunManager(InProcessRunLog(ttl), InProcessRunSlots())
+    # Its own client: followers block in XREAD for longer than the limiter's socket timeout.
+    redis = Redis.from_url(settings.redis_url, socket_timeout=RUN_LOG_SOCKET_TIMEOUT)
+    prefix = settings.redis_key_prefix
+    return RunManager(RedisRunLog(redis, prefix, ttl), RedisRunSlots(redis, prefix))
 
 
 def connect_redis(settings: Settings) -> Redis | None:
@@ -289,6 +342,12 @@ def build_quotas(settings: Settings, redis: Redis | None) -> QuotaService:
     return QuotaService(counters, configured.quota_limits(settings))
 
 
+def shared_queries(settings: Settings, redis: Redis | None) -> Cache | None:
+    """Query embeddings shared by the processes on one Redis: the agent's and the
+    knowledge base's, when they run apart, embed a question once between them."""
+    return RedisCache(redis, f"{settings.redis_key_prefix}qemb:") if redis else None
+
+
 def build_stats(
     settings: Settings, sessions: async_sessionmaker[AsyncSession], redis: Redis | None
 ) -> StatsService:
@@ -299,8 +358,14 @@ def build_stats(
     return StatsService(sessions, cache, configured.stats_settings(settings))
 
 
-def build_domain(settings: Settings, registry: CollectorRegistry | None = None) -> Domain:
-    """The domain services; their metrics go to `registry` (none: a private one)."""
+def build_domain(
+    settings: Settings, registry: CollectorRegistry | None = None, peers: Peers | None = None
+) -> Domain:
+    """The domain of a process serving SERVICES; their metrics go to `registry` (none: a
+    private one). `peers` reach what the process needs but does not serve: the knowledge
+    base for the agent's tool, the index owner for a deleted account's passages."""
+    served = set(settings.services)
+    peers = peers or Peers()
     metrics = Metrics(registry)
     engine = create_engine(settings.resolved_database_url)
     sessions = create_sessionmaker(engine)
@@ -309,12 +374,30 @@ def build_domain(settings: Settings, registry: CollectorRegistry | None = None) 
     events = EventRecorder(
         sessions, configured.recorder_settings(settings), observer=metrics.observe_event
     )
-    knowledge = build_knowledge(settings, sessions, events, metrics)
-    outbound = OutboundHttp(settings.outbound_allowed_networks)
     redis = connect_redis(settings)
+    embedder = (
+        Embedder.load(configured.embedder_settings(settings), shared_queries(settings, redis))
+        if served & {"knowledge", "agent"}
+        else None
+    )
+    knowledge = (
+        build_knowledge(settings, sessions, embedder, events, metrics)
+        if embedder is not None and "knowledge" in served
+        else None
+    )
+    outbound = OutboundHttp(settings.outbound_allowed_networks)
     quotas = build_quotas(settings, redis)
+    agent = None
+    if embedder is not None and "agent" in served:
+        searched = knowledge or _required(peers.knowledge, "KNOWLEDGE_TARGET")
+        agent = build_agent(
+            settings, sessions, embedder, searched, outbound, events, quotas, metrics
+        )
+    purge = knowledge.purge_owner if knowledge else None
+    if "users" in served and purge is None:
+        purge = _required(peers.index, "INDEX_TARGET").delete_owner
     local_llm = None
-    if settings.resolved_llm_provider == "local":
+    if agent is not None and settings.resolved_llm_provider == "local":
         local_llm = LocalLlmSidecar(
             packaged_model(settings.data_dir),
             threads=settings.local_llm_threads,
@@ -327,9 +410,10 @@ def build_domain(settings: Settings, registry: CollectorRegistry | None = None) 
         tokens=tokens,
         service_token=configured.index_token(settings),
         auth=AuthService(sessions, PasswordHasher(executor), tokens, events),
-        users=UserService(sessions, on_deleted=knowledge.purge_owner),
-        knowledge=knowledge,
-        agent=build_agent(settings, sessions, knowledge, outbound, events, quotas, metrics),
+        users=UserService(sessions, on_deleted=purge),
+        knowledge_service=knowledge,
+        agent_service=agent,
+        embedder=embedder,
         feedback=FeedbackService(sessions, events),
         events=events,
         usage=UsageService(sessions, quotas),
@@ -338,6 +422,14 @@ def build_domain(settings: Settings, registry: CollectorRegistry | None = None) 
         redis=redis,
         metrics=metrics,
         outbound=outbound,
+        peers=peers,
         local_llm=local_llm,
         local_llm_settings=configured.llm_settings(settings),
     )
+
+
+def _required(peer: T | None, setting: str) -> T:
+    """A peer this process cannot work without (server/peers.py makes it from `setting`)."""
+    if peer is None:
+        raise ValueError(f"a service this process serves needs another's: set {setting}")
+    return peer

@@ -9,6 +9,7 @@ import copy
 import json
 import logging
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ class EnvoyAddresses:
     cors_origins: list[str] = field(default_factory=list)
 
 
-def _upstream(host: str) -> str:
+def reachable(host: str) -> str:
+    """The host to connect to for a bind address (a wildcard means this host)."""
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
@@ -44,33 +46,70 @@ def _socket(address: dict[str, Any], host: str, port: int) -> None:
     address["socket_address"] = {"address": host, "port_value": port}
 
 
-def render_config(template: dict[str, Any], where: EnvoyAddresses) -> dict[str, Any]:
-    """`template` (envoy/envoy.yaml) with the addresses, descriptor and CORS origins of `where`."""
-    config = copy.deepcopy(template)
-    _socket(config["admin"]["address"], "127.0.0.1", where.admin_port)
-    listener = next(
+@dataclass(frozen=True)
+class EnvoyFront:
+    """Where Envoy listens, its admin port, the descriptor set it transcodes with and the
+    browser origins it admits: everything of the config but its upstreams."""
+
+    listen_host: str
+    listen_port: int
+    admin_port: int
+    descriptor_set: Path
+    cors_origins: Sequence[str] = ()
+
+
+def _public_listener(config: dict[str, Any]) -> dict[str, Any]:
+    listener: dict[str, Any] = next(
         item for item in config["static_resources"]["listeners"] if item["name"] == "public"
     )
-    _socket(listener["address"], where.listen_host, where.listen_port)
-    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return listener
+
+
+def public_manager(config: dict[str, Any]) -> dict[str, Any]:
+    """The HTTP connection manager of the public listener (routes and filters)."""
+    chain = _public_listener(config)["filter_chains"][0]
+    manager: dict[str, Any] = chain["filters"][0]["typed_config"]
+    return manager
+
+
+def render_front(template: dict[str, Any], front: EnvoyFront) -> dict[str, Any]:
+    """A copy of `template` (envoy/envoy.yaml) with the listener, admin, descriptor and CORS
+    origins of `front`; its clusters are still the template's."""
+    config = copy.deepcopy(template)
+    _socket(config["admin"]["address"], "127.0.0.1", front.admin_port)
+    _socket(_public_listener(config)["address"], front.listen_host, front.listen_port)
+    manager = public_manager(config)
     for http_filter in manager["http_filters"]:
         if http_filter["name"] == "envoy.filters.http.grpc_json_transcoder":
-            http_filter["typed_config"]["proto_descriptor"] = str(where.descriptor_set.resolve())
-    if where.cors_origins:
+            http_filter["typed_config"]["proto_descriptor"] = str(front.descriptor_set.resolve())
+    if front.cors_origins:
         virtual_host = manager["route_config"]["virtual_hosts"][0]
         virtual_host["typed_per_filter_config"] = {
             "envoy.filters.http.cors": {
                 "@type": CORS_POLICY_TYPE,
-                "allow_origin_string_match": [{"exact": origin} for origin in where.cors_origins],
+                "allow_origin_string_match": [{"exact": origin} for origin in front.cors_origins],
                 "allow_methods": "GET, POST, PATCH, DELETE, OPTIONS",
                 "allow_headers": "authorization, content-type, x-request-id",
                 "expose_headers": "x-request-id, grpc-status, grpc-message",
                 "max_age": "600",
             }
         }
+    return config
+
+
+def render_config(template: dict[str, Any], where: EnvoyAddresses) -> dict[str, Any]:
+    """`template` (envoy/envoy.yaml) with the addresses, descriptor and CORS origins of `where`."""
+    front = EnvoyFront(
+        listen_host=where.listen_host,
+        listen_port=where.listen_port,
+        admin_port=where.admin_port,
+        descriptor_set=where.descriptor_set,
+        cors_origins=where.cors_origins,
+    )
+    config = render_front(template, front)
     upstreams = {
-        "agentmesh_grpc": (_upstream(where.grpc_host), where.grpc_port),
-        "agentmesh_ops": (_upstream(where.ops_host), where.ops_port),
+        "agentmesh_grpc": (reachable(where.grpc_host), where.grpc_port),
+        "agentmesh_ops": (reachable(where.ops_host), where.ops_port),
     }
     for cluster in config["static_resources"]["clusters"]:
         host, port = upstreams[cluster["name"]]
@@ -151,6 +190,11 @@ class EnvoySidecar:
         self._process: asyncio.subprocess.Process | None = None
         self.admin_url = ""
         self.port = 0
+
+    @property
+    def pid(self) -> int | None:
+        """Envoy's process id once started (None before and after)."""
+        return self._process.pid if self._process is not None else None
 
     async def start(self, timeout: float = 20.0) -> None:
         self._workdir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Aborted: grpc.StatusCode.ABORTED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -79,6 +80,41 @@ def rich_status(error: errors.DomainError) -> status_pb2.Status:
                 )
             )
     return status_pb2.Status(code=code.value[0], message=error.message, details=details)
+
+
+def domain_error_of(call: grpc.aio.AioRpcError, context: str) -> errors.DomainError:
+    """The DomainError another agentmesh service answered with (the inverse of
+    `rich_status`), its message prefixed with `context`: the reason, field violations and
+    retry delay survive the hop. A status without a domain meaning (INTERNAL, a deadline,
+    a dropped connection) becomes UNAVAILABLE: the callee could not answer."""
+    message = f"{context}: {call.details() or call.code().name}"
+    reason, violations, retry_after = None, [], None
+    try:
+        status = rpc_status.from_call(call)
+    except ValueError:  # a trailer that contradicts the call's status
+        status = None
+    for detail in status.details if status is not None else []:
+        info, bad, retry = (
+            error_details_pb2.ErrorInfo(),
+            error_details_pb2.BadRequest(),
+            error_details_pb2.RetryInfo(),
+        )
+        if detail.Unpack(info):
+            reason = info.reason
+        elif detail.Unpack(bad):
+            violations = [
+                errors.FieldViolation(v.field, v.description) for v in bad.field_violations
+            ]
+        elif detail.Unpack(retry):
+            retry_after = retry.retry_delay.ToTimedelta().total_seconds()
+    kind = next((k for k, code in STATUS_CODES.items() if code == call.code()), None)
+    if kind is errors.InvalidArgument:
+        return errors.InvalidArgument(violations or [errors.FieldViolation("", message)])
+    if kind is errors.ResourceExhausted:
+        return errors.ResourceExhausted(message, retry_after=retry_after, reason=reason)
+    if kind is None or kind is errors.Unavailable:
+        return errors.Unavailable(message, reason=f"UPSTREAM_{call.code().name}")
+    return kind(message, reason=reason)
 
 
 def plain_status(code: grpc.StatusCode, message: str, reason: str) -> status_pb2.Status:

@@ -158,6 +158,9 @@ class RequestLogInterceptor(WrappingInterceptor):
         # The peer is read now: once a call is cancelled, asking its context for the peer
         # reaches into a released C call object (it crashed the process in a test).
         info = RequestInfo(request_id=request_id, rpc=method, peer=context.peer())
+        remaining = context.time_remaining()
+        if remaining is not None:
+            info.deadline = time.monotonic() + remaining
         current_request.set(info)
         await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         return info
@@ -247,6 +250,8 @@ class AuthInterceptor(WrappingInterceptor):
             info = RequestInfo(request_id=uuid.uuid4().hex, rpc=method)
             current_request.set(info)
         info.principal = principal
+        if principal is not None:  # a call made on this user's behalf presents it again
+            info.credential = metadata_value(context, "authorization")
 
     async def unary(self, call: UnaryCall, context: Context, method: str) -> Any:
         await self._authenticate(context, method)

@@ -11,7 +11,6 @@ import functools
 import gc
 import logging
 import signal
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,7 @@ from server.health import SERVING, ServiceHealth
 from server.interceptors import AuthInterceptor, ErrorInterceptor, RequestLogInterceptor
 from server.logs import configure_logging
 from server.ops_http import OpsServer
+from server.peers import connect_peers
 from server.rate_limits import RateLimitInterceptor, RateLimits
 from server.rpc_metrics import RpcMetricsInterceptor
 from server.runtime_metrics import (
@@ -41,7 +41,7 @@ from server.runtime_metrics import (
     Probe,
     RuntimeMonitor,
 )
-from server.served import INDEXING, SERVICE_NAMES, SERVICES, ServedService
+from server.served import INDEXING, SERVICE_NAMES, SERVICES
 from services.db import ping, pool_stats
 
 __all__ = ["SERVICE_NAMES", "Application", "build_application", "serve"]
@@ -106,17 +106,19 @@ def build_monitor(
     """Infrastructure metrics; dependencies are probed only where they are configured (the
     embedded Qdrant and the in-process stores cannot be down on their own)."""
     registry.register(PoolCollector(functools.partial(pool_stats, domain.engine)))
-    caches: dict[str, HitCounts] = {
-        "stats": domain.stats.cache,
-        "query_embeddings": domain.knowledge.embedder,
-    }
+    caches: dict[str, HitCounts] = {"stats": domain.stats.cache}
+    if domain.embedder is not None:
+        caches["query_embeddings"] = domain.embedder
+        if (shared := domain.embedder.shared_cache) is not None:
+            caches["query_embeddings_shared"] = shared
     registry.register(CountersCollector(caches, domain.events))
     probes: dict[str, Probe] = {"database": functools.partial(ping, domain.engine)}
     if domain.redis is not None:
         probes["redis"] = domain.redis.ping
-    if probe_qdrant:
-        probes["qdrant"] = domain.knowledge.ping_store
-    return RuntimeMonitor(registry, probes, domain.knowledge.queue_stats)
+    knowledge = domain.knowledge_service
+    if probe_qdrant and knowledge is not None:
+        probes["qdrant"] = knowledge.ping_store
+    return RuntimeMonitor(registry, probes, knowledge.queue_stats if knowledge else None)
 
 
 @dataclass
@@ -148,31 +150,33 @@ class Application:
         await self.domain.close()
 
 
-def build_application(
-    settings: Settings, services: Sequence[ServedService] = SERVICES
-) -> Application:
-    """A gRPC server for `services` (all of them by default) over a Domain built here."""
+def build_application(settings: Settings) -> Application:
+    """A gRPC server for the services in SERVICES over a Domain built here; a service
+    another process serves is reached through its peer (server/peers.py)."""
     # No `_created` series beside every counter and histogram: a third of the series, and
     # nothing the dashboards use (prometheus_client's switch is process-wide).
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-    domain = build_domain(settings, registry)
+    domain = build_domain(settings, registry, connect_peers(settings))
     server = grpc.aio.server(
         interceptors=interceptors(settings, domain, registry), options=server_options(settings)
     )
+    services = [service for service in SERVICES if service.key in settings.services]
     for service in services:
         service.add(domain, server)
     names = [service.name for service in services]
     internal = []
-    if settings.qdrant_url is None:  # this process owns the embedded index: workers write here
+    if domain.knowledge_service is not None:  # the index owner: workers write through it
         INDEXING.add(domain, server)
         internal.append(INDEXING.name)
     health = ServiceHealth(names)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    reflected = [*names, *internal, health_name, reflection.SERVICE_NAME]
+    # Every public service is described, served here or not: behind Envoy, grpcurl lists
+    # what the mesh serves whichever process its reflection call reaches.
+    reflected = [*SERVICE_NAMES, *internal, health_name, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(reflected, server)
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     ops = OpsServer(health, registry, settings.metrics_host, settings.metrics_port)
@@ -200,7 +204,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, app.domain.agent.reload_prompts)
+    if app.domain.agent_service is not None:
+        loop.add_signal_handler(signal.SIGHUP, app.domain.agent_service.reload_prompts)
     try:
         if sidecar is not None:
             await sidecar.start()

@@ -108,6 +108,8 @@ class RateLimitInterceptor(WrappingInterceptor):
         info = current_request.get()
         peer = info.peer if info is not None and info.peer else context.peer()
         ip = self._addresses.of(peer, metadata_value(context, "x-forwarded-for"))
+        if info is not None:
+            info.client_ip = ip
         limits = self._limits
         if method in CREDENTIAL_RPCS:
             return [

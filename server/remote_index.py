@@ -72,5 +72,11 @@ class RemoteIndex:
         )
         await self._stub.DeleteGeneration(request, metadata=self._metadata, timeout=self._timeout)
 
+    async def delete_owner(self, owner_id: uuid.UUID) -> None:
+        request = indexing_pb.DeleteOwnerPassagesRequest(owner_id=str(owner_id))
+        await self._stub.DeleteOwnerPassages(
+            request, metadata=self._metadata, timeout=self._timeout
+        )
+
     async def close(self) -> None:
         await self._channel.close()

@@ -15,6 +15,12 @@ class RequestInfo:
     rpc: str
     peer: str = ""
     principal: Principal | None = None
+    # What a call to another agentmesh service made for this one carries along (see
+    # server/remote_knowledge.py): the caller's own bearer credential, the client address
+    # the rate limits counted, and the call's deadline on the time.monotonic() clock.
+    credential: str | None = None
+    client_ip: str = ""
+    deadline: float | None = None
 
 
 current_request: contextvars.ContextVar[RequestInfo | None] = contextvars.ContextVar(

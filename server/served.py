@@ -37,40 +37,48 @@ def _name(file: FileDescriptor, service: str) -> str:
 
 @dataclass(frozen=True)
 class ServedService:
-    """A gRPC service a process can serve: its full name and how to add its servicer."""
+    """A gRPC service a process can serve: the short name `agentmesh serve --services`
+    and the mesh's upstreams know it by, its full name, and how to add its servicer."""
 
+    key: str
     name: str
     add: Callable[[Domain, grpc.aio.Server], None]
 
 
 SERVICES = (
     ServedService(
+        "auth",
         _name(auth_pb.DESCRIPTOR, "AuthService"),
         lambda d, s: auth_grpc.add_AuthServiceServicer_to_server(AuthServicer(d.auth), s),
     ),
     ServedService(
+        "users",
         _name(users_pb.DESCRIPTOR, "UserService"),
         lambda d, s: users_grpc.add_UserServiceServicer_to_server(UserServicer(d.users), s),
     ),
     ServedService(
+        "agent",
         _name(agent_pb.DESCRIPTOR, "AgentService"),
         lambda d, s: agent_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(d.agent, d.feedback), s
         ),
     ),
     ServedService(
+        "knowledge",
         _name(knowledge_pb.DESCRIPTOR, "KnowledgeBaseService"),
         lambda d, s: knowledge_grpc.add_KnowledgeBaseServiceServicer_to_server(
             KnowledgeBaseServicer(d.knowledge), s
         ),
     ),
     ServedService(
+        "feedback",
         _name(feedback_pb.DESCRIPTOR, "FeedbackService"),
         lambda d, s: feedback_grpc.add_FeedbackServiceServicer_to_server(
             FeedbackServicer(d.feedback), s
         ),
     ),
     ServedService(
+        "analytics",
         _name(analytics_pb.DESCRIPTOR, "AnalyticsService"),
         lambda d, s: analytics_grpc.add_AnalyticsServiceServicer_to_server(
             AnalyticsServicer(d.usage, d.stats), s
@@ -78,10 +86,12 @@ SERVICES = (
     ),
 )
 SERVICE_NAMES = [service.name for service in SERVICES]
+SERVICE_KEYS = [service.key for service in SERVICES]
 
 # Internal: ingestion workers write into the vector index of the process that owns the
 # embedded engine. Not in Envoy's routes, the health report or the public contract.
 INDEXING = ServedService(
+    "indexing",
     _name(indexing_pb.DESCRIPTOR, "IndexingService"),
     lambda d, s: indexing_grpc.add_IndexingServiceServicer_to_server(
         IndexingServicer(d.knowledge.index), s

@@ -66,6 +66,12 @@ class Aborted(DomainError):
     reason = "ABORTED"
 
 
+class Cancelled(DomainError):
+    """The work was stopped on request (an agent run its owner cancelled)."""
+
+    reason = "CANCELLED"
+
+
 class PermissionDenied(DomainError):
     reason = "PERMISSION_DENIED"
 

@@ -17,14 +17,6 @@ async def stream(
     return [event async for event in stubs.agent.StreamQuery(request, metadata=account.metadata)]
 
 
-async def stream_with_timeout(
-    stubs: Stubs, account: Account, query: str, timeout: float
-) -> list[agent_pb.StreamQueryResponse]:
-    request = agent_pb.StreamQueryRequest(query=query)
-    call = stubs.agent.StreamQuery(request, metadata=account.metadata, timeout=timeout)
-    return [event async for event in call]
-
-
 def of_kind(events: list[agent_pb.StreamQueryResponse], kind: str) -> list[Any]:
     return [getattr(e, kind) for e in events if e.WhichOneof("event") == kind]
 

@@ -22,7 +22,6 @@ from tests.agent import (
     of_kind,
     source_number,
     stream,
-    stream_with_timeout,
     tool_names,
 )
 from tests.backends import Database
@@ -513,29 +512,6 @@ async def test_llm_down_sends_an_error_event_and_saves_nothing(stubs_: Stubs, ll
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_cancelling_the_stream_stops_generation(stubs_: Stubs, llm: FakeLlm) -> None:
-    user = await new_user(stubs_)
-    gate = asyncio.Event()
-    # Tokens keep coming after the gate, paced, so the closed connection is noticed
-    # (writes into a closed socket's buffer can succeed for a while).
-    llm.script = Script(intent="greeting", answer="word " * 200, gate=gate, token_delay=0.01)
-    call = stubs_.agent.StreamQuery(
-        agent_pb.StreamQueryRequest(query="hello"), metadata=user.metadata
-    )
-    async for event in call:
-        if event.WhichOneof("event") == "token":
-            break
-    call.cancel()
-    gate.set()  # let the scripted model go on: only the cancellation can stop it now
-    [record] = llm.streams
-    await asyncio.wait_for(record.finished.wait(), timeout=30)
-    assert record.cut_off and record.tokens_sent < record.tokens_planned
-    listed = await stubs_.agent.ListConversations(
-        agent_pb.ListConversationsRequest(), metadata=user.metadata
-    )
-    assert list(listed.conversations) == []  # a cancelled run stores nothing
-
-
 async def test_conversations_list_newest_first_and_delete_removes_messages(
     stubs_: Stubs, llm: FakeLlm
 ) -> None:
@@ -782,12 +758,16 @@ async def test_with_fallback_enabled_an_llm_outage_answers_extractively(
     assert len(llm.requests) == 1
 
 
-async def test_the_rpc_deadline_cancels_the_llm_call(stubs_: Stubs, llm: FakeLlm) -> None:
+async def test_the_query_deadline_cancels_the_llm_call(stubs_: Stubs, llm: FakeLlm) -> None:
+    # Query's caller learns the run id only at the end, so its run ends with the call. (A
+    # streamed run outlives its stream: tests/test_runs.py.)
     user = await new_user(stubs_)
     gate = asyncio.Event()
     llm.script = Script(intent="greeting", answer="word " * 200, gate=gate, token_delay=0.01)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stream_with_timeout(stubs_, user, "hello", timeout=2.0)
+        await stubs_.agent.Query(
+            agent_pb.QueryRequest(query="hello"), metadata=user.metadata, timeout=2.0
+        )
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     gate.set()
     [record] = llm.streams

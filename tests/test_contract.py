@@ -142,9 +142,13 @@ REQUIRED_FIELDS = {
     "agentmesh.indexing.v1.UpsertPassagesRequest": {"document_id", "generation", "owner_id"},
     "agentmesh.indexing.v1.DeleteGenerationRequest": {"document_id", "generation"},
     "agentmesh.indexing.v1.DeleteDocumentPassagesRequest": {"document_id"},
+    "agentmesh.indexing.v1.DeleteOwnerPassagesRequest": {"owner_id"},
     # services/agent/text.py clean_query(): "must not be empty".
     "agentmesh.agent.v1.QueryRequest": {"query"},
     "agentmesh.agent.v1.StreamQueryRequest": {"query"},
+    # services/agent/run_log.py run_id_of(): "is required".
+    "agentmesh.agent.v1.AttachRunRequest": {"run_id"},
+    "agentmesh.agent.v1.CancelRunRequest": {"run_id"},
     # services/agent/conversations.py conversation_id_of(): "must be a UUID".
     "agentmesh.agent.v1.GetConversationRequest": {"conversation_id"},
     "agentmesh.agent.v1.DeleteConversationRequest": {"conversation_id"},

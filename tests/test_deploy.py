@@ -30,7 +30,7 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server import cli, healthcheck
-from server.config import ROOT, Settings
+from server.config import ROOT, SERVICE_KEYS, Settings
 from tests.backends import require_service
 from tools import copy_googleapis, env_template
 
@@ -124,6 +124,33 @@ def service(name: str) -> dict[str, Any]:
 
 def networks_of(name: str) -> set[str]:
     return set(service(name).get("networks", []))
+
+
+def agentmesh_services() -> list[str]:
+    """The services that run the agentmesh image (migrate included)."""
+    image = service("agentmesh")["image"]
+    return [name for name, spec in compose()["services"].items() if spec.get("image") == image]
+
+
+def served_by(name: str) -> list[str]:
+    """The service keys a compose service serves (`serve --services a,b`)."""
+    command = service(name)["command"]
+    assert command[:2] == ["serve", "--services"], command
+    keys: list[str] = command[2].split(",")
+    return keys
+
+
+def serving_services() -> list[str]:
+    return [name for name in agentmesh_services() if service(name)["command"][0] == "serve"]
+
+
+def backend_names(name: str) -> set[str]:
+    """What resolves to `name`'s containers on the backend network: its name where it is
+    on the backend network alone, its backend aliases."""
+    networks = service(name)["networks"]
+    if isinstance(networks, list):
+        return {name} if networks == ["backend"] else set()
+    return set((networks.get("backend") or {}).get("aliases", []))
 
 
 def env_names(path: Path) -> dict[str, str | None]:
@@ -289,18 +316,37 @@ def listeners(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {item["name"]: item for item in config["static_resources"]["listeners"]}
 
 
-def endpoint(cluster: dict[str, Any]) -> dict[str, Any]:
-    found: dict[str, Any] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0][
-        "endpoint"
-    ]["address"]["socket_address"]
-    return found
+MESH_ARGS = ("AGENTMESH_ENVOY_UPSTREAMS", "AGENTMESH_ENVOY_OPS_UPSTREAMS")
+
+
+def envoy_mesh_args() -> dict[str, str]:
+    """The mesh's upstreams compose passes to the envoy-config stage (build arguments)."""
+    args: dict[str, str] = service("envoy")["build"]["args"]
+    mesh = {name: args[name] for name in MESH_ARGS}
+    assert not any("$" in value for value in mesh.values()), "no interpolation in the mesh"
+    return mesh
+
+
+def upstream_hosts(cluster: dict[str, Any]) -> list[tuple[str, int]]:
+    hosts = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    sockets = [host["endpoint"]["address"]["socket_address"] for host in hosts]
+    return [(socket["address"], socket["port_value"]) for socket in sockets]
+
+
+def test_envoy_build_arguments_are_declared_by_the_dockerfile() -> None:
+    declared = {arg.split("=")[0] for arg in stage("envoy-config").all("ARG")}
+    passed = set(service("envoy")["build"]["args"])
+    assert passed <= declared, f"build arguments the stage ignores: {passed - declared}"
+    copies = stage("envoy-config").all("COPY")
+    assert "--from=descriptor /src/gen/agentmesh.binpb /etc/envoy/agentmesh.binpb" in copies
 
 
 def test_envoy_image_config_is_valid_and_fits_the_stack(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, descriptor: Path
 ) -> None:
     env, args = envoy_render_command()
-    config = render_envoy(monkeypatch, tmp_path, env, [*args, "--descriptor", str(descriptor)])
+    argv = [*args, "--descriptor", str(descriptor)]
+    config = render_envoy(monkeypatch, tmp_path, {**env, **envoy_mesh_args()}, argv)
     validate_envoy(config, tmp_path / "checked.yaml")
 
     by_name = listeners(config)
@@ -312,17 +358,22 @@ def test_envoy_image_config_is_valid_and_fits_the_stack(
     stats_port = by_name["stats"]["address"]["socket_address"]["port_value"]
     assert service("envoy")["expose"] == [str(stats_port)]
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
-    # Envoy reaches agentmesh by a name that exists on the backend network only.
-    aliases = service("agentmesh")["networks"]["backend"]["aliases"]
-    environment = service("agentmesh")["environment"]
-    ports = {
-        "agentmesh_grpc": int(environment["AGENTMESH_GRPC_PORT"]),
-        "agentmesh_ops": int(environment["AGENTMESH_METRICS_PORT"]),
-    }
-    for cluster in config["static_resources"]["clusters"]:
-        if cluster["name"] in ports:
-            assert endpoint(cluster)["address"] in aliases
-            assert endpoint(cluster)["port_value"] == ports[cluster["name"]]
+    # Envoy reaches each service by a name that exists on the backend network only and
+    # stands for every replica of the compose service that serves it.
+    clusters = {cluster["name"]: cluster for cluster in config["static_resources"]["clusters"]}
+    servers = {name: backend_names(name) for name in serving_services()}
+    for name in servers:
+        environment = service(name)["environment"]
+        grpc_port = int(environment["AGENTMESH_GRPC_PORT"])
+        metrics_port = int(environment["AGENTMESH_METRICS_PORT"])
+        for key in served_by(name):
+            assert upstream_hosts(clusters[f"svc_{key}"]) == [
+                (host, grpc_port) for host in sorted(servers[name])
+            ], key
+        assert {(host, metrics_port) for host in servers[name]} <= set(
+            upstream_hosts(clusters["agentmesh_ops"])
+        ), name
+    assert sorted(key for name in servers for key in served_by(name)) == sorted(SERVICE_KEYS)
     assert "--descriptor" in args
     assert args[args.index("--descriptor") + 1] == "/etc/envoy/agentmesh.binpb"
     assert "--from=envoy-config /envoy.yaml /etc/envoy/envoy.yaml" in stage("envoy").all("COPY")
@@ -431,6 +482,24 @@ def test_compose_qdrant_probe_needs_a_200_from_readyz() -> None:
         server.server_close()
 
 
+def test_compose_worker_probe_finds_a_worker_process_only() -> None:
+    """`agentmesh worker` serves no health endpoint: the probe looks for its process."""
+    test = service("worker")["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python"]
+    probe = [sys.executable, *test[2:]]
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "worker"])
+    try:
+        assert subprocess.run(probe, timeout=10, check=False).returncode == 0
+    finally:
+        worker.kill()
+        worker.wait()
+    # Alone in a PID namespace of its own, the probe finds no worker (and not itself).
+    alone = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]
+    if subprocess.run([*alone, "true"], capture_output=True, check=False).returncode != 0:
+        require_service("unshare cannot make a PID namespace here")
+    assert subprocess.run([*alone, *probe], timeout=10, check=False).returncode == 1
+
+
 # ---- docker-compose.yml ----
 
 
@@ -474,26 +543,58 @@ def test_databases_live_only_on_the_internal_network() -> None:
 
 
 def test_migrate_completes_before_agentmesh_starts() -> None:
-    depends = service("agentmesh")["depends_on"]
-    assert depends["migrate"] == {"condition": "service_completed_successfully"}
-    for name in DATABASES:
-        assert depends[name] == {"condition": "service_healthy"}
     migrate = service("migrate")
-    assert migrate["image"] == service("agentmesh")["image"]
     assert migrate["command"][0].startswith("agentmesh migrate &&")
     assert migrate["depends_on"]["postgres"] == {"condition": "service_healthy"}
-    assert migrate["environment"] == service("agentmesh")["environment"]
-    assert migrate["env_file"] == service("agentmesh")["env_file"]
+    others = [name for name in agentmesh_services() if name != "migrate"]
+    assert set(others) == {"agentmesh", "knowledge", "worker"}
+    for name in others:
+        depends = service(name)["depends_on"]
+        assert depends["migrate"] == {"condition": "service_completed_successfully"}, name
+        needed = DATABASES if name in serving_services() else ("postgres", "qdrant")
+        for database in needed:
+            assert depends[database] == {"condition": "service_healthy"}, name
+        # The stack's wiring is the same everywhere; each kind only adds to it.
+        environment = service(name)["environment"]
+        assert environment.items() >= migrate["environment"].items(), name
+        assert service(name)["env_file"] == migrate["env_file"], name
+        assert service(name)["volumes"] == migrate["volumes"], name
+        assert service(name)["init"] is True, name
+
+
+def test_the_mesh_shape() -> None:
+    """Stateless services in `agentmesh`, the knowledge base in `knowledge`, ingestion in
+    `worker`: each service served by one compose service, none with a fixed host port."""
+    assert set(serving_services()) == {"agentmesh", "knowledge"}
+    assert served_by("knowledge") == ["knowledge"]
+    assert set(served_by("agentmesh")) == set(SERVICE_KEYS) - {"knowledge"}
+    environment = service("agentmesh")["environment"]
+    assert environment["AGENTMESH_KNOWLEDGE_TARGET"] == f"envoy:{HTTP_PORT}", "through Envoy"
+    # Envoy does not route the internal IndexingService: deleted accounts' passages go to
+    # the knowledge service itself.
+    assert environment["AGENTMESH_INDEX_TARGET"] == f"knowledge:{GRPC_PORT}"
+    for name in serving_services():
+        assert service(name)["environment"]["AGENTMESH_INGEST_WORKERS"] == "0", name
+    worker = service("worker")
+    assert worker["command"] == ["worker"]
+    # Workers write to the Qdrant server themselves: no index owner to reach.
+    assert worker["environment"]["AGENTMESH_QDRANT_URL"].startswith("http://qdrant:")
+    assert "AGENTMESH_INGEST_WORKERS" not in worker["environment"]
+    for name in ("agentmesh", "knowledge", "worker"):
+        assert "ports" not in service(name), f"{name} has a fixed host port: --scale fails"
+    assert networks_of("knowledge") == networks_of("worker") == {"backend"}
+    depends = service("envoy")["depends_on"]
+    for name in serving_services():
+        assert depends[name] == {"condition": "service_healthy"}, name
 
 
 def test_ports_agree_with_the_settings_defaults() -> None:
-    agentmesh = service("agentmesh")
-    environment = agentmesh["environment"]
-    assert int(environment["AGENTMESH_GRPC_PORT"]) == GRPC_PORT
-    assert int(environment["AGENTMESH_METRICS_PORT"]) == METRICS_PORT
-    assert environment["AGENTMESH_ENVOY_ENABLED"] == "false"
-    assert [(p["target"], p["host_ip"]) for p in agentmesh["ports"]] == [(GRPC_PORT, "127.0.0.1")]
-    assert agentmesh["expose"] == [str(METRICS_PORT)]
+    for name in serving_services():
+        environment = service(name)["environment"]
+        assert int(environment["AGENTMESH_GRPC_PORT"]) == GRPC_PORT
+        assert int(environment["AGENTMESH_METRICS_PORT"]) == METRICS_PORT
+        assert environment["AGENTMESH_ENVOY_ENABLED"] == "false"
+        assert service(name)["expose"] == [str(GRPC_PORT), str(METRICS_PORT)]
     assert [p["target"] for p in service("envoy")["ports"]] == [HTTP_PORT]
     # Prometheus has no authentication: loopback only.
     assert [p["host_ip"] for p in service("prometheus")["ports"]] == ["127.0.0.1"]
@@ -501,7 +602,8 @@ def test_ports_agree_with_the_settings_defaults() -> None:
 
 def test_agentmesh_trusts_forwarded_addresses_from_the_backend_only() -> None:
     subnet = compose()["networks"]["backend"]["ipam"]["config"][0]["subnet"]
-    assert service("agentmesh")["environment"]["AGENTMESH_TRUSTED_PROXIES"] == subnet
+    for name in serving_services():
+        assert service(name)["environment"]["AGENTMESH_TRUSTED_PROXIES"] == subnet, name
     assert "backend" in networks_of("envoy")
 
 
@@ -516,9 +618,16 @@ def test_prometheus_keeps_30_days_and_reads_the_monitoring_folder() -> None:
 def test_prometheus_scrapes_what_the_stack_exposes() -> None:
     config = yaml.safe_load((ROOT / "monitoring" / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    targets = {name: jobs[name]["static_configs"][0]["targets"] for name in ("agentmesh", "envoy")}
-    assert targets["agentmesh"] == [f"agentmesh:{port}" for port in service("agentmesh")["expose"]]
-    assert targets["envoy"] == [f"envoy:{port}" for port in service("envoy")["expose"]]
+    # Every replica of every serving kind, by the names that resolve to all of them.
+    (discovery,) = jobs["agentmesh"]["dns_sd_configs"]
+    assert discovery["type"] == "A"
+    names = set(discovery["names"])
+    for name in serving_services():
+        assert names & backend_names(name), f"Prometheus does not scrape {name}"
+        assert str(discovery["port"]) in service(name)["expose"], name
+    assert names <= {host for name in serving_services() for host in backend_names(name)}
+    targets = jobs["envoy"]["static_configs"][0]["targets"]
+    assert targets == [f"envoy:{port}" for port in service("envoy")["expose"]]
     assert jobs["envoy"]["metrics_path"] == "/stats/prometheus"
     assert {"frontend", "backend"} <= networks_of("prometheus")
 
@@ -580,7 +689,7 @@ def test_env_template_lists_every_variable(path: str) -> None:
     assert set(names) >= SETTINGS_ENV, SETTINGS_ENV - set(names)
     assert set(env_template.STACK_VARIABLES) <= set(names)
     # What compose sets for agentmesh would be overridden silently: never set it here.
-    fixed = set(service("agentmesh")["environment"])
+    fixed = {variable for name in agentmesh_services() for variable in service(name)["environment"]}
     assert not {name for name, value in names.items() if value is not None} & fixed
     for name, value in names.items():
         if value is not None and re.search(r"PASSWORD|API_KEY|SECRET", name):

@@ -212,7 +212,13 @@ def test_prometheus_scrapes_agentmesh_and_envoy() -> None:
     assert config["global"]["evaluation_interval"] == "15s"
     assert config["rule_files"] == ["alerts.yml"]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert jobs["agentmesh"]["static_configs"][0]["targets"] == ["agentmesh:9464"]
+    # Every replica of both serving kinds: a name per kind, resolved to all of its containers.
+    (discovery,) = jobs["agentmesh"]["dns_sd_configs"]
+    assert (discovery["names"], discovery["type"], discovery["port"]) == (
+        ["agentmesh-backend", "knowledge"],
+        "A",
+        9464,
+    )
     assert jobs["envoy"]["static_configs"][0]["targets"] == ["envoy:9901"]
     assert jobs["envoy"]["metrics_path"] == "/stats/prometheus"
     assert "prometheus" in jobs

@@ -87,6 +87,16 @@ COMPOSE_NOTES = {
     f"{PREFIX}JWT_SECRET": GENERATED + " Replicas that share a database need one value.",
     f"{PREFIX}ADMIN_PASSWORD": GENERATED + " Read it with: docker compose exec agentmesh "
     "cat /data/initial-admin-password",
+    f"{PREFIX}INGEST_WORKERS": (
+        " In compose the serving containers run no jobs (docker-compose.yml sets 0 for them): "
+        "this is what each `worker` container runs at once."
+    ),
+    f"{PREFIX}KNOWLEDGE_TARGET": " Set by docker-compose.yml for `agentmesh` (Envoy).",
+    f"{PREFIX}INDEX_TARGET": " Set by docker-compose.yml for `agentmesh` (`knowledge`).",
+    f"{PREFIX}ENVOY_UPSTREAMS": (
+        " In compose docker-compose.yml passes it to the Envoy image's build, with "
+        "ENVOY_OPS_UPSTREAMS."
+    ),
     f"{PREFIX}LLM_PROVIDER": (
         " In compose, `local` needs the local-llm extra, which the image leaves out: use the "
         "local-llm service instead (COMPOSE_PROFILES)."
@@ -164,9 +174,13 @@ TEMPLATES = {
 
 
 def compose_settings() -> set[str]:
-    """The AGENTMESH_* variables docker-compose.yml sets for agentmesh (they win)."""
-    compose = yaml.safe_load(COMPOSE_FILE.read_text())
-    return set(compose["services"]["agentmesh"]["environment"])
+    """The AGENTMESH_* variables docker-compose.yml sets for every container of the
+    agentmesh image (they win); COMPOSE_NOTES tells of those it sets for some."""
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    image = services["agentmesh"]["image"]
+    return set.intersection(
+        *(set(spec["environment"]) for spec in services.values() if spec.get("image") == image)
+    )
 
 
 def setting_default(name: str) -> str:

@@ -1,21 +1,21 @@
 """AgentService: the agent's runs (unary and streamed) and the caller's conversations."""
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from agentmesh.agent.v1 import agent_pb2
 from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
 from agentmesh.agent.v1 import agent_service_pb2_grpc as agent_grpc
 
-from server.errors import INTERNAL, rich_status
+from server.errors import rich_status
 from server.request_context import current_principal, current_request
 from server.servicers.converters import feedback_to_proto, search_result_to_proto, to_timestamp
 from services.agent import events
 from services.agent.models import Conversation, Message
+from services.agent.run_log import RunRecord, RunStopped
 from services.agent.service import AgentService
 from services.agent.tools.base import Source, SourceKind
-from services.errors import DomainError
 from services.feedback.models import Feedback
 from services.feedback.service import FeedbackService
 
@@ -172,6 +172,26 @@ def event_fields(event: events.Event) -> dict[str, Any]:
     raise TypeError(f"unknown agent event {event!r}")
 
 
+# StreamQuery and AttachRun send the same envelope under two names (buf STANDARD gives each
+# RPC its own response message).
+RunEventMessage = TypeVar(
+    "RunEventMessage", agent_pb.StreamQueryResponse, agent_pb.AttachRunResponse
+)
+
+
+async def run_events(
+    message: type[RunEventMessage], run_id: str, records: AsyncIterator[RunRecord]
+) -> AsyncIterator[RunEventMessage]:
+    """A run's records as stream messages. A run that did not complete ends with an `error`
+    event, then the same status (REST clients, who see no trailers, see the event)."""
+    async for record in records:
+        if isinstance(record.event, RunStopped):
+            error = record.event.error
+            yield message(run_id=run_id, seq=record.seq, error=rich_status(error))
+            raise error.with_traceback(None)  # the error interceptor ends the stream with it
+        yield message(run_id=run_id, seq=record.seq, **event_fields(record.event))
+
+
 def _request_id() -> str:
     info = current_request.get()
     return info.request_id if info else ""
@@ -198,26 +218,27 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
     async def StreamQuery(
         self, request: agent_pb.StreamQueryRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[agent_pb.StreamQueryResponse]:
-        seq, run_id = 0, ""
-        try:
-            async for run_id, event in self._agent.run(
-                current_principal(),
-                request.query,
-                request.conversation_id,
-                request_id=_request_id(),
-            ):
-                seq += 1
-                yield agent_pb.StreamQueryResponse(run_id=run_id, seq=seq, **event_fields(event))
-        except DomainError as error:
-            if seq:  # once the run started, REST clients see the failure only as an event
-                yield agent_pb.StreamQueryResponse(
-                    run_id=run_id, seq=seq + 1, error=rich_status(error)
-                )
-            raise  # the error interceptor ends the stream with the same status
-        except Exception:
-            if seq:
-                yield agent_pb.StreamQueryResponse(run_id=run_id, seq=seq + 1, error=INTERNAL)
-            raise  # logged with its traceback and reported as INTERNAL by the interceptor
+        principal = current_principal()
+        run_id = await self._agent.start(
+            principal, request.query, request.conversation_id, request_id=_request_id()
+        )
+        # The run is the service's: closing this stream leaves it running (AttachRun).
+        records = self._agent.attach(principal, run_id)
+        async for response in run_events(agent_pb.StreamQueryResponse, run_id, records):
+            yield response
+
+    async def AttachRun(
+        self, request: agent_pb.AttachRunRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[agent_pb.AttachRunResponse]:
+        records = self._agent.attach(current_principal(), request.run_id, request.after_seq)
+        async for response in run_events(agent_pb.AttachRunResponse, request.run_id, records):
+            yield response
+
+    async def CancelRun(
+        self, request: agent_pb.CancelRunRequest, context: Any
+    ) -> agent_pb.CancelRunResponse:
+        await self._agent.cancel(current_principal(), request.run_id)
+        return agent_pb.CancelRunResponse()
 
     async def ListConversations(
         self, request: agent_pb.ListConversationsRequest, context: Any

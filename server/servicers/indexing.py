@@ -60,3 +60,9 @@ class IndexingServicer(indexing_grpc.IndexingServiceServicer):
         document_id = require_uuid(request.document_id, field="document_id")
         await self._index.delete_document(document_id, keep=request.keep_generation or None)
         return indexing_pb.DeleteDocumentPassagesResponse()
+
+    async def DeleteOwnerPassages(
+        self, request: indexing_pb.DeleteOwnerPassagesRequest, context: Any
+    ) -> indexing_pb.DeleteOwnerPassagesResponse:
+        await self._index.delete_owner(require_uuid(request.owner_id, field="owner_id"))
+        return indexing_pb.DeleteOwnerPassagesResponse()

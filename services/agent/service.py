@@ -1,11 +1,9 @@
 """AgentService: runs the agent graph for a caller and keeps their conversations."""
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import cast
 
@@ -21,12 +19,24 @@ from services.agent.graph import build_graph
 from services.agent.intents import IntentExamples
 from services.agent.llm import ChatModel
 from services.agent.prompts import PromptManager
+from services.agent.run_log import (
+    InProcessRunLog,
+    RunCancelled,
+    RunRecord,
+    RunStopped,
+    run_id_of,
+)
+from services.agent.run_slots import InProcessRunSlots
+from services.agent.runs import RunManager
 from services.agent.state import InputState, Turn
 from services.agent.text import clean_query, title_from
 from services.agent.tracing import NoopTracer, Tracer
 from services.auth.principal import Principal
 from services.db import new_id
-from services.errors import QuotaViolation, ResourceExhausted
+from services.errors import InvalidArgument, ResourceExhausted
+
+# How long the in-process run log keeps an ended run when none is given.
+DEFAULT_RUN_LOG_TTL_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -46,14 +56,19 @@ def _run_started(context: RunContext) -> RunStarted:
 
 
 class AgentService:
-    """The agent's runs (each one pass through the compiled graph) and the caller's
-    conversations; built with every dependency it needs (see `use_llm` for the one late one)."""
+    """The agent's runs (each one pass through the compiled graph, run in the background by
+    `runs`, which keeps their events in its run log) and the caller's conversations; built
+    with every dependency it needs (see `use_llm` for the one late one)."""
 
-    def __init__(self, deps: AgentDeps, tracer: Tracer | None = None) -> None:
+    def __init__(
+        self, deps: AgentDeps, tracer: Tracer | None = None, runs: RunManager | None = None
+    ) -> None:
         self._deps = deps
         self._tracer: Tracer = tracer or NoopTracer()
         self._graph = build_graph()  # compiled once, shared by every run
-        self._running: Counter[uuid.UUID] = Counter()  # runs in flight per user
+        self._runs = runs or RunManager(
+            InProcessRunLog(DEFAULT_RUN_LOG_TTL_SECONDS), InProcessRunSlots()
+        )
 
     @property
     def prompts(self) -> PromptManager:
@@ -72,7 +87,9 @@ class AgentService:
         self._deps = replace(self._deps, llm=llm)
 
     async def stop(self) -> None:
-        """Close the LLM client and flush the tracer (at shutdown)."""
+        """Interrupt the runs still running here (their streams end RUN_INTERRUPTED), close
+        the LLM client and flush the tracer (at shutdown, once the RPCs are drained)."""
+        await self._runs.stop()
         if self._deps.llm is not None:
             await self._deps.llm.close()
         # Flushing may wait on an unreachable Langfuse: not on the event loop.
@@ -82,11 +99,13 @@ class AgentService:
         """Re-read every prompt file (SIGHUP)."""
         self._deps.prompts.reload()
 
-    async def run(
+    async def start(
         self, principal: Principal, query: str, conversation_id: str, *, request_id: str = ""
-    ) -> AsyncIterator[tuple[str, Event]]:
-        """Run the agent, yielding (run id, event) from RunStarted to RunCompleted. Nothing is
-        stored unless the run completes; errors propagate as DomainErrors."""
+    ) -> str:
+        """Admit a run and start it in the background; its id. The run belongs to this
+        service, not to the caller: follow it with `attach`, stop it with `cancel`. Nothing
+        is stored unless it completes. Refusals (the question, the conversation, quotas, the
+        concurrent-run cap) raise here, before any event."""
         settings = self._deps.settings
         question = clean_query(query, max_chars=settings.max_query_chars)
         if conversation_id:
@@ -96,18 +115,39 @@ class AgentService:
             title = None
         else:
             cid, history, title = new_id(), [], title_from(question)
-        with self._admitted(principal):
+        run_id = uuid.uuid4().hex
+        await self._runs.admit(principal.user_id, run_id, settings.max_runs_per_user)
+        try:
             try:
                 await self._deps.quotas.admit_query(principal)
             except ResourceExhausted as refusal:
                 record_refused(self._deps, principal, refusal)
                 raise
-            context = self._new_run(principal, question, cid, title, request_id)
-            async for item in self._run(context, InputState(query=question, history=history)):
-                yield item
+            await self._runs.open(run_id, principal.user_id)
+        except BaseException:
+            await self._runs.release(principal.user_id, run_id)
+            raise
+        context = self._new_run(run_id, principal, question, cid, title, request_id)
+        self._runs.launch(run_id, self._run(context, InputState(query=question, history=history)))
+        return run_id
+
+    def attach(
+        self, principal: Principal, run_id: str, after_seq: int = 0
+    ) -> AsyncIterator[RunRecord]:
+        """The caller's run's records after `after_seq`, then each new one until its last
+        (RunCompleted, or RunStopped with the error its streams end with); RunNotFound when
+        no such run of the caller's is kept."""
+        if after_seq < 0:
+            raise InvalidArgument.of("after_seq", "must not be negative")
+        return self._runs.follow(run_id_of(run_id), principal.user_id, after_seq)
+
+    async def cancel(self, principal: Principal, run_id: str) -> None:
+        """Stop the caller's run wherever it runs (nothing when it already ended)."""
+        await self._runs.cancel(run_id_of(run_id), principal.user_id)
 
     def _new_run(
         self,
+        run_id: str,
         principal: Principal,
         question: str,
         cid: uuid.UUID,
@@ -115,7 +155,6 @@ class AgentService:
         request_id: str,
     ) -> RunContext:
         """The context of a new run, with its trace opened."""
-        run_id = uuid.uuid4().hex
         return RunContext(
             deps=self._deps,
             principal=principal,
@@ -134,13 +173,11 @@ class AgentService:
             ),
         )
 
-    async def _run(
-        self, context: RunContext, given: InputState
-    ) -> AsyncIterator[tuple[str, Event]]:
+    async def _run(self, context: RunContext, given: InputState) -> AsyncIterator[Event]:
         """Stream the graph's events within the run's time budget; the account records how
         the run ended."""
         account = RunAccount(context)
-        yield context.run_id, _run_started(context)
+        yield _run_started(context)
         budget = self._deps.settings.run_timeout
         window = asyncio.timeout(budget)
         try:
@@ -152,7 +189,7 @@ class AgentService:
                         await account.completed(event.message)
                     else:
                         account.progress(event)
-                    yield context.run_id, cast(Event, event)
+                    yield cast(Event, event)
         except TimeoutError as error:
             if not window.expired():  # not this run's budget: a failure like any other
                 account.failed(error)
@@ -168,38 +205,27 @@ class AgentService:
                 account.failed(error)
             raise
 
-    @contextlib.contextmanager
-    def _admitted(self, principal: Principal) -> Iterator[None]:
-        """Count a run against the caller's concurrent-run limit while it lasts."""
-        limit = self._deps.settings.max_runs_per_user
-        if self._running[principal.user_id] >= limit:
-            raise ResourceExhausted(
-                f"at most {limit} agent runs at a time per user",
-                retry_after=1.0,
-                violations=[QuotaViolation(f"user:{principal.user_id}", "concurrent agent runs")],
-                reason="TOO_MANY_CONCURRENT_RUNS",
-            )
-        self._running[principal.user_id] += 1
-        try:
-            yield
-        finally:
-            self._running[principal.user_id] -= 1
-            if not self._running[principal.user_id]:
-                del self._running[principal.user_id]
-
     async def query(
         self, principal: Principal, query: str, conversation_id: str, *, request_id: str = ""
     ) -> QueryResult:
-        """Run the agent to the end and return the stored answer."""
-        run_id, started, completed = "", None, None
-        async for event_run_id, event in self.run(
-            principal, query, conversation_id, request_id=request_id
-        ):
-            run_id = event_run_id
-            if isinstance(event, RunStarted):
-                started = event
-            elif isinstance(event, RunCompleted):
-                completed = event
+        """Run the agent to the end and return the stored answer. Its caller learns the run
+        id only at the end, so the run lasts as long as the call: a caller that goes away
+        cancels it."""
+        run_id = await self.start(principal, query, conversation_id, request_id=request_id)
+        started, completed, ended = None, None, False
+        try:
+            async for record in self._runs.follow(run_id, principal.user_id, 0):
+                ended = record.last
+                match record.event:
+                    case RunStarted() as event:
+                        started = event
+                    case RunCompleted() as event:
+                        completed = event
+                    case RunStopped(error=error):
+                        raise error.with_traceback(None)
+        finally:
+            if not ended:
+                self._runs.stop_run(run_id, RunCancelled("the caller went away"))
         assert started is not None and completed is not None
         return QueryResult(run_id, started, completed)
 

@@ -1,5 +1,6 @@
 """Reading and managing accounts: self-service profile changes and administration."""
 
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from services.errors import (
 )
 from services.pagination import decode_cursor, page_size, split_page
 
+log = logging.getLogger("agentmesh.auth")
 SELF_UPDATABLE = frozenset({"full_name", "email"})
 ADMIN_UPDATABLE = frozenset({"full_name", "role"})
 
@@ -100,7 +102,13 @@ class UserService:
                 )
             await s.execute(delete(User).where(User.id == user_id))
         if self._on_deleted is not None:
-            await self._on_deleted(user_id)
+            try:
+                await self._on_deleted(user_id)
+            except Exception:  # the account is gone; its passages can no longer be served
+                log.exception(
+                    "a deleted account's passages stay in the index",
+                    extra={"user_id": str(user_id)},
+                )
 
     async def _update(
         self, user_id: uuid.UUID, changes: UserChanges, allowed: frozenset[str]

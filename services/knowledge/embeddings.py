@@ -1,6 +1,7 @@
 """Dense embeddings from a sentence-transformers model, loaded once, used off the event loop."""
 
 import asyncio
+import hashlib
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from services.cache import Cache
+
 Vector = list[float]
+# How long a query embedding stays in the shared (Redis) cache.
+SHARED_QUERY_TTL_SECONDS = 3600.0
 # Most chunks one worker takes at once (waiting requests merged into one encode call).
 MERGE_LIMIT = 32
 
@@ -50,11 +55,17 @@ class Embedder:
     2 cores, Cranfield through the whole pipeline against a bare encode: 0.66 with one
     encode on both cores, 0.75 with one per core, 0.84 with one passage per pass.
     Queries have their own thread, so a search never waits behind a document's batch.
+    Query embeddings are kept in an LRU cache and, given a `shared` cache (Redis), there
+    too: when the agent and the knowledge base run in different processes, the question the
+    agent embedded to classify it is not embedded again by the search its tool makes.
     """
 
-    def __init__(self, model: Any, settings: EmbedderSettings) -> None:
+    def __init__(self, model: Any, settings: EmbedderSettings, shared: Cache | None = None) -> None:
         self._model = model
         self._settings = settings
+        self._shared = shared
+        # Entries of the shared cache are this model's only.
+        self._shared_prefix = hashlib.sha256(settings.model.encode()).hexdigest()[:12] + ":"
         self._workers = settings.threads or os.cpu_count() or 1
         self._passages = ThreadPoolExecutor(self._workers, thread_name_prefix="embed-passages")
         self._queries_executor = ThreadPoolExecutor(1, thread_name_prefix="embed-queries")
@@ -66,7 +77,7 @@ class Embedder:
         self._batcher: asyncio.Task[None] | None = None
 
     @classmethod
-    def load(cls, settings: EmbedderSettings) -> "Embedder":
+    def load(cls, settings: EmbedderSettings, shared: Cache | None = None) -> "Embedder":
         """Load the model from a local path or name (offline; HF_HUB_OFFLINE is honoured)."""
         import torch
         from sentence_transformers import SentenceTransformer
@@ -74,7 +85,7 @@ class Embedder:
 
         transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # JSON logs
         torch.set_num_threads(1)  # parallelism comes from the worker threads (see above)
-        return cls(SentenceTransformer(settings.model, device="cpu"), settings)
+        return cls(SentenceTransformer(settings.model, device="cpu"), settings, shared)
 
     @property
     def dimension(self) -> int:
@@ -150,15 +161,35 @@ class Embedder:
             self.hits += 1
             return cached
         self.misses += 1
-        vectors = await self._run(self._queries_executor, self.encode_passages_sync, [text])
-        vector: Vector = vectors[0].tolist()
+        vector = await self._shared_query(text)
+        if vector is None:
+            vectors = await self._run(self._queries_executor, self.encode_passages_sync, [text])
+            vector = vectors[0].tolist()
+            if self._shared is not None:
+                raw = np.asarray(vector, dtype=np.float32).tobytes()
+                await self._shared.set(self._shared_key(text), raw, SHARED_QUERY_TTL_SECONDS)
         if self._settings.query_cache_size:
             self._queries[text] = vector
             if len(self._queries) > self._settings.query_cache_size:
                 self._queries.popitem(last=False)
         return vector
 
+    async def _shared_query(self, text: str) -> Vector | None:
+        if self._shared is None:
+            return None
+        raw = await self._shared.get(self._shared_key(text))
+        return None if raw is None else np.frombuffer(raw, dtype=np.float32).tolist()
+
+    def _shared_key(self, text: str) -> str:
+        return self._shared_prefix + hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def shared_cache(self) -> Cache | None:
+        """The cache query embeddings are shared through, if any (for its metrics)."""
+        return self._shared
+
     def clear_query_cache(self) -> None:
+        """Forget this process's cached query embeddings (the shared cache keeps its own)."""
         self._queries.clear()
 
     async def run_for_query(self, func: Any, *args: Any) -> Any:

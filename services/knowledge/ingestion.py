@@ -66,6 +66,10 @@ class PassageIndex(Protocol):
 
     async def delete_generation(self, document_id: uuid.UUID, generation: str) -> None: ...
 
+    async def delete_owner(self, owner_id: uuid.UUID) -> None:
+        """Delete every passage of an owner (a deleted account)."""
+        ...
+
 
 @dataclass(frozen=True)
 class QueueStats:

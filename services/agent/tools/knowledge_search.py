@@ -1,6 +1,6 @@
 """knowledge_base_search: the hybrid retrieval of the knowledge base, as the caller."""
 
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -12,7 +12,15 @@ from services.agent.tools.base import (
     ToolCallContext,
     ToolResult,
 )
-from services.knowledge.service import KnowledgeService, Passage, SearchRequest
+from services.auth.principal import Principal
+from services.knowledge.service import Passage, SearchRequest
+
+
+class KnowledgeBase(Protocol):
+    """Where the tool searches: the knowledge service in this process, or the one another
+    process serves (server/remote_knowledge.py), always as the caller."""
+
+    async def search(self, principal: Principal, request: SearchRequest) -> list[Passage]: ...
 
 
 class KnowledgeSearchArgs(BaseModel):
@@ -25,7 +33,7 @@ class KnowledgeSearchTool(Tool):
     Args: ClassVar[type[BaseModel]] = KnowledgeSearchArgs
     guidance_prompt = "tools/kb_search_query.j2"
 
-    def __init__(self, knowledge: KnowledgeService, top_k: int) -> None:
+    def __init__(self, knowledge: KnowledgeBase, top_k: int) -> None:
         self._knowledge = knowledge
         self._top_k = top_k
 

@@ -197,9 +197,13 @@ class StreamQueryResponse(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     COMPLETED_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """The identifier of the run; the same on every event of a stream."""
+    """The identifier of the run; the same on every event of a run. AttachRun and
+    CancelRun take it.
+    """
     seq: _builtins.int
-    """The position of the event in the stream: 1, 2, 3, ... without gaps."""
+    """The position of the event in its run: 1, 2, 3, ... without gaps, the same on every
+    stream of the run (AttachRun resumes after the last one a client received).
+    """
     @_builtins.property
     def run_started(self) -> Global___RunStarted:
         """The run started; always the first event."""
@@ -234,7 +238,9 @@ class StreamQueryResponse(_message.Message):
 
     @_builtins.property
     def error(self) -> _status_pb2.Status:
-        """The run failed; the stream ends after this event with the same status."""
+        """The run failed, was cancelled (CANCELLED) or interrupted (ABORTED); the stream
+        ends after this event with the same status.
+        """
 
     @_builtins.property
     def completed(self) -> Global___RunCompleted:
@@ -265,6 +271,168 @@ class StreamQueryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___StreamQueryResponse: _TypeAlias = StreamQueryResponse  # noqa: Y015
+
+@_typing.final
+class AttachRunRequest(_message.Message):
+    """AttachRunRequest is the input of AttachRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run to attach to: the `run_id` of its events. Required."""
+    after_seq: _builtins.int
+    """The `seq` of the last event the client received; the stream starts with the event
+    after it. 0 (the default) replays the run from its first event.
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        after_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachRunRequest: _TypeAlias = AttachRunRequest  # noqa: Y015
+
+@_typing.final
+class AttachRunResponse(_message.Message):
+    """AttachRunResponse is one event of a run, re-sent to a client that attached to it: the
+    same envelope as StreamQueryResponse, field for field (numbers, types and JSON names), so
+    a client reads both streams with the same code. Keep the two in step.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    RUN_STARTED_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_FIELD_NUMBER: _builtins.int
+    TOOL_RESULT_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    CITATION_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The identifier of the run; the same on every event of a run."""
+    seq: _builtins.int
+    """The position of the event in its run, as StreamQuery numbered it: 1, 2, 3, ...
+    without gaps from the first event after `after_seq`.
+    """
+    @_builtins.property
+    def run_started(self) -> Global___RunStarted:
+        """The run started; always the first event of the run."""
+
+    @_builtins.property
+    def step(self) -> Global___StepEvent:
+        """A workflow step started, finished or was skipped."""
+
+    @_builtins.property
+    def tool_call(self) -> Global___ToolCallStarted:
+        """A tool call is starting."""
+
+    @_builtins.property
+    def tool_result(self) -> Global___ToolCallResult:
+        """A tool call ended."""
+
+    @_builtins.property
+    def retrieval(self) -> Global___RetrievalResults:
+        """Passages retrieved from the knowledge base."""
+
+    @_builtins.property
+    def token(self) -> Global___TokenDelta:
+        """The next piece of the answer text."""
+
+    @_builtins.property
+    def citation(self) -> _agent_pb2.Citation:
+        """A source the answer cites."""
+
+    @_builtins.property
+    def usage(self) -> _agent_pb2.TokenUsage:
+        """The tokens the run used."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """The run failed, was cancelled (CANCELLED) or interrupted (ABORTED); the stream
+        ends after this event with the same status.
+        """
+
+    @_builtins.property
+    def completed(self) -> Global___RunCompleted:
+        """The run finished; always the last event of a successful run."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        run_started: Global___RunStarted | None = ...,
+        step: Global___StepEvent | None = ...,
+        tool_call: Global___ToolCallStarted | None = ...,
+        tool_result: Global___ToolCallResult | None = ...,
+        retrieval: Global___RetrievalResults | None = ...,
+        token: Global___TokenDelta | None = ...,
+        citation: _agent_pb2.Citation | None = ...,
+        usage: _agent_pb2.TokenUsage | None = ...,
+        error: _status_pb2.Status | None = ...,
+        completed: Global___RunCompleted | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["citation", b"citation", "completed", b"completed", "error", b"error", "event", b"event", "retrieval", b"retrieval", "run_started", b"run_started", "step", b"step", "token", b"token", "tool_call", b"tool_call", "tool_result", b"tool_result", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["citation", b"citation", "completed", b"completed", "error", b"error", "event", b"event", "retrieval", b"retrieval", "run_id", b"run_id", "run_started", b"run_started", "seq", b"seq", "step", b"step", "token", b"token", "tool_call", b"tool_call", "tool_result", b"tool_result", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["run_started", "step", "tool_call", "tool_result", "retrieval", "token", "citation", "usage", "error", "completed"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___AttachRunResponse: _TypeAlias = AttachRunResponse  # noqa: Y015
+
+@_typing.final
+class CancelRunRequest(_message.Message):
+    """CancelRunRequest is the input of CancelRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run to stop: the `run_id` of its events. Required."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRunRequest: _TypeAlias = CancelRunRequest  # noqa: Y015
+
+@_typing.final
+class CancelRunResponse(_message.Message):
+    """CancelRunResponse is the output of CancelRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRunResponse: _TypeAlias = CancelRunResponse  # noqa: Y015
 
 @_typing.final
 class RunStarted(_message.Message):

@@ -36,6 +36,11 @@ class AgentServiceStub:
     most runs in flight, and RESOURCE_EXHAUSTED when a run exceeds its time budget. A run
     stores its question and answer together when it completes; a failed or cancelled run
     stores nothing.
+
+    A streamed run belongs to the server, not to the call that started it: its events are
+    kept in a run log (shared by every replica when Redis is configured) for a while after
+    it ends, a client that lost its stream re-attaches with AttachRun, and only CancelRun
+    (or the run's time budget) stops it.
     """
 
     def __init__(self, channel):
@@ -53,6 +58,16 @@ class AgentServiceStub:
                 '/agentmesh.agent.v1.AgentService/StreamQuery',
                 request_serializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.StreamQueryRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.StreamQueryResponse.FromString,
+                _registered_method=True)
+        self.AttachRun = channel.unary_stream(
+                '/agentmesh.agent.v1.AgentService/AttachRun',
+                request_serializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.AttachRunRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.AttachRunResponse.FromString,
+                _registered_method=True)
+        self.CancelRun = channel.unary_unary(
+                '/agentmesh.agent.v1.AgentService/CancelRun',
+                request_serializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.CancelRunRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.CancelRunResponse.FromString,
                 _registered_method=True)
         self.ListConversations = channel.unary_unary(
                 '/agentmesh.agent.v1.AgentService/ListConversations',
@@ -82,6 +97,11 @@ class AgentServiceServicer:
     most runs in flight, and RESOURCE_EXHAUSTED when a run exceeds its time budget. A run
     stores its question and answer together when it completes; a failed or cancelled run
     stores nothing.
+
+    A streamed run belongs to the server, not to the call that started it: its events are
+    kept in a run log (shared by every replica when Redis is configured) for a while after
+    it ends, a client that lost its stream re-attaches with AttachRun, and only CancelRun
+    (or the run's time budget) stops it.
     """
 
     def Query(self, request, context):
@@ -101,9 +121,51 @@ class AgentServiceServicer:
         and results, retrieved passages, answer tokens as they are generated, citations,
         usage and a final completed event. A failure mid-run is sent as an `error` event
         before the stream ends with the same non-OK status (REST clients see the event).
-        Cancelling the call stops the run.
+        The run goes on when the call ends early (the client went away, or its deadline
+        passed): re-attach with AttachRun and the run id of the first event, or stop it with
+        CancelRun. (Query, whose caller never learns the run id before the end, cancels its
+        run when the call is cancelled.)
 
         Returns the same errors as Query.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttachRun(self, request, context):
+        """AttachRun streams the events of one of the caller's runs that follow `after_seq`,
+        exactly as StreamQuery sent them (same `run_id`, same `seq`, each event once), then
+        the ones still to come, until the run's last event. It works on any replica, for as
+        long as the run log keeps the run (AGENT_RUN_LOG_TTL_SECONDS after its last event).
+        A run that failed ends with its `error` event and the same status, as in
+        StreamQuery; a run stopped by CancelRun ends with an `error` event of code CANCELLED
+        (reason RUN_CANCELLED) and the stream with CANCELLED. A run whose server stopped
+        before it ended (the process died, or shut down) ends with an `error` event of code
+        ABORTED (reason RUN_INTERRUPTED) and the stream with ABORTED, within seconds of the
+        attach: nothing of it was stored, ask again. An `after_seq` at or past the last event
+        of a run that ended gives an empty stream; past the last event of a running one, the
+        stream waits for the later events.
+
+        Returns INVALID_ARGUMENT for a malformed run id or a negative `after_seq`, NOT_FOUND if
+        the run is unknown, no longer kept, or another user's (their runs are not disclosed),
+        FAILED_PRECONDITION (reason RUN_EVENTS_EXPIRED) if events after `after_seq` are no
+        longer kept, and UNAVAILABLE (reason RUN_LOG_UNAVAILABLE) if the run log cannot be
+        reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRun(self, request, context):
+        """CancelRun stops one of the caller's runs, on whichever replica runs it, within about
+        a second: the LLM's stream and running tool calls are closed, nothing of the run is
+        stored, and the streams attached to it end with an `error` event of code CANCELLED
+        (reason RUN_CANCELLED). It returns once the cancellation is requested; cancelling a
+        run that already ended does nothing.
+
+        Returns INVALID_ARGUMENT for a malformed run id, NOT_FOUND if the run is unknown, no
+        longer kept, or another user's, and UNAVAILABLE (reason RUN_LOG_UNAVAILABLE) if the
+        run log cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,6 +215,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     request_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.StreamQueryRequest.FromString,
                     response_serializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.StreamQueryResponse.SerializeToString,
             ),
+            'AttachRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.AttachRun,
+                    request_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.AttachRunRequest.FromString,
+                    response_serializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.AttachRunResponse.SerializeToString,
+            ),
+            'CancelRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRun,
+                    request_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.CancelRunRequest.FromString,
+                    response_serializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.CancelRunResponse.SerializeToString,
+            ),
             'ListConversations': grpc.unary_unary_rpc_method_handler(
                     servicer.ListConversations,
                     request_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.ListConversationsRequest.FromString,
@@ -187,6 +259,11 @@ class AgentService:
     most runs in flight, and RESOURCE_EXHAUSTED when a run exceeds its time budget. A run
     stores its question and answer together when it completes; a failed or cancelled run
     stores nothing.
+
+    A streamed run belongs to the server, not to the call that started it: its events are
+    kept in a run log (shared by every replica when Redis is configured) for a while after
+    it ends, a client that lost its stream re-attaches with AttachRun, and only CancelRun
+    (or the run's time budget) stops it.
     """
 
     @staticmethod
@@ -233,6 +310,60 @@ class AgentService:
             '/agentmesh.agent.v1.AgentService/StreamQuery',
             agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.StreamQueryRequest.SerializeToString,
             agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.StreamQueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentmesh.agent.v1.AgentService/AttachRun',
+            agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.AttachRunRequest.SerializeToString,
+            agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.AttachRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.agent.v1.AgentService/CancelRun',
+            agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.CancelRunRequest.SerializeToString,
+            agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.CancelRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,11 @@ class AgentServiceStub:
     most runs in flight, and RESOURCE_EXHAUSTED when a run exceeds its time budget. A run
     stores its question and answer together when it completes; a failed or cancelled run
     stores nothing.
+
+    A streamed run belongs to the server, not to the call that started it: its events are
+    kept in a run log (shared by every replica when Redis is configured) for a while after
+    it ends, a client that lost its stream re-attaches with AttachRun, and only CancelRun
+    (or the run's time budget) stops it.
     """
 
     @_typing.overload
@@ -56,9 +61,43 @@ class AgentServiceStub:
     and results, retrieved passages, answer tokens as they are generated, citations,
     usage and a final completed event. A failure mid-run is sent as an `error` event
     before the stream ends with the same non-OK status (REST clients see the event).
-    Cancelling the call stops the run.
+    The run goes on when the call ends early (the client went away, or its deadline
+    passed): re-attach with AttachRun and the run id of the first event, or stop it with
+    CancelRun. (Query, whose caller never learns the run id before the end, cancels its
+    run when the call is cancelled.)
 
     Returns the same errors as Query.
+    """
+    AttachRun: _grpc.UnaryStreamMultiCallable[_agent_service_pb2.AttachRunRequest, _agent_service_pb2.AttachRunResponse]
+    """AttachRun streams the events of one of the caller's runs that follow `after_seq`,
+    exactly as StreamQuery sent them (same `run_id`, same `seq`, each event once), then
+    the ones still to come, until the run's last event. It works on any replica, for as
+    long as the run log keeps the run (AGENT_RUN_LOG_TTL_SECONDS after its last event).
+    A run that failed ends with its `error` event and the same status, as in
+    StreamQuery; a run stopped by CancelRun ends with an `error` event of code CANCELLED
+    (reason RUN_CANCELLED) and the stream with CANCELLED. A run whose server stopped
+    before it ended (the process died, or shut down) ends with an `error` event of code
+    ABORTED (reason RUN_INTERRUPTED) and the stream with ABORTED, within seconds of the
+    attach: nothing of it was stored, ask again. An `after_seq` at or past the last event
+    of a run that ended gives an empty stream; past the last event of a running one, the
+    stream waits for the later events.
+
+    Returns INVALID_ARGUMENT for a malformed run id or a negative `after_seq`, NOT_FOUND if
+    the run is unknown, no longer kept, or another user's (their runs are not disclosed),
+    FAILED_PRECONDITION (reason RUN_EVENTS_EXPIRED) if events after `after_seq` are no
+    longer kept, and UNAVAILABLE (reason RUN_LOG_UNAVAILABLE) if the run log cannot be
+    reached.
+    """
+    CancelRun: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.CancelRunRequest, _agent_service_pb2.CancelRunResponse]
+    """CancelRun stops one of the caller's runs, on whichever replica runs it, within about
+    a second: the LLM's stream and running tool calls are closed, nothing of the run is
+    stored, and the streams attached to it end with an `error` event of code CANCELLED
+    (reason RUN_CANCELLED). It returns once the cancellation is requested; cancelling a
+    run that already ended does nothing.
+
+    Returns INVALID_ARGUMENT for a malformed run id, NOT_FOUND if the run is unknown, no
+    longer kept, or another user's, and UNAVAILABLE (reason RUN_LOG_UNAVAILABLE) if the
+    run log cannot be reached.
     """
     ListConversations: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.ListConversationsRequest, _agent_service_pb2.ListConversationsResponse]
     """ListConversations lists the caller's conversations, most recently updated first.
@@ -92,6 +131,11 @@ class AgentServiceAsyncStub(AgentServiceStub):
     most runs in flight, and RESOURCE_EXHAUSTED when a run exceeds its time budget. A run
     stores its question and answer together when it completes; a failed or cancelled run
     stores nothing.
+
+    A streamed run belongs to the server, not to the call that started it: its events are
+    kept in a run log (shared by every replica when Redis is configured) for a while after
+    it ends, a client that lost its stream re-attaches with AttachRun, and only CancelRun
+    (or the run's time budget) stops it.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -108,9 +152,43 @@ class AgentServiceAsyncStub(AgentServiceStub):
     and results, retrieved passages, answer tokens as they are generated, citations,
     usage and a final completed event. A failure mid-run is sent as an `error` event
     before the stream ends with the same non-OK status (REST clients see the event).
-    Cancelling the call stops the run.
+    The run goes on when the call ends early (the client went away, or its deadline
+    passed): re-attach with AttachRun and the run id of the first event, or stop it with
+    CancelRun. (Query, whose caller never learns the run id before the end, cancels its
+    run when the call is cancelled.)
 
     Returns the same errors as Query.
+    """
+    AttachRun: _aio.UnaryStreamMultiCallable[_agent_service_pb2.AttachRunRequest, _agent_service_pb2.AttachRunResponse]  # type: ignore[assignment]
+    """AttachRun streams the events of one of the caller's runs that follow `after_seq`,
+    exactly as StreamQuery sent them (same `run_id`, same `seq`, each event once), then
+    the ones still to come, until the run's last event. It works on any replica, for as
+    long as the run log keeps the run (AGENT_RUN_LOG_TTL_SECONDS after its last event).
+    A run that failed ends with its `error` event and the same status, as in
+    StreamQuery; a run stopped by CancelRun ends with an `error` event of code CANCELLED
+    (reason RUN_CANCELLED) and the stream with CANCELLED. A run whose server stopped
+    before it ended (the process died, or shut down) ends with an `error` event of code
+    ABORTED (reason RUN_INTERRUPTED) and the stream with ABORTED, within seconds of the
+    attach: nothing of it was stored, ask again. An `after_seq` at or past the last event
+    of a run that ended gives an empty stream; past the last event of a running one, the
+    stream waits for the later events.
+
+    Returns INVALID_ARGUMENT for a malformed run id or a negative `after_seq`, NOT_FOUND if
+    the run is unknown, no longer kept, or another user's (their runs are not disclosed),
+    FAILED_PRECONDITION (reason RUN_EVENTS_EXPIRED) if events after `after_seq` are no
+    longer kept, and UNAVAILABLE (reason RUN_LOG_UNAVAILABLE) if the run log cannot be
+    reached.
+    """
+    CancelRun: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.CancelRunRequest, _agent_service_pb2.CancelRunResponse]  # type: ignore[assignment]
+    """CancelRun stops one of the caller's runs, on whichever replica runs it, within about
+    a second: the LLM's stream and running tool calls are closed, nothing of the run is
+    stored, and the streams attached to it end with an `error` event of code CANCELLED
+    (reason RUN_CANCELLED). It returns once the cancellation is requested; cancelling a
+    run that already ended does nothing.
+
+    Returns INVALID_ARGUMENT for a malformed run id, NOT_FOUND if the run is unknown, no
+    longer kept, or another user's, and UNAVAILABLE (reason RUN_LOG_UNAVAILABLE) if the
+    run log cannot be reached.
     """
     ListConversations: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.ListConversationsRequest, _agent_service_pb2.ListConversationsResponse]  # type: ignore[assignment]
     """ListConversations lists the caller's conversations, most recently updated first.
@@ -143,6 +221,11 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     most runs in flight, and RESOURCE_EXHAUSTED when a run exceeds its time budget. A run
     stores its question and answer together when it completes; a failed or cancelled run
     stores nothing.
+
+    A streamed run belongs to the server, not to the call that started it: its events are
+    kept in a run log (shared by every replica when Redis is configured) for a while after
+    it ends, a client that lost its stream re-attaches with AttachRun, and only CancelRun
+    (or the run's time budget) stops it.
     """
 
     @_abc_1.abstractmethod
@@ -169,9 +252,55 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         and results, retrieved passages, answer tokens as they are generated, citations,
         usage and a final completed event. A failure mid-run is sent as an `error` event
         before the stream ends with the same non-OK status (REST clients see the event).
-        Cancelling the call stops the run.
+        The run goes on when the call ends early (the client went away, or its deadline
+        passed): re-attach with AttachRun and the run id of the first event, or stop it with
+        CancelRun. (Query, whose caller never learns the run id before the end, cancels its
+        run when the call is cancelled.)
 
         Returns the same errors as Query.
+        """
+
+    @_abc_1.abstractmethod
+    def AttachRun(
+        self,
+        request: _agent_service_pb2.AttachRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_service_pb2.AttachRunResponse], _abc.AsyncIterator[_agent_service_pb2.AttachRunResponse]]:
+        """AttachRun streams the events of one of the caller's runs that follow `after_seq`,
+        exactly as StreamQuery sent them (same `run_id`, same `seq`, each event once), then
+        the ones still to come, until the run's last event. It works on any replica, for as
+        long as the run log keeps the run (AGENT_RUN_LOG_TTL_SECONDS after its last event).
+        A run that failed ends with its `error` event and the same status, as in
+        StreamQuery; a run stopped by CancelRun ends with an `error` event of code CANCELLED
+        (reason RUN_CANCELLED) and the stream with CANCELLED. A run whose server stopped
+        before it ended (the process died, or shut down) ends with an `error` event of code
+        ABORTED (reason RUN_INTERRUPTED) and the stream with ABORTED, within seconds of the
+        attach: nothing of it was stored, ask again. An `after_seq` at or past the last event
+        of a run that ended gives an empty stream; past the last event of a running one, the
+        stream waits for the later events.
+
+        Returns INVALID_ARGUMENT for a malformed run id or a negative `after_seq`, NOT_FOUND if
+        the run is unknown, no longer kept, or another user's (their runs are not disclosed),
+        FAILED_PRECONDITION (reason RUN_EVENTS_EXPIRED) if events after `after_seq` are no
+        longer kept, and UNAVAILABLE (reason RUN_LOG_UNAVAILABLE) if the run log cannot be
+        reached.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelRun(
+        self,
+        request: _agent_service_pb2.CancelRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.CancelRunResponse, _abc.Awaitable[_agent_service_pb2.CancelRunResponse]]:
+        """CancelRun stops one of the caller's runs, on whichever replica runs it, within about
+        a second: the LLM's stream and running tool calls are closed, nothing of the run is
+        stored, and the streams attached to it end with an `error` event of code CANCELLED
+        (reason RUN_CANCELLED). It returns once the cancellation is requested; cancelling a
+        run that already ended does nothing.
+
+        Returns INVALID_ARGUMENT for a malformed run id, NOT_FOUND if the run is unknown, no
+        longer kept, or another user's, and UNAVAILABLE (reason RUN_LOG_UNAVAILABLE) if the
+        run log cannot be reached.
         """
 
     @_abc_1.abstractmethod

@@ -216,3 +216,42 @@ class DeleteDocumentPassagesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteDocumentPassagesResponse: _TypeAlias = DeleteDocumentPassagesResponse  # noqa: Y015
+
+@_typing.final
+class DeleteOwnerPassagesRequest(_message.Message):
+    """DeleteOwnerPassagesRequest is the input of DeleteOwnerPassages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_ID_FIELD_NUMBER: _builtins.int
+    owner_id: _builtins.str
+    """The owner whose passages go."""
+    def __init__(
+        self,
+        *,
+        owner_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner_id", b"owner_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteOwnerPassagesRequest: _TypeAlias = DeleteOwnerPassagesRequest  # noqa: Y015
+
+@_typing.final
+class DeleteOwnerPassagesResponse(_message.Message):
+    """DeleteOwnerPassagesResponse is the output of DeleteOwnerPassages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteOwnerPassagesResponse: _TypeAlias = DeleteOwnerPassagesResponse  # noqa: Y015

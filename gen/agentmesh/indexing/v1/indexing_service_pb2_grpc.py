@@ -55,6 +55,11 @@ class IndexingServiceStub:
                 request_serializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteDocumentPassagesRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteDocumentPassagesResponse.FromString,
                 _registered_method=True)
+        self.DeleteOwnerPassages = channel.unary_unary(
+                '/agentmesh.indexing.v1.IndexingService/DeleteOwnerPassages',
+                request_serializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteOwnerPassagesRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteOwnerPassagesResponse.FromString,
+                _registered_method=True)
 
 
 class IndexingServiceServicer:
@@ -97,6 +102,16 @@ class IndexingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteOwnerPassages(self, request, context):
+        """DeleteOwnerPassages removes every passage of an owner: a deleted account's, when the
+        user service runs in another process than the index.
+
+        Returns INVALID_ARGUMENT if the owner id is malformed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IndexingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +129,11 @@ def add_IndexingServiceServicer_to_server(servicer, server):
                     servicer.DeleteDocumentPassages,
                     request_deserializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteDocumentPassagesRequest.FromString,
                     response_serializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteDocumentPassagesResponse.SerializeToString,
+            ),
+            'DeleteOwnerPassages': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteOwnerPassages,
+                    request_deserializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteOwnerPassagesRequest.FromString,
+                    response_serializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteOwnerPassagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -203,6 +223,33 @@ class IndexingService:
             '/agentmesh.indexing.v1.IndexingService/DeleteDocumentPassages',
             agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteDocumentPassagesRequest.SerializeToString,
             agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteDocumentPassagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteOwnerPassages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.indexing.v1.IndexingService/DeleteOwnerPassages',
+            agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteOwnerPassagesRequest.SerializeToString,
+            agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteOwnerPassagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,6 +58,12 @@ class IndexingServiceStub:
 
     Returns INVALID_ARGUMENT if the document id is malformed.
     """
+    DeleteOwnerPassages: _grpc.UnaryUnaryMultiCallable[_indexing_service_pb2.DeleteOwnerPassagesRequest, _indexing_service_pb2.DeleteOwnerPassagesResponse]
+    """DeleteOwnerPassages removes every passage of an owner: a deleted account's, when the
+    user service runs in another process than the index.
+
+    Returns INVALID_ARGUMENT if the owner id is malformed.
+    """
 
 @_typing.type_check_only
 class IndexingServiceAsyncStub(IndexingServiceStub):
@@ -88,6 +94,12 @@ class IndexingServiceAsyncStub(IndexingServiceStub):
     `keep_generation` when it is set (the newly published one).
 
     Returns INVALID_ARGUMENT if the document id is malformed.
+    """
+    DeleteOwnerPassages: _aio.UnaryUnaryMultiCallable[_indexing_service_pb2.DeleteOwnerPassagesRequest, _indexing_service_pb2.DeleteOwnerPassagesResponse]  # type: ignore[assignment]
+    """DeleteOwnerPassages removes every passage of an owner: a deleted account's, when the
+    user service runs in another process than the index.
+
+    Returns INVALID_ARGUMENT if the owner id is malformed.
     """
 
 class IndexingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -134,6 +146,18 @@ class IndexingServiceServicer(metaclass=_abc_1.ABCMeta):
         `keep_generation` when it is set (the newly published one).
 
         Returns INVALID_ARGUMENT if the document id is malformed.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteOwnerPassages(
+        self,
+        request: _indexing_service_pb2.DeleteOwnerPassagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_indexing_service_pb2.DeleteOwnerPassagesResponse, _abc.Awaitable[_indexing_service_pb2.DeleteOwnerPassagesResponse]]:
+        """DeleteOwnerPassages removes every passage of an owner: a deleted account's, when the
+        user service runs in another process than the index.
+
+        Returns INVALID_ARGUMENT if the owner id is malformed.
         """
 
 def add_IndexingServiceServicer_to_server(servicer: IndexingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
