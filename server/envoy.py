@@ -6,8 +6,10 @@ the repository stays the single description of the routes and filters.
 
 import asyncio
 import copy
+import functools
 import json
 import logging
+import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ import aiohttp
 import yaml
 
 from server.config import Settings
+from server.parent_death import terminate_with_parent
 
 CORS_POLICY_TYPE = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy"
 
@@ -209,6 +212,7 @@ class EnvoySidecar:
             "--concurrency", str(self._concurrency),
             "--log-level", "warning",
             "--admin-address-path", str(admin_path),
+            preexec_fn=functools.partial(terminate_with_parent, os.getpid()),
         )  # fmt: skip
         try:
             await asyncio.wait_for(self._wait_ready(admin_path), timeout)

@@ -19,6 +19,7 @@ logged and left dead: Envoy routes around it, which is what the mesh tests check
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from server.config import Settings
 from server.envoy import EnvoySidecar
 from server.envoy_mesh import mesh_envoy_config
 from server.logs import configure_logging
+from server.parent_death import terminate_with_parent
 
 log = logging.getLogger("agentmesh.mesh")
 
@@ -208,6 +210,7 @@ class Mesh:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "server", *member.command,
                 env=env, stdout=output, stderr=asyncio.subprocess.STDOUT,
+                preexec_fn=functools.partial(terminate_with_parent, os.getpid()),
             )  # fmt: skip
         member.pid = process.pid
         self._processes[member.name] = process

@@ -110,8 +110,7 @@ async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
 
 
 async def test_the_embedded_index_survives_kill_9_of_the_server(tmp_path: Path) -> None:
-    """Passages of READY documents are all still there after SIGKILL and a restart. (No
-    Envoy sidecar: killed with its parent's SIGKILL it would outlive the test.)"""
+    """Passages of READY documents are all still there after SIGKILL and a restart."""
     env = cli_env(tmp_path / "data", AGENTMESH_ENVOY_ENABLED="false")
     assert (await run_cli("migrate", env=env))[0] == 0
     expected: dict[str, int] = {}
@@ -135,6 +134,36 @@ async def test_the_embedded_index_survives_kill_9_of_the_server(tmp_path: Path) 
             )
             assert len(found) == chunks
         await stubs.channel.close()
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (not gone, not a zombie awaiting its reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _envoy_children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [
+        int(child)
+        for child in children
+        if "envoy" in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
+    ]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+async def test_the_envoy_sidecar_does_not_outlive_a_killed_server(served: Served) -> None:
+    envoys = _envoy_children(served.process.pid)
+    assert len(envoys) == 1, envoys
+    served.process.send_signal(signal.SIGKILL)
+    await served.process.wait()
+    deadline = time.monotonic() + 30
+    while _running(envoys[0]) and time.monotonic() < deadline:  # noqa: ASYNC110 (not our child)
+        await asyncio.sleep(0.1)
+    assert not _running(envoys[0]), "Envoy outlived the server it fronted"
 
 
 async def test_first_run_creates_one_admin_with_a_private_password(tmp_path: Path) -> None:
