@@ -43,12 +43,14 @@ RECORDED_RPCS = "/agentmesh."
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-async def _call(behavior: Behavior, request: Any, context: Context) -> Any:
+async def call_behavior(behavior: Behavior, request: Any, context: Context) -> Any:
     result = behavior(request, context)
     return await result if inspect.isawaitable(result) else result
 
 
-async def _iterate(behavior: Behavior, request: Any, context: Context) -> AsyncIterator[Any]:
+async def iterate_behavior(
+    behavior: Behavior, request: Any, context: Context
+) -> AsyncIterator[Any]:
     result = behavior(request, context)
     if inspect.isawaitable(result):  # a handler that writes with context.write()
         result = await result
@@ -88,7 +90,7 @@ def wrap_handler(handler: Handler, method: str, interceptor: WrappingInterceptor
         inner = cast(Behavior, handler.stream_stream or handler.unary_stream)
 
         async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
-            call: StreamCall = lambda: _iterate(inner, request, context)  # noqa: E731
+            call: StreamCall = lambda: iterate_behavior(inner, request, context)  # noqa: E731
             async for item in interceptor.stream(call, context, method):
                 yield item
 
@@ -102,7 +104,9 @@ def wrap_handler(handler: Handler, method: str, interceptor: WrappingInterceptor
         inner = cast(Behavior, handler.stream_unary or handler.unary_unary)
 
         async def unary_behavior(request: Any, context: Context) -> Any:
-            return await interceptor.unary(lambda: _call(inner, request, context), context, method)
+            return await interceptor.unary(
+                lambda: call_behavior(inner, request, context), context, method
+            )
 
         factory = (
             grpc.stream_unary_rpc_method_handler

@@ -33,6 +33,7 @@ from server.logs import configure_logging
 from server.ops_http import OpsServer
 from server.peers import connect_peers
 from server.rate_limits import RateLimitInterceptor, RateLimits
+from server.request_checks import RequestCheckInterceptor
 from server.rpc_metrics import RpcMetricsInterceptor
 from server.runtime_metrics import (
     CountersCollector,
@@ -81,17 +82,20 @@ def interceptors(
        interceptors inside refuse, and the time includes their cost.
     2. Request id and log: every call, refused or not, gets a request id, a log line and
        its `rpc` usage event with the final status code.
-    3. Auth: the principal goes into a ContextVar; the allow-list passes health,
+    3. Request checks: a request that does not parse, or carries a NUL character in
+       any string, is INVALID_ARGUMENT before anything reads it, with or without a token.
+    4. Auth: the principal goes into a ContextVar; the allow-list passes health,
        reflection and the credential RPCs through.
-    4. Rate limit (when enabled): after auth, so per-user windows know the user;
+    5. Rate limit (when enabled): after auth, so per-user windows know the user;
        anonymous calls are limited by client address.
-    5. Error mapping, innermost: a handler's DomainError becomes its status and details
+    6. Error mapping, innermost: a handler's DomainError becomes its status and details
        before anything outside sees the call end; anything else becomes INTERNAL.
     """
     rpc_log = logging.getLogger("agentmesh.rpc")
     chain: list[grpc.aio.ServerInterceptor] = [
         RpcMetricsInterceptor(registry),
         RequestLogInterceptor(rpc_log, domain.events),
+        RequestCheckInterceptor(),
         AuthInterceptor(domain.tokens, domain.service_token),
     ]
     if settings.rate_limit_enabled:

@@ -340,7 +340,7 @@ async def test_control_characters_never_reach_the_prompt(stubs_: Stubs, llm: Fak
     user = await new_user(stubs_)
     llm.script = Script(intent="greeting", answer="Hi.")
     reply = await stubs_.agent.Query(
-        agent_pb.QueryRequest(query="hel\x1blo\u202e there\x00"), metadata=user.metadata
+        agent_pb.QueryRequest(query="hel\x1blo\u202e there\x07"), metadata=user.metadata
     )
     prompt = llm.requests_of("stream")[0]["messages"][-1]["content"]
     assert "hello there" in prompt and "\x1b" not in prompt and "\u202e" not in prompt

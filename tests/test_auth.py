@@ -254,7 +254,7 @@ async def test_missing_token_is_unauthenticated(stubs: Stubs) -> None:
 async def test_registration_validation_carries_field_violations(stubs: Stubs) -> None:
     error = await expect_code(
         stubs.auth.Register(
-            auth_pb.RegisterRequest(email="not-an-email", password="short", full_name="x\x00y")
+            auth_pb.RegisterRequest(email="not-an-email", password="short", full_name="x\x07y")
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
