@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import yaml
 from google.protobuf import descriptor_pool, json_format, message_factory
+from pydantic import ValidationError
 
 from server.config import Settings
 from services.auth.principal import Role
@@ -379,7 +380,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return int(args.run(Settings(), args))
+    try:
+        return int(args.run(Settings(), args))
+    except ValidationError as error:  # the settings, from the environment or the flags
+        problems = "\n".join(
+            f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()
+        )
+        print(f"agentmesh: invalid configuration\n{problems}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ as the end user, never with more rights than that user has."""
 
 import asyncio
 import contextlib
+import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -192,6 +194,18 @@ def test_a_process_is_told_what_it_lacks() -> None:
         settings_for("sqlite+aiosqlite://", Path("unused"), services=["users"])
     with pytest.raises(ValueError, match="services"):
         Settings(_env_file=None, services="auth,search")  # type: ignore[call-arg,arg-type]
+
+
+async def test_serve_says_what_a_process_lacks_and_exits_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}
+    env["AGENTMESH_DATA_DIR"] = str(tmp_path)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", "serve", "--services", "agent,feedback",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert "KNOWLEDGE_TARGET" in stderr.decode() and "Traceback" not in stderr.decode()
 
 
 # --- the remote client's own promises -----------------------------------------------
