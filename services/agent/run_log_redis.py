@@ -64,7 +64,8 @@ def reaching_redis() -> Iterator[None]:
     try:
         yield
     except (RedisError, OSError) as error:
-        raise RunLogUnavailable(f"the run log (Redis) cannot be reached: {error}") from error
+        log.warning("the run log (Redis) failed: %s", error)  # addresses stay in the log
+        raise RunLogUnavailable("the run log cannot be reached; try again") from error
 
 
 class RunEventsExpired(FailedPrecondition):
