@@ -1,6 +1,8 @@
 """DomainError → gRPC status with google.rpc.Status details (ErrorInfo always; BadRequest,
 RetryInfo and QuotaFailure where they apply)."""
 
+import logging
+
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
@@ -10,6 +12,7 @@ from grpc_status import rpc_status
 from services import errors
 
 ERROR_DOMAIN = "agentmesh"
+log = logging.getLogger("agentmesh.rpc")
 
 STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -113,7 +116,12 @@ def domain_error_of(call: grpc.aio.AioRpcError, context: str) -> errors.DomainEr
     if kind is errors.ResourceExhausted:
         return errors.ResourceExhausted(message, retry_after=retry_after, reason=reason)
     if kind is None or kind is errors.Unavailable:
-        return errors.Unavailable(message, reason=f"UPSTREAM_{call.code().name}")
+        # Not the callee's own words but grpc's (addresses, errno): they stay in the log.
+        log.warning("%s failed: %s %s", context, call.code().name, call.details())
+        return errors.Unavailable(
+            f"{context} is unavailable ({call.code().name})",
+            reason=f"UPSTREAM_{call.code().name}",
+        )
     return kind(message, reason=reason)
 
 

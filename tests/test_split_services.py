@@ -184,6 +184,7 @@ async def test_an_unreachable_knowledge_base_fails_the_tool_not_the_run(
     failed = results["knowledge_base_search"]
     assert failed.outcome == agent_pb2.TOOL_OUTCOME_ERROR
     assert "knowledge base" in failed.error_message
+    assert "127.0.0.1" not in failed.error_message  # grpc's details stay in the log
     assert len(of_kind(events, "completed")) == 1
 
 
