@@ -25,6 +25,7 @@ from server.request_context import RequestInfo, current_request
 from services.auth.principal import Principal
 from services.auth.tokens import TokenCodec
 from services.errors import DomainError, PermissionDenied, Unauthenticated
+from services.outages import outage_of
 from services.usage_events.recorder import EventKind, EventRecorder
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -268,8 +269,9 @@ class AuthInterceptor(WrappingInterceptor):
 
 
 class ErrorInterceptor(WrappingInterceptor):
-    """Maps DomainErrors to their status with details; anything unexpected becomes INTERNAL
-    with a generic message (the traceback goes to the log, never to the client)."""
+    """Maps DomainErrors to their status with details; a dependency that cannot be reached
+    (services/outages.py) to UNAVAILABLE; anything else unexpected to INTERNAL with a generic
+    message (the traceback goes to the log, never to the client)."""
 
     def __init__(self, logger: logging.Logger) -> None:
         self._log = logger
@@ -279,6 +281,9 @@ class ErrorInterceptor(WrappingInterceptor):
             await abort(context, rich_status(exc))
         elif isinstance(exc, NotImplementedError):
             await abort(context, UNIMPLEMENTED)
+        elif (outage := outage_of(exc)) is not None:  # a dependency is down, not a bug
+            self._log.warning("%s in %s: %r", outage.reason, method, exc)
+            await abort(context, rich_status(outage))
         else:
             self._log.exception("unhandled error in %s", method)
             await abort(context, INTERNAL)

@@ -22,6 +22,7 @@ SHARED = {
     "metrics",
     "limits",
     "usage_events",
+    "outages",
 }
 # Every table in one module for Alembic's autogenerate: the one module above them all.
 ALL_MODELS = "services.models"

@@ -1,0 +1,113 @@
+"""PostgreSQL or Redis taken away mid-run (a TCP proxy in front of the real servers is cut):
+calls are UNAVAILABLE with ErrorInfo (REST 503), never INTERNAL, and everything works again
+on its own once the server is back."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import grpc
+import pytest
+from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
+from agentmesh.analytics.v1 import analytics_service_pb2 as analytics_pb
+from agentmesh.analytics.v1 import analytics_service_pb2_grpc as analytics_grpc
+from agentmesh.auth.v1 import user_service_pb2 as users_pb
+
+from tests.backends import Database
+from tests.harness import Account, Stubs, new_user, running_app
+from tests.limited import REDIS_URL, limited_app, redis_up
+from tests.rpc_errors import error_info
+from tests.tcp_proxy import TcpProxy
+
+
+@pytest.fixture
+async def postgres(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database("postgres", tmp_path)
+    await database.create()
+    await database.migrate()
+    yield database
+    await database.drop()
+
+
+@pytest.fixture
+async def proxy_for_postgres(postgres: Database) -> AsyncIterator[tuple[TcpProxy, str]]:
+    """A proxy in front of the test's PostgreSQL, and the database URL through it."""
+    parts = urlsplit(postgres.url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    await proxy.start()
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{proxy.port}"
+    through = parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host)
+    try:
+        yield proxy, through.geturl()
+    finally:
+        await proxy.stop()
+
+
+async def me(stubs: Stubs, account: Account) -> None:
+    await stubs.users.GetCurrentUser(users_pb.GetCurrentUserRequest(), metadata=account.metadata)
+
+
+async def failure(call: object) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call  # type: ignore[misc]
+    return caught.value
+
+
+async def test_postgres_gone_is_unavailable_and_comes_back(
+    proxy_for_postgres: tuple[TcpProxy, str], tmp_path: Path
+) -> None:
+    proxy, url = proxy_for_postgres
+    async with running_app(url, tmp_path / "data") as (_, stubs):
+        user = await new_user(stubs)
+        await me(stubs, user)
+
+        await proxy.stop()  # every pooled connection is cut, and new ones are refused
+        for _ in range(3):
+            error = await failure(me(stubs, user))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(error).reason == "DATABASE_UNAVAILABLE"
+            assert "127.0.0.1" not in (error.details() or "")
+
+        await proxy.start()
+        await me(stubs, user)  # no restart: the pool's pre-ping replaces dead connections
+
+
+async def test_redis_gone_is_unavailable_for_queries_and_comes_back(tmp_path: Path) -> None:
+    await redis_up()
+    parts = urlsplit(REDIS_URL)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    await proxy.start()
+    try:
+        async with limited_app(
+            tmp_path,
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+        ) as (app, stubs):
+            user = await new_user(stubs)
+            query = agent_pb.QueryRequest(query="hello there")
+            await stubs.agent.Query(query, metadata=user.metadata)
+
+            await proxy.stop()
+            error = await failure(stubs.agent.Query(query, metadata=user.metadata))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+            assert error_info(error).reason in {"REDIS_UNAVAILABLE", "RUN_LOG_UNAVAILABLE"}
+            usage = analytics_pb.GetUsageRequest()
+            analytics = analytics_grpc.AnalyticsServiceStub(stubs.channel)
+            error = await failure(analytics.GetUsage(usage, metadata=user.metadata))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+            assert error_info(error).reason == "REDIS_UNAVAILABLE"  # the quota counters
+
+            await proxy.start()
+            for _ in range(50):  # the client reconnects on its next command
+                try:
+                    await stubs.agent.Query(query, metadata=user.metadata)
+                    break
+                except grpc.aio.AioRpcError as retry:
+                    assert retry.code() == grpc.StatusCode.UNAVAILABLE
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("Redis came back but queries kept failing")
+            assert app.domain.redis is not None
+    finally:
+        await proxy.stop()
