@@ -27,7 +27,7 @@ from prometheus_client import (
 from server.config import Settings
 from server.domain import Domain, build_domain
 from server.envoy import envoy_sidecar
-from server.health import SERVING, ServiceHealth
+from server.health import ServiceHealth
 from server.interceptors import AuthInterceptor, ErrorInterceptor, RequestLogInterceptor
 from server.logs import configure_logging
 from server.ops_http import OpsServer
@@ -105,7 +105,7 @@ def interceptors(
 
 
 def build_monitor(
-    domain: Domain, registry: CollectorRegistry, probe_qdrant: bool
+    domain: Domain, registry: CollectorRegistry, probe_qdrant: bool, health: ServiceHealth
 ) -> RuntimeMonitor:
     """Infrastructure metrics; dependencies are probed only where they are configured (the
     embedded Qdrant and the in-process stores cannot be down on their own)."""
@@ -122,7 +122,8 @@ def build_monitor(
     knowledge = domain.knowledge_service
     if probe_qdrant and knowledge is not None:
         probes["qdrant"] = knowledge.ping_store
-    return RuntimeMonitor(registry, probes, knowledge.queue_stats if knowledge else None)
+    queue = knowledge.queue_stats if knowledge else None
+    return RuntimeMonitor(registry, probes, queue, on_probed=health.follow)
 
 
 @dataclass
@@ -142,7 +143,7 @@ class Application:
         await self.server.start()
         await self.ops.start()
         await self.monitor.start()
-        await self.health.set_all(SERVING)
+        await self.health.start_serving()
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, wait the configured delay, then drain in-flight RPCs."""
@@ -175,7 +176,7 @@ def build_application(settings: Settings) -> Application:
     if domain.knowledge_service is not None:  # the index owner: workers write through it
         INDEXING.add(domain, server)
         internal.append(INDEXING.name)
-    health = ServiceHealth(names)
+    health = ServiceHealth(names, {service.name: service.needs for service in services})
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     # Every public service is described, served here or not: behind Envoy, grpcurl lists
@@ -184,7 +185,9 @@ def build_application(settings: Settings) -> Application:
     reflection.enable_server_reflection(reflected, server)
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     ops = OpsServer(health, registry, settings.metrics_host, settings.metrics_port)
-    monitor = build_monitor(domain, registry, probe_qdrant=settings.qdrant_url is not None)
+    monitor = build_monitor(
+        domain, registry, probe_qdrant=settings.qdrant_url is not None, health=health
+    )
     return Application(settings, domain, server, health, ops, port, monitor)
 
 

@@ -83,11 +83,13 @@ class RuntimeMonitor:
         probes: dict[str, Probe],
         queue: QueueSampler | None = None,
         *,
+        on_probed: Callable[[dict[str, bool]], Awaitable[None]] | None = None,
         interval: float = 10.0,
         timeout: float = 2.0,
         lag_interval: float = 0.5,
     ) -> None:
         self._probes = probes
+        self._on_probed = on_probed  # told each round's results (the health follows them)
         self._interval = interval
         self._timeout = timeout
         self._lag_interval = lag_interval
@@ -138,6 +140,8 @@ class RuntimeMonitor:
         results = await asyncio.gather(*(self._probe(self._probes[n]) for n in names))
         for name, up in zip(names, results, strict=True):
             self._up.labels(name).set(1 if up else 0)
+        if self._on_probed is not None:
+            await self._on_probed(dict(zip(names, results, strict=True)))
         if self._queue is not None:
             await self._sample_queue(self._queue)
 

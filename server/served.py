@@ -43,6 +43,10 @@ class ServedService:
     key: str
     name: str
     add: Callable[[Domain, grpc.aio.Server], None]
+    # The probed dependencies it cannot answer without (its health follows them): every
+    # service needs the database; the agent (runs, quotas) and analytics (quotas) need
+    # Redis when it is configured; the knowledge base a Qdrant server when there is one.
+    needs: frozenset[str] = frozenset({"database"})
 
 
 SERVICES = (
@@ -62,6 +66,7 @@ SERVICES = (
         lambda d, s: agent_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(d.agent, d.feedback), s
         ),
+        frozenset({"database", "redis"}),
     ),
     ServedService(
         "knowledge",
@@ -69,6 +74,7 @@ SERVICES = (
         lambda d, s: knowledge_grpc.add_KnowledgeBaseServiceServicer_to_server(
             KnowledgeBaseServicer(d.knowledge), s
         ),
+        frozenset({"database", "qdrant"}),
     ),
     ServedService(
         "feedback",
@@ -83,6 +89,7 @@ SERVICES = (
         lambda d, s: analytics_grpc.add_AnalyticsServiceServicer_to_server(
             AnalyticsServicer(d.usage, d.stats), s
         ),
+        frozenset({"database", "redis"}),
     ),
 )
 SERVICE_NAMES = [service.name for service in SERVICES]

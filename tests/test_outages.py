@@ -13,6 +13,7 @@ from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
 from agentmesh.analytics.v1 import analytics_service_pb2 as analytics_pb
 from agentmesh.analytics.v1 import analytics_service_pb2_grpc as analytics_grpc
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
+from grpc_health.v1 import health_pb2
 
 from tests.backends import Database
 from tests.harness import Account, Stubs, new_user, running_app
@@ -45,6 +46,21 @@ async def proxy_for_postgres(postgres: Database) -> AsyncIterator[tuple[TcpProxy
         await proxy.stop()
 
 
+USERS = "agentmesh.auth.v1.UserService"
+AUTH = "agentmesh.auth.v1.AuthService"
+AGENT = "agentmesh.agent.v1.AgentService"
+PROBE_ROUNDS = 60.0  # seconds: the monitor probes every 10 s, each probe waits 2 s at most
+
+
+async def until_health(stubs: Stubs, service: str, wanted: int) -> None:
+    """Poll grpc.health.v1 until `service` reports `wanted` (fails after PROBE_ROUNDS)."""
+    request = health_pb2.HealthCheckRequest(service=service)
+    deadline = asyncio.get_running_loop().time() + PROBE_ROUNDS
+    while (await stubs.health.Check(request)).status != wanted:
+        assert asyncio.get_running_loop().time() < deadline, f"{service!r} never became {wanted}"
+        await asyncio.sleep(0.5)
+
+
 async def me(stubs: Stubs, account: Account) -> None:
     await stubs.users.GetCurrentUser(users_pb.GetCurrentUserRequest(), metadata=account.metadata)
 
@@ -70,8 +86,14 @@ async def test_postgres_gone_is_unavailable_and_comes_back(
             assert error_info(error).reason == "DATABASE_UNAVAILABLE"
             assert "127.0.0.1" not in (error.details() or "")
 
+        # Health follows the database probe (every 10 s): load balancers route around.
+        await until_health(stubs, "", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await until_health(stubs, USERS, health_pb2.HealthCheckResponse.NOT_SERVING)
+
         await proxy.start()
         await me(stubs, user)  # no restart: the pool's pre-ping replaces dead connections
+        await until_health(stubs, "", health_pb2.HealthCheckResponse.SERVING)
+        await until_health(stubs, USERS, health_pb2.HealthCheckResponse.SERVING)
 
 
 async def test_redis_gone_is_unavailable_for_queries_and_comes_back(tmp_path: Path) -> None:
@@ -89,6 +111,11 @@ async def test_redis_gone_is_unavailable_for_queries_and_comes_back(tmp_path: Pa
             await stubs.agent.Query(query, metadata=user.metadata)
 
             await proxy.stop()
+            # The agent needs Redis (runs, quotas); signing in does not (the limiter fails
+            # open): only the first turns NOT_SERVING.
+            await until_health(stubs, AGENT, health_pb2.HealthCheckResponse.NOT_SERVING)
+            response = await stubs.health.Check(health_pb2.HealthCheckRequest(service=AUTH))
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
             error = await failure(stubs.agent.Query(query, metadata=user.metadata))
             assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
             assert error_info(error).reason in {"REDIS_UNAVAILABLE", "RUN_LOG_UNAVAILABLE"}
@@ -108,6 +135,7 @@ async def test_redis_gone_is_unavailable_for_queries_and_comes_back(tmp_path: Pa
                     await asyncio.sleep(0.1)
             else:
                 pytest.fail("Redis came back but queries kept failing")
+            await until_health(stubs, AGENT, health_pb2.HealthCheckResponse.SERVING)
             assert app.domain.redis is not None
     finally:
         await proxy.stop()
