@@ -115,7 +115,7 @@ def build_monitor(
         caches["query_embeddings"] = domain.embedder
         if (shared := domain.embedder.shared_cache) is not None:
             caches["query_embeddings_shared"] = shared
-    registry.register(CountersCollector(caches, domain.events))
+    registry.register(CountersCollector(caches, domain.events, domain.limiter))
     probes: dict[str, Probe] = {"database": functools.partial(ping, domain.engine)}
     if domain.redis is not None:
         probes["redis"] = domain.redis.ping

@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 from services.db import PoolStats
 from services.knowledge.ingestion import QueueStats
+from services.limits import RateLimiter
 from services.usage_events.recorder import EventRecorder
 
 log = logging.getLogger("agentmesh.metrics")
@@ -51,9 +52,12 @@ class HitCounts(Protocol):
 class CountersCollector(Collector):
     """Counts kept by the caches and the event recorder, exposed as counters."""
 
-    def __init__(self, caches: dict[str, HitCounts], events: EventRecorder) -> None:
+    def __init__(
+        self, caches: dict[str, HitCounts], events: EventRecorder, limiter: RateLimiter
+    ) -> None:
         self._caches = caches
         self._events = events
+        self._limiter = limiter
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         requests = CounterMetricFamily(
@@ -69,6 +73,12 @@ class CountersCollector(Collector):
             "agentmesh_events_dropped",
             "Usage events lost (the buffer was full while the database was unreachable).",
             value=self._events.dropped,
+        )
+        yield CounterMetricFamily(
+            "agentmesh_rate_limit_decision_failures",
+            "Rate-limit decisions the limiter could not make (Redis unreachable or too slow);"
+            " each was admitted or refused by RATE_LIMIT_FAIL_OPEN.",
+            value=self._limiter.failures,
         )
 
 

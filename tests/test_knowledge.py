@@ -273,6 +273,16 @@ async def test_invalid_fields_name_each_violation(stubs: Stubs) -> None:
     assert {"query", "top_k", "document_ids[0]"} <= set(field_violations(caught.value))
 
 
+async def test_a_search_narrowed_to_too_many_documents_is_refused(stubs: Stubs) -> None:
+    account = await new_user(stubs)
+    ids = [str(uuid.uuid4()) for _ in range(101)]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await search(stubs, account, "anything", document_ids=ids)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(field_violations(caught.value)) == ["document_ids"]
+    assert await search(stubs, account, "anything", document_ids=ids[:100]) == []
+
+
 async def test_sharing_needs_an_administrator(stubs: Stubs) -> None:
     account = await new_user(stubs)
     with pytest.raises(grpc.aio.AioRpcError) as caught:

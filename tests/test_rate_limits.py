@@ -4,6 +4,7 @@ and HTTP 429 through Envoy."""
 
 import asyncio
 import contextlib
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,16 @@ async def test_redis_going_away_follows_the_setting_and_recovers(
             if fail_open:  # admitted without a decision, counted
                 for _ in range(3):
                     await me(stubs, user)
-                assert app.domain.limiter.failures >= 3  # type: ignore[attr-defined]
+                assert app.domain.limiter.failures >= 3
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"http://127.0.0.1:{app.ops.port}/metrics") as response,
+                ):
+                    scrape = await response.text()
+                counted = re.search(
+                    r"^agentmesh_rate_limit_decision_failures_total (\S+)$", scrape, re.M
+                )
+                assert counted is not None and float(counted.group(1)) >= 3
             else:
                 error = await refused(me(stubs, user))
                 assert retry_delay(error) > 0

@@ -49,6 +49,7 @@ MAX_METADATA_VALUE = 1024
 MAX_QUERY = 2000
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 100
+MAX_DOCUMENT_FILTER = 100  # document ids one search may be narrowed to
 # The payload keys candidates are ranked and checked by; the rest of a passage's payload
 # (its text above all) is read only for the passages served.
 HIT_FIELDS = ("document_id", "generation")
@@ -485,7 +486,9 @@ def _validate_search(request: SearchRequest) -> tuple[int, tuple[uuid.UUID, ...]
     if not math.isfinite(request.min_score):
         violations.add("min_score", "must be a finite number")
     document_ids = []
-    for index, raw in enumerate(request.document_ids):
+    if len(request.document_ids) > MAX_DOCUMENT_FILTER:
+        violations.add("document_ids", f"must name at most {MAX_DOCUMENT_FILTER} documents")
+    for index, raw in enumerate(request.document_ids[:MAX_DOCUMENT_FILTER]):
         parsed = parse_uuid(raw)
         if parsed is None:
             violations.add(f"document_ids[{index}]", "must be a UUID")

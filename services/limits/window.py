@@ -27,6 +27,8 @@ Check = tuple[str, int]  # (key, limit)
 class RateLimiter(Protocol):
     """Admits at most `limit` calls per key in any `window_seconds` interval."""
 
+    failures: int  # decisions it could not make (its store unreachable), for the metrics
+
     async def hit(self, key: str, limit: int, window_seconds: float) -> Decision:
         """Record a call for `key` if the window has room, and say whether it had."""
         ...
@@ -68,6 +70,7 @@ class InProcessRateLimiter:
     ) -> None:
         if max_keys is not None and max_keys < 1:
             raise ValueError(f"max_keys must be at least 1, got {max_keys}")
+        self.failures = 0  # memory cannot be unreachable
         self._max_keys = max_keys
         self._clock = clock
         # Ordered by last hit, least recent first: the LRU victim and the likeliest

@@ -344,7 +344,7 @@ class SearchKnowledgeBaseRequest(_message.Message):
     """The reranking step to apply."""
     @_builtins.property
     def document_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only search these documents (still limited to those the caller can see)."""
+        """Only search these documents, at most 100 (still limited to those the caller can see)."""
 
     def __init__(
         self,
