@@ -19,18 +19,15 @@ from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as kb_grpc
 
 from server.errors import domain_error_of
 from server.request_context import RequestInfo, current_request
-from server.servicers.knowledge import MODE_TO_PROTO
+from server.servicers.converters import LEG_TO_PROTO
+from server.servicers.knowledge import MODE_TO_PROTO, RERANK_TO_PROTO
 from services.auth.principal import Principal
 from services.errors import Unauthenticated, Unavailable
-from services.knowledge.retrieval import Leg, Rerank
+from services.knowledge.retrieval import Leg
 from services.knowledge.service import Passage, SearchRequest
 
-RERANK_TO_PROTO = {
-    Rerank.NONE: kb_service_pb.RERANK_MODE_NONE,
-    Rerank.MMR: kb_service_pb.RERANK_MODE_MMR,
-    Rerank.CROSS_ENCODER: kb_service_pb.RERANK_MODE_CROSS_ENCODER,
-}
-LEG_FROM_PROTO = {kb_pb.RETRIEVAL_LEG_DENSE: Leg.DENSE, kb_pb.RETRIEVAL_LEG_SPARSE: Leg.SPARSE}
+# The inverse of how the servicer writes each result's legs.
+LEG_FROM_PROTO = {value: Leg(name) for name, value in LEG_TO_PROTO.items()}
 
 
 class RemoteKnowledgeBase:

@@ -51,6 +51,11 @@ RERANK_FROM_PROTO = {
     kb_service_pb.RERANK_MODE_MMR: Rerank.MMR,
     kb_service_pb.RERANK_MODE_CROSS_ENCODER: Rerank.CROSS_ENCODER,
 }
+RERANK_TO_PROTO = {
+    rerank: value
+    for value, rerank in RERANK_FROM_PROTO.items()
+    if value != kb_service_pb.RERANK_MODE_UNSPECIFIED
+}
 
 
 def document_to_proto(document: Document) -> kb_pb.Document:
