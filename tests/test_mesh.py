@@ -127,6 +127,15 @@ async def token(http: aiohttp.ClientSession, email: str, password: str) -> str:
         return access
 
 
+async def account(http: aiohttp.ClientSession, prefix: str) -> dict[str, str]:
+    """A new account registered over REST; its authorization header."""
+    email = unique_email(prefix)
+    body = {"email": email, "password": PASSWORD, "full_name": prefix}
+    async with http.post("/v1/auth/register", json=body) as response:
+        assert response.status == 200
+    return {"authorization": f"Bearer {await token(http, email, PASSWORD)}"}
+
+
 def readme_tour() -> str:
     """The REST tour's shell block, as the README shows it."""
     readme = (ROOT / "README.md").read_text()
@@ -167,15 +176,11 @@ async def rpc_count(http: aiohttp.ClientSession, ops_port: int, method: str) -> 
 async def test_requests_are_served_by_both_replicas(
     mesh: RunningMesh, http: aiohttp.ClientSession
 ) -> None:
-    email = unique_email("spread")
-    body = {"email": email, "password": PASSWORD, "full_name": "Spread"}
-    async with http.post("/v1/auth/register", json=body) as response:
-        assert response.status == 200
-    access = await token(http, email, PASSWORD)
+    headers = await account(http, "spread")
     fronts = [mesh.member("front-1"), mesh.member("front-2")]
     before = [await rpc_count(http, f["ops_port"], "GetCurrentUser") for f in fronts]
     for _ in range(40):
-        async with http.get("/v1/users/me", headers={"authorization": f"Bearer {access}"}) as r:
+        async with http.get("/v1/users/me", headers=headers) as r:
             assert r.status == 200
     after = [await rpc_count(http, f["ops_port"], "GetCurrentUser") for f in fronts]
     served = [a - b for a, b in zip(after, before, strict=True)]
@@ -194,15 +199,7 @@ async def test_a_dropped_stream_is_resumed_through_the_mesh(
 ) -> None:
     """Started on one replica, re-attached on whichever Envoy picks (the run log is in
     Redis): every event once, in order, and the same events a second client replays."""
-
-    async def account(prefix: str) -> dict[str, str]:
-        email = unique_email(prefix)
-        body = {"email": email, "password": PASSWORD, "full_name": prefix}
-        async with http.post("/v1/auth/register", json=body) as response:
-            assert response.status == 200
-        return {"authorization": f"Bearer {await token(http, email, PASSWORD)}"}
-
-    headers = await account("resumer")
+    headers = await account(http, "resumer")
     seen: list[dict[str, Any]] = []
     query = {"query": "What is the capital of the Netherlands?"}
     async with http.post("/v1/agent/query:stream", json=query, headers=headers) as sse:
@@ -221,7 +218,7 @@ async def test_a_dropped_stream_is_resumed_through_the_mesh(
     async with http.post(attach, json={"after_seq": 0}, headers=headers) as sse:
         assert [event async for event in sse_events(sse)] == resumed
 
-    stranger = await account("stranger")
+    stranger = await account(http, "stranger")
     async with http.post(attach, json={"after_seq": 0}, headers=stranger) as response:
         assert "RUN_NOT_FOUND" in await response.text()
 
@@ -229,11 +226,7 @@ async def test_a_dropped_stream_is_resumed_through_the_mesh(
 async def test_killing_a_replica_loses_almost_nothing(
     mesh: RunningMesh, http: aiohttp.ClientSession
 ) -> None:
-    email = unique_email("survivor")
-    body = {"email": email, "password": PASSWORD, "full_name": "Survivor"}
-    async with http.post("/v1/auth/register", json=body) as response:
-        assert response.status == 200
-    headers = {"authorization": f"Bearer {await token(http, email, PASSWORD)}"}
+    headers = await account(http, "survivor")
 
     async def ok() -> bool:
         async with http.get("/v1/users/me", headers=headers) as response:
