@@ -123,9 +123,17 @@ def wrap_handler(handler: Handler, method: str, interceptor: WrappingInterceptor
 
 
 async def abort(context: Context, status: status_pb2.Status) -> None:
-    """End the RPC with a rich status (raises grpc.aio.AbortError)."""
+    """End the RPC with a rich status (raises grpc.aio.AbortError).
+
+    The request id goes into the trailers: a call that fails before its first response
+    message has sent no headers yet, so the failure travels as a trailers-only response,
+    which Envoy's transcoder turns into the status's own HTTP code (see RequestLogInterceptor).
+    """
     grpc_status = to_grpc_status(status)
-    await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
+    trailers = tuple(grpc_status.trailing_metadata)
+    if (info := current_request.get()) is not None:
+        trailers += ((REQUEST_ID_HEADER, info.request_id),)
+    await context.abort(grpc_status.code, grpc_status.details, trailers)
 
 
 def metadata_value(context: Context, key: str) -> str | None:
@@ -148,16 +156,25 @@ def code_name(context: Context, failed: BaseException | None) -> str:
 
 
 class RequestLogInterceptor(WrappingInterceptor):
-    """Gives every RPC a request id (from `x-request-id` or new), echoes it in the response
-    headers, and writes one structured log line per RPC: id, rpc, code, latency, user.
+    """Gives every RPC a request id (from `x-request-id` or new), echoes it in the response,
+    and writes one structured log line per RPC: id, rpc, code, latency, user.
     Every call of an agentmesh service (not health checks or reflection) is also recorded
-    as a usage event, the denominator of the error rate."""
+    as a usage event, the denominator of the error rate.
+
+    The id goes out with the response headers only once there is a response: with the first
+    message of a stream, or with a unary call's answer. Sending headers earlier would commit
+    the HTTP status: Envoy's transcoder answers REST with 200 as soon as headers arrive, so a
+    stream refused before its first event (a foreign conversation, bad arguments, a quota)
+    would reach REST clients as 200 with an error body instead of 404/400/429. A call that
+    fails carries the id in its trailers instead (`abort`), and those become the headers of a
+    trailers-only response.
+    """
 
     def __init__(self, logger: logging.Logger, events: EventRecorder) -> None:
         self._log = logger
         self._events = events
 
-    async def _begin(self, context: Context, method: str) -> RequestInfo:
+    def _begin(self, context: Context, method: str) -> RequestInfo:
         incoming = metadata_value(context, REQUEST_ID_HEADER)
         request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         # The peer is read now: once a call is cancelled, asking its context for the peer
@@ -167,8 +184,11 @@ class RequestLogInterceptor(WrappingInterceptor):
         if remaining is not None:
             info.deadline = time.monotonic() + remaining
         current_request.set(info)
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
         return info
+
+    @staticmethod
+    async def _send_id(context: Context, info: RequestInfo) -> None:
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, info.request_id),))
 
     def _end(
         self, info: RequestInfo, context: Context, started: float, failed: BaseException | None
@@ -191,10 +211,12 @@ class RequestLogInterceptor(WrappingInterceptor):
 
     async def unary(self, call: UnaryCall, context: Context, method: str) -> Any:
         started = time.perf_counter()
-        info = await self._begin(context, method)
+        info = self._begin(context, method)
         failed: BaseException | None = None
         try:
-            return await call()
+            response = await call()
+            await self._send_id(context, info)
+            return response
         except BaseException as exc:
             failed = exc
             raise
@@ -203,11 +225,17 @@ class RequestLogInterceptor(WrappingInterceptor):
 
     async def stream(self, call: StreamCall, context: Context, method: str) -> AsyncIterator[Any]:
         started = time.perf_counter()
-        info = await self._begin(context, method)
+        info = self._begin(context, method)
         failed: BaseException | None = None
+        sent = False
         try:
             async for item in call():
+                if not sent:
+                    await self._send_id(context, info)
+                    sent = True
                 yield item
+            if not sent:  # an empty stream ends trailers-only
+                context.set_trailing_metadata(((REQUEST_ID_HEADER, info.request_id),))
         except BaseException as exc:
             failed = exc
             raise

@@ -658,6 +658,40 @@ async def test_rest_clients_see_a_mid_stream_failure_as_an_error_event(
     assert "completed" not in events[-1]
 
 
+async def test_rest_streams_refused_before_their_first_event_get_the_status_http_code(
+    stubs_: Stubs, llm: FakeLlm, agent_rest: aiohttp.ClientSession
+) -> None:
+    llm.script = Script(intent="greeting", answer="Hello there.")
+    owner, other = await new_user(stubs_), await new_user(stubs_)
+    conversation = await stubs_.agent.Query(
+        agent_pb.QueryRequest(query="hello"), metadata=owner.metadata
+    )
+    refusals = [
+        # Another user's conversation: as if it did not exist.
+        (other, {"query": "hello", "conversation_id": conversation.conversation_id}, 404),
+        (other, {"query": ""}, 400),  # no query
+        (None, {"query": "hello"}, 401),  # no token
+    ]
+    for user, body, expected in refusals:
+        headers = {"x-request-id": f"refused-{expected}"}
+        if user is not None:
+            headers["authorization"] = f"Bearer {user.access_token}"
+        async with agent_rest.post("/v1/agent/query:stream", json=body, headers=headers) as r:
+            status = await r.json(content_type=None)
+            assert r.status == expected, (body, r.status, status)
+            assert r.headers["x-request-id"] == f"refused-{expected}"
+        assert status["code"] != code_pb2.OK and status["details"], status
+    # A stream that starts still answers 200 and carries the id in its headers.
+    async with agent_rest.post(
+        "/v1/agent/query:stream",
+        json={"query": "hello"},
+        headers={"authorization": f"Bearer {owner.access_token}", "x-request-id": "started-1"},
+    ) as response:
+        assert response.status == 200 and response.headers["x-request-id"] == "started-1"
+        while await read_sse_event(response) is not None:
+            pass
+
+
 async def test_a_run_is_traced_in_langfuse_with_user_and_conversation(
     database: Database, llm: FakeLlm, tmp_path: Path
 ) -> None:

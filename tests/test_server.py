@@ -134,13 +134,14 @@ async def test_request_ids_are_echoed(stubs: Stubs) -> None:
     echoed = dict(await call.initial_metadata())["x-request-id"]
     assert uuid.UUID(hex=str(echoed))
 
-    # Failed calls carry the id too, so a client can quote it.
+    # Failed calls carry the id too, so a client can quote it: in the trailers, since a call
+    # refused before its answer sends no headers (see RequestLogInterceptor).
     failed = stubs.users.GetCurrentUser(
         users_pb.GetCurrentUserRequest(), metadata=(("x-request-id", "failing-1"),)
     )
     with pytest.raises(grpc.aio.AioRpcError):
         await failed
-    assert dict(await failed.initial_metadata())["x-request-id"] == "failing-1"
+    assert dict(await failed.trailing_metadata())["x-request-id"] == "failing-1"
 
 
 class RecordingHandler(logging.Handler):
