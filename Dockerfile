@@ -79,10 +79,17 @@ FROM build AS envoy-config
 # alias, or with AGENTMESH_ENVOY_UPSTREAMS (JSON: each service's replicas by host names
 # that resolve to all of them, as docker-compose.yml passes) routes the mesh: a cluster per
 # service, health-checked, with retries where safe. CORS origins and upstreams are baked in
-# at build time: the compose names do not change when a service scales.
+# at build time: the compose names do not change when a service scales. So are the edge
+# limits (request body caps by route, circuit breakers); unset, the defaults of
+# server/config.py apply.
 ARG AGENTMESH_CORS_ALLOWED_ORIGINS=
 ARG AGENTMESH_ENVOY_UPSTREAMS=
 ARG AGENTMESH_ENVOY_OPS_UPSTREAMS=
+ARG AGENTMESH_MAX_UPLOAD_BYTES=20971520
+ARG AGENTMESH_ENVOY_MAX_PUBLIC_BODY_BYTES=65536
+ARG AGENTMESH_ENVOY_MAX_BODY_BYTES=1048576
+ARG AGENTMESH_ENVOY_MAX_REQUESTS=1024
+ARG AGENTMESH_ENVOY_MAX_PENDING_REQUESTS=256
 # The mesh's routes know each method's kind from the descriptor set Envoy transcodes with.
 COPY --from=descriptor /src/gen/agentmesh.binpb /etc/envoy/agentmesh.binpb
 RUN AGENTMESH_HTTP_HOST=0.0.0.0 AGENTMESH_ENVOY_ADMIN_PORT=9902 agentmesh envoy-config --upstream agentmesh-backend --descriptor /etc/envoy/agentmesh.binpb --stats-port 9901 > /envoy.yaml

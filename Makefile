@@ -34,6 +34,11 @@ $(BIN)/python:
 # up, run the pip line below yourself with the new extras.
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev
+# llama.cpp is compiled for the x86-64 every machine here has (AVX2/FMA/F16C), not for the
+# build machine's own CPU: `-march=native` switched on AMX tiles, which these VMs report but
+# do not enable, and the server died of SIGILL on its first token. pip caches the wheel
+# under the package's version: after changing these flags, remove it from pip's cache.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet '$(TORCH)'
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'

@@ -119,7 +119,9 @@ async def _call_async(settings: Settings, args: argparse.Namespace) -> int:
     metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
     path = f"/{method.containing_service.full_name}/{method.name}"
     target = args.target or f"127.0.0.1:{settings.grpc_port}"
-    async with grpc.aio.insecure_channel(target) as channel:
+    from server.channels import connect
+
+    async with connect(target) as channel:
         kind = channel.unary_stream if method.server_streaming else channel.unary_unary
         stub: Any = kind(
             path,

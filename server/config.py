@@ -90,6 +90,19 @@ class Settings(BaseSettings):
     envoy_ops_upstreams: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """The mesh: host:port of the operations servers behind Envoy's /health (comma-separated);
     empty: METRICS_HOST:METRICS_PORT."""
+    envoy_max_public_body_bytes: int = Field(default=64 * 1024, gt=0)
+    """Largest REST request body Envoy takes without an authorization header, on every route
+    (uploads too); a larger one is refused with 413 before Envoy buffers it."""
+    envoy_max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    """Largest REST request body Envoy takes with an authorization header, uploads apart: an
+    upload may be MAX_UPLOAD_BYTES in base64 (4/3 of it) plus this. Larger is 413."""
+    envoy_max_requests: int = Field(default=1024, gt=0)
+    """Envoy's circuit breaker: calls in flight to one agentmesh process (a mesh service gets
+    this per replica listed); more fail at once with 503 (UNAVAILABLE). Keep it above
+    MAX_CONCURRENT_RPCS + MAX_CONCURRENT_RUNS, whose 429 is what clients should meet first."""
+    envoy_max_pending_requests: int = Field(default=256, gt=0)
+    """Calls Envoy holds while it connects to agentmesh (per replica, as above); more fail at
+    once with 503."""
 
     @field_validator("envoy_upstreams", mode="before")
     @classmethod
@@ -123,7 +136,7 @@ class Settings(BaseSettings):
     jwt_audience: str = "agentmesh-api"
     """The `aud` claim of issued tokens."""
     access_token_ttl_seconds: int = Field(default=900, gt=0)
-    """Lifetime of access tokens (logout cannot shorten it)."""
+    """Lifetime of access tokens (those of a revoked session or account stop at once)."""
     refresh_token_ttl_seconds: int = Field(default=30 * 24 * 3600, gt=0)
     """Lifetime of refresh tokens."""
     password_hash_workers: int = Field(default=2, gt=0)
@@ -270,6 +283,12 @@ class Settings(BaseSettings):
     """LLM tokens an administrator's queries may use per UTC day; 0: unlimited."""
     quota_admin_monthly_tokens: int = Field(default=0, ge=0)
     """LLM tokens an administrator's queries may use per calendar month; 0: unlimited."""
+    quota_fail_open: bool = True
+    """When Redis cannot count a query quota: admit the query (true) or refuse it, UNAVAILABLE."""
+    storage_quota_bytes: int = Field(default=1024**3, ge=0)
+    """Bytes of documents (sizes as uploaded) one user may store; 0: unlimited."""
+    redis_timeout_seconds: float = Field(default=1.0, gt=0)
+    """Longest a Redis call for quotas or caches may take (the rate limiter has its own)."""
     rate_limit_enabled: bool = True
     """Apply the per-user and per-IP rate limits below."""
     rate_limit_window_seconds: float = Field(default=60.0, gt=0)
@@ -284,6 +303,16 @@ class Settings(BaseSettings):
     """When Redis cannot decide in time: admit the call (true) or refuse it (false)."""
     rate_limit_timeout_seconds: float = Field(default=0.05, gt=0)
     """Longest one Redis rate-limit decision may take."""
+    rate_limit_credentials_per_account: int = Field(default=10, gt=0)
+    """Login calls for one account (from any address; keyed by a hash of its email) and
+    ChangePassword calls of one user, per window."""
+    rate_limit_credentials_fail_open: bool = False
+    """When Redis cannot decide for Register, Login, RefreshToken or ChangePassword: admit
+    the call (true) or refuse it with RESOURCE_EXHAUSTED, RATE_LIMITER_UNAVAILABLE (false)."""
+    auth_state_cache_seconds: float = Field(default=30.0, ge=0)
+    """How long a copy of an account's auth state (deleted or disabled, role, revoked
+    sessions) is cached: in Redis when REDIS_URL is set, else in process. Changes are written
+    through at once; without Redis other processes see them after this; 0: no cache."""
     trusted_proxies: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["127.0.0.0/8", "::1/128"]
     )
@@ -305,6 +334,29 @@ class Settings(BaseSettings):
     """Langfuse public key."""
     langfuse_secret_key: SecretStr | None = None
     """Langfuse secret key."""
+
+    max_request_bytes: int = Field(default=64 * 1024, gt=0)
+    """Largest request message of every method but UploadDocument and the workers' passage
+    batches (those take MAX_UPLOAD_BYTES plus 1 MiB); larger is RESOURCE_EXHAUSTED before it
+    is parsed. Raised to fit a question of MAX_QUERY_CHARS when that needs more."""
+    max_concurrent_rpcs: int = Field(default=16, gt=0)
+    """RPCs in flight at once, the agent's runs apart; more are refused at once with
+    RESOURCE_EXHAUSTED (OVERLOADED, with RetryInfo). Health checks and reflection are exempt.
+    Sized for 2 cores; raise it with cores, or for calls that mostly wait (remote database)."""
+    max_concurrent_runs: int = Field(default=16, gt=0)
+    """Agent runs (Query, StreamQuery, AttachRun) in flight at once on this process; more are
+    refused as above. grpc's own limit, a backstop whose refusal has no details, is 4 times
+    this and MAX_CONCURRENT_RPCS together, at least 1024."""
+    overload_retry_after_seconds: float = Field(default=1.0, gt=0)
+    """The retry delay an OVERLOADED refusal advises (its RetryInfo)."""
+    keepalive_time_seconds: float = Field(default=30.0, gt=0)
+    """The server pings a connection silent this long, to find clients that are gone."""
+    keepalive_timeout_seconds: float = Field(default=10.0, gt=0)
+    """A connection whose ping goes unanswered this long is closed (its calls cancelled)."""
+    min_client_ping_interval_seconds: float = Field(default=5.0, gt=0)
+    """Shortest interval between a client's keepalive pings the server accepts, with or
+    without calls; repeated faster pings get GOAWAY too_many_pings (server/channels.py
+    clients ping every 20 s)."""
 
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     """How long SIGTERM lets in-flight RPCs finish before they are cancelled."""

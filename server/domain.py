@@ -9,10 +9,14 @@ in one, or one service alone) is a choice of services over the same Domain.
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from server import domain_settings as configured
@@ -38,6 +42,7 @@ from services.agent.tools.web_search import WebSearchTool
 from services.agent.tracing import NoopTracer, Tracer
 from services.analytics.stats import StatsService
 from services.analytics.usage import UsageService
+from services.auth.auth_state import AuthStates, InProcessStateCache, RedisStateCache
 from services.auth.passwords import PasswordHasher
 from services.auth.service import AuthService
 from services.auth.tokens import TokenCodec
@@ -66,7 +71,7 @@ from services.usage_events.recorder import EventRecorder
 
 # Threads parsing, chunking and building lexical vectors (a PDF waits on its child process).
 PARSE_THREADS = 2
-# Redis connections per process; the pool blocks past this (see `connect_redis`).
+# Redis connections per process and client; the pool blocks past this (see `redis_client`).
 REDIS_CONNECTIONS = 64
 T = TypeVar("T")
 
@@ -91,6 +96,7 @@ class Domain:
     executor: ThreadPoolExecutor
     tokens: TokenCodec
     service_token: str  # what agentmesh's own processes present (internal services)
+    auth_states: AuthStates  # who may act as each account now, checked on every call
     auth: AuthService
     users: UserService
     knowledge_service: KnowledgeService | None
@@ -102,9 +108,10 @@ class Domain:
     stats: StatsService
     outbound: OutboundHttp
     limiter: RateLimiter
-    redis: Redis | None
+    redis: Redis | None  # quotas, caches and the readiness probe
     metrics: Metrics
     peers: Peers = field(default_factory=Peers)
+    limiter_redis: Redis | None = None  # the rate limiter's own, with its tight timeouts
     # The llama.cpp server of LLM_PROVIDER=local; the agent's client is made once it serves.
     local_llm: LocalLlmSidecar | None = None
     local_llm_settings: LlmSettings | None = None
@@ -151,8 +158,9 @@ class Domain:
         if self.peers.close is not None:
             await self.peers.close()
         await self.events.stop()  # after everything that records events
-        if self.redis is not None:
-            await self.redis.aclose()
+        for redis in (self.redis, self.limiter_redis):
+            if redis is not None:
+                await redis.aclose()
         await self.engine.dispose()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -299,27 +307,70 @@ def build_runs(settings: Settings) -> RunManager:
     if not settings.redis_url:
         return RunManager(InProcessRunLog(ttl), InProcessRunSlots())
     # Its own client: followers block in XREAD for longer than the limiter's socket timeout.
-    redis = Redis.from_url(settings.redis_url, socket_timeout=RUN_LOG_SOCKET_TIMEOUT)
+    redis = Redis.from_url(
+        settings.redis_url, socket_timeout=RUN_LOG_SOCKET_TIMEOUT, retry=resend_on_new_connection()
+    )
     prefix = settings.redis_key_prefix
     return RunManager(RedisRunLog(redis, prefix, ttl), RedisRunSlots(redis, prefix))
 
 
-def connect_redis(settings: Settings) -> Redis | None:
-    """One Redis client for limits, quotas and caches when REDIS_URL is set (shared by
-    replicas); None keeps all of them in process."""
-    if not settings.redis_url:
-        return None
-    timeout = settings.rate_limit_timeout_seconds
+def resend_on_new_connection() -> Retry:
+    """A pooled connection Redis dropped (it restarted, or the network cut it) shows only
+    when used: the command is sent once more, on a new connection. Connection errors only:
+    a command that timed out may have run, and INCRBY must not run twice."""
+    return Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,))
+
+
+def redis_client(url: str, timeout: float) -> Redis:
+    """A client whose connections give up after `timeout` seconds (connecting, or waiting
+    for a reply), and which survives Redis restarting between two calls."""
     # A blocking pool: the default one raises past its size, which would wave a burst
-    # through (fail open) instead of queueing it within the decision timeout.
+    # through the limiter (fail open) instead of queueing it within the decision timeout.
     pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
+        url,
         max_connections=REDIS_CONNECTIONS,
         timeout=None,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
+        retry=resend_on_new_connection(),
     )
     return Redis.from_pool(pool)
+
+
+def connect_redis(settings: Settings) -> Redis | None:
+    """The Redis client for quotas and caches when REDIS_URL is set (shared by replicas),
+    with REDIS_TIMEOUT_SECONDS; None keeps them in process."""
+    if not settings.redis_url:
+        return None
+    return redis_client(settings.redis_url, settings.redis_timeout_seconds)
+
+
+def connect_limiter_redis(settings: Settings) -> Redis | None:
+    """The rate limiter's own client: its timeouts are the decision's few milliseconds,
+    which would fail slower calls (quotas, caches) spuriously under load."""
+    if not settings.redis_url:
+        return None
+    return redis_client(settings.redis_url, settings.rate_limit_timeout_seconds)
+
+
+def build_auth_states(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    tokens: TokenCodec,
+    redis: Redis | None,
+) -> AuthStates:
+    """Accounts' auth states, cached in Redis when it is configured (every replica applies a
+    deletion or a revoked session on its next call), else in process, or not at all."""
+    ttl = settings.auth_state_cache_seconds
+    # Revoked sessions matter while their access tokens live, plus room for clock skew.
+    window = tokens.access_ttl + timedelta(minutes=1)
+    if ttl == 0:
+        return AuthStates(sessions, None, window=window)
+    if redis is None:
+        return AuthStates(sessions, InProcessStateCache(ttl), window=window)
+    prefix = f"{settings.redis_key_prefix}authstate:"
+    cache = RedisStateCache(redis, prefix, ttl, timeout=settings.rate_limit_timeout_seconds)
+    return AuthStates(sessions, cache, window=window)
 
 
 def build_limiter(settings: Settings, redis: Redis | None) -> RateLimiter:
@@ -334,12 +385,19 @@ def build_limiter(settings: Settings, redis: Redis | None) -> RateLimiter:
     )
 
 
-def build_quotas(settings: Settings, redis: Redis | None) -> QuotaService:
+def build_quotas(settings: Settings, redis: Redis | None, metrics: Metrics) -> QuotaService:
     """Per-role quotas, counted in Redis when it is configured (shared by replicas)."""
     counters: Counters = (
-        RedisCounters(redis, settings.redis_key_prefix) if redis else InProcessCounters()
+        RedisCounters(redis, settings.redis_key_prefix, settings.redis_timeout_seconds)
+        if redis
+        else InProcessCounters()
     )
-    return QuotaService(counters, configured.quota_limits(settings))
+    return QuotaService(
+        counters,
+        configured.quota_limits(settings),
+        fail_open=settings.quota_fail_open,
+        metrics=metrics,
+    )
 
 
 def shared_queries(settings: Settings, redis: Redis | None) -> Cache | None:
@@ -375,6 +433,9 @@ def build_domain(
         sessions, configured.recorder_settings(settings), observer=metrics.observe_event
     )
     redis = connect_redis(settings)
+    limiter_redis = connect_limiter_redis(settings)
+    # Read on every authenticated call: the hot path's client, with its tight timeouts.
+    states = build_auth_states(settings, sessions, tokens, limiter_redis)
     embedder = (
         Embedder.load(configured.embedder_settings(settings), shared_queries(settings, redis))
         if served & {"knowledge", "agent"}
@@ -386,7 +447,7 @@ def build_domain(
         else None
     )
     outbound = OutboundHttp(settings.outbound_allowed_networks)
-    quotas = build_quotas(settings, redis)
+    quotas = build_quotas(settings, redis, metrics)
     agent = None
     if embedder is not None and "agent" in served:
         searched = knowledge or _required(peers.knowledge, "KNOWLEDGE_TARGET")
@@ -409,17 +470,19 @@ def build_domain(
         executor=executor,
         tokens=tokens,
         service_token=configured.index_token(settings),
-        auth=AuthService(sessions, PasswordHasher(executor), tokens, events),
-        users=UserService(sessions, on_deleted=purge),
+        auth_states=states,
+        auth=AuthService(sessions, PasswordHasher(executor), tokens, events, states),
+        users=UserService(sessions, states, on_deleted=purge),
         knowledge_service=knowledge,
         agent_service=agent,
         embedder=embedder,
         feedback=FeedbackService(sessions, events),
         events=events,
-        usage=UsageService(sessions, quotas),
+        usage=UsageService(sessions, quotas, settings.storage_quota_bytes),
         stats=build_stats(settings, sessions, redis),
-        limiter=build_limiter(settings, redis),
+        limiter=build_limiter(settings, limiter_redis),
         redis=redis,
+        limiter_redis=limiter_redis,
         metrics=metrics,
         outbound=outbound,
         peers=peers,

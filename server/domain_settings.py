@@ -127,6 +127,7 @@ def knowledge_settings(settings: Settings) -> KnowledgeSettings:
         dense_weight=settings.hybrid_dense_weight,
         candidates=settings.search_candidates,
         parse_limits=parse_limits(settings),
+        storage_quota_bytes=settings.storage_quota_bytes,
     )
 
 

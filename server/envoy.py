@@ -23,6 +23,63 @@ from server.config import Settings
 from server.parent_death import terminate_with_parent
 
 CORS_POLICY_TYPE = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy"
+BUFFER_FILTER = "envoy.filters.http.buffer"
+TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
+GRPC_CLUSTER = "agentmesh_grpc"
+# The REST routes of envoy/envoy.yaml that cap a body (by the EdgeLimits field of their cap),
+# each after its twin TOO_LARGE that refuses a Content-Length over the cap at once.
+BODY_CAP_ROUTES = {
+    "rest-upload": "upload_body_bytes",
+    "rest-authenticated": "body_bytes",
+    "rest-public": "public_body_bytes",
+}
+TOO_LARGE = "-too-large"
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """What Envoy lets through to agentmesh: REST request bodies by route, in bytes (larger is
+    413 before Envoy buffers it), and the gRPC cluster's circuit breaker per process."""
+
+    public_body_bytes: int
+    """Any REST request without an authorization header."""
+    body_bytes: int
+    """A REST request with an authorization header, uploads apart."""
+    upload_body_bytes: int
+    """POST /v1/kb/documents (UploadDocument) with an authorization header."""
+    max_requests: int
+    """Calls in flight to one agentmesh process."""
+    max_pending_requests: int
+    """Calls waiting for a connection to one agentmesh process."""
+
+
+def upload_body_bytes(max_upload_bytes: int, envelope_bytes: int) -> int:
+    """The largest JSON body of an upload of `max_upload_bytes`: base64 writes 4 characters
+    for every 3 bytes, and the other fields may take `envelope_bytes`."""
+    return 4 * -(-max_upload_bytes // 3) + envelope_bytes
+
+
+def too_large_message(limits: EdgeLimits) -> str:
+    """The message of Envoy's 413 (the same for every route: Envoy's answer cannot tell which
+    cap a body passed)."""
+    return (
+        f"request body too large: at most {limits.public_body_bytes} bytes without an"
+        f" authorization header, {limits.body_bytes} with one,"
+        f" {limits.upload_body_bytes} for an upload"
+    )
+
+
+def edge_limits(settings: Settings) -> EdgeLimits:
+    """The limits of ENVOY_MAX_* and MAX_UPLOAD_BYTES."""
+    return EdgeLimits(
+        public_body_bytes=settings.envoy_max_public_body_bytes,
+        body_bytes=settings.envoy_max_body_bytes,
+        upload_body_bytes=upload_body_bytes(
+            settings.max_upload_bytes, settings.envoy_max_body_bytes
+        ),
+        max_requests=settings.envoy_max_requests,
+        max_pending_requests=settings.envoy_max_pending_requests,
+    )
 
 
 @dataclass(frozen=True)
@@ -38,6 +95,8 @@ class EnvoyAddresses:
     ops_port: int
     descriptor_set: Path
     cors_origins: list[str] = field(default_factory=list)
+    limits: EdgeLimits | None = None
+    """None: the template's own numbers."""
 
 
 def reachable(host: str) -> str:
@@ -51,14 +110,16 @@ def _socket(address: dict[str, Any], host: str, port: int) -> None:
 
 @dataclass(frozen=True)
 class EnvoyFront:
-    """Where Envoy listens, its admin port, the descriptor set it transcodes with and the
-    browser origins it admits: everything of the config but its upstreams."""
+    """Where Envoy listens, its admin port, the descriptor set it transcodes with, the
+    browser origins it admits and its limits: everything of the config but its upstreams."""
 
     listen_host: str
     listen_port: int
     admin_port: int
     descriptor_set: Path
     cors_origins: Sequence[str] = ()
+    limits: EdgeLimits | None = None
+    """None: the template's own numbers."""
 
 
 def _public_listener(config: dict[str, Any]) -> dict[str, Any]:
@@ -75,16 +136,58 @@ def public_manager(config: dict[str, Any]) -> dict[str, Any]:
     return manager
 
 
+def _http_filter(manager: dict[str, Any], name: str) -> dict[str, Any]:
+    config: dict[str, Any] = next(
+        item["typed_config"] for item in manager["http_filters"] if item["name"] == name
+    )
+    return config
+
+
+def _cap_bodies(manager: dict[str, Any], limits: EdgeLimits) -> None:
+    """Set the caps of BODY_CAP_ROUTES and their twins, and the transcoder's own (the largest)."""
+    caps = {route: int(getattr(limits, name)) for route, name in BODY_CAP_ROUTES.items()}
+    found = set()
+    for route in manager["route_config"]["virtual_hosts"][0]["routes"]:
+        name = route.get("name", "")
+        if name in caps:
+            buffer = route["typed_per_filter_config"][BUFFER_FILTER]["buffer"]
+            buffer["max_request_bytes"] = caps[name]
+        elif name.endswith(TOO_LARGE) and name.removesuffix(TOO_LARGE) in caps:
+            cap = caps[name.removesuffix(TOO_LARGE)]
+            length = next(h for h in route["match"]["headers"] if h["name"] == "content-length")
+            length["range_match"]["start"] = cap + 1
+        else:
+            continue
+        found.add(name)
+    missing = {*caps, *(name + TOO_LARGE for name in caps)} - found
+    if missing:
+        raise ValueError(f"the Envoy template lacks the routes {', '.join(sorted(missing))}")
+    _http_filter(manager, TRANSCODER_FILTER)["max_request_body_size"] = max(caps.values())
+    for mapper in manager["local_reply_config"]["mappers"]:
+        if mapper["filter"]["status_code_filter"]["comparison"]["value"]["default_value"] == 413:
+            mapper["body_format_override"]["json_format"]["message"] = too_large_message(limits)
+
+
+def _set_breakers(cluster: dict[str, Any], limits: EdgeLimits) -> None:
+    (thresholds,) = cluster["circuit_breakers"]["thresholds"]
+    thresholds["max_requests"] = limits.max_requests
+    thresholds["max_pending_requests"] = limits.max_pending_requests
+
+
 def render_front(template: dict[str, Any], front: EnvoyFront) -> dict[str, Any]:
-    """A copy of `template` (envoy/envoy.yaml) with the listener, admin, descriptor and CORS
-    origins of `front`; its clusters are still the template's."""
+    """A copy of `template` (envoy/envoy.yaml) with the listener, admin, descriptor, CORS
+    origins and limits of `front`; its clusters are still the template's (the gRPC one with
+    the limits' circuit breaker)."""
     config = copy.deepcopy(template)
     _socket(config["admin"]["address"], "127.0.0.1", front.admin_port)
     _socket(_public_listener(config)["address"], front.listen_host, front.listen_port)
     manager = public_manager(config)
-    for http_filter in manager["http_filters"]:
-        if http_filter["name"] == "envoy.filters.http.grpc_json_transcoder":
-            http_filter["typed_config"]["proto_descriptor"] = str(front.descriptor_set.resolve())
+    transcoder = _http_filter(manager, TRANSCODER_FILTER)
+    transcoder["proto_descriptor"] = str(front.descriptor_set.resolve())
+    if front.limits is not None:
+        _cap_bodies(manager, front.limits)
+        clusters = config["static_resources"]["clusters"]
+        _set_breakers(next(c for c in clusters if c["name"] == GRPC_CLUSTER), front.limits)
     if front.cors_origins:
         virtual_host = manager["route_config"]["virtual_hosts"][0]
         virtual_host["typed_per_filter_config"] = {
@@ -108,10 +211,11 @@ def render_config(template: dict[str, Any], where: EnvoyAddresses) -> dict[str, 
         admin_port=where.admin_port,
         descriptor_set=where.descriptor_set,
         cors_origins=where.cors_origins,
+        limits=where.limits,
     )
     config = render_front(template, front)
     upstreams = {
-        "agentmesh_grpc": (reachable(where.grpc_host), where.grpc_port),
+        GRPC_CLUSTER: (reachable(where.grpc_host), where.grpc_port),
         "agentmesh_ops": (reachable(where.ops_host), where.ops_port),
     }
     for cluster in config["static_resources"]["clusters"]:
@@ -283,6 +387,7 @@ def envoy_config(
         ops_port=ops_port,
         descriptor_set=descriptor or settings.descriptor_set,
         cors_origins=settings.cors_allowed_origins,
+        limits=edge_limits(settings),
     )
     return render_config(template, addresses)
 

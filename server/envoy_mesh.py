@@ -4,8 +4,11 @@ service, each with several replicas, in place of the single process's one gRPC c
 - Clusters `svc_<key>`: STRICT_DNS (a name that resolves to every replica of a scaled
   compose service gives as many hosts, re-resolved every 5 s), HTTP/2 as the template's
   gRPC cluster, an active grpc.health.v1 check of that service's full name, outlier
-  detection and a retry budget. `agentmesh_ops` holds every operations server (/health).
-- Routes: the template's own, each sent to the cluster of the service its path names;
+  detection, a retry budget, and the template's circuit breaker times the replicas listed.
+  `agentmesh_ops` holds every operations server (/health).
+- Routes: the template's own, each sent to the cluster of the service its path names (the
+  REST routes that cap bodies, matched before transcoding, to the front service's: only a
+  request the transcoder leaves as it is goes there);
   reflection, grpc.health.v1 and unknown paths go to the front service's cluster (auth's,
   FRONT_SERVICE). Then a route per read method and per server stream the template does not
   route, one per service, and the template's catch-all last.
@@ -28,7 +31,7 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
 from server.config import Settings
-from server.envoy import EnvoyFront, public_manager, reachable, render_front
+from server.envoy import EnvoyFront, edge_limits, public_manager, reachable, render_front
 from server.upstreams import check_upstreams, split_address
 
 # The public services by the keys of AGENTMESH_ENVOY_UPSTREAMS, in server/served.py's order.
@@ -87,6 +90,9 @@ OUTLIER_DETECTION: dict[str, Any] = {
 PANIC_THRESHOLD = 25.0
 # Retries in flight at once: a fifth of the calls, at least 10 (Envoy's default is 3).
 RETRY_BUDGET: dict[str, Any] = {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 10}
+# The template's circuit breaker is one process's: a service's cluster gets it per replica
+# listed (a name that resolves to several counts once).
+SCALED_THRESHOLDS = frozenset({"max_requests", "max_pending_requests"})
 PREVIOUS_HOSTS: dict[str, Any] = {
     "name": "envoy.retry_host_predicates.previous_hosts",
     "typed_config": {
@@ -150,6 +156,17 @@ def _endpoints(name: str, addresses: Sequence[str]) -> dict[str, Any]:
     return {"cluster_name": name, "endpoints": [{"lb_endpoints": hosts}]}
 
 
+def _breakers(prototype: dict[str, Any], replicas: int) -> dict[str, Any]:
+    """The prototype's circuit breaker (one process's) for `replicas` of them, with the
+    retry budget."""
+    (thresholds,) = prototype.get("circuit_breakers", {}).get("thresholds", [{}])
+    scaled = {
+        key: value * replicas if key in SCALED_THRESHOLDS else value
+        for key, value in thresholds.items()
+    }
+    return {"thresholds": [{**scaled, "retry_budget": copy.deepcopy(RETRY_BUDGET)}]}
+
+
 def _cluster(prototype: dict[str, Any], name: str, addresses: Sequence[str]) -> dict[str, Any]:
     # Copies of the shared settings: a dict used twice would be dumped as a YAML alias.
     cluster = copy.deepcopy(prototype)
@@ -159,7 +176,7 @@ def _cluster(prototype: dict[str, Any], name: str, addresses: Sequence[str]) -> 
         load_assignment=_endpoints(name, addresses),
         outlier_detection=copy.deepcopy(OUTLIER_DETECTION),
         common_lb_config={"healthy_panic_threshold": {"value": PANIC_THRESHOLD}},
-        circuit_breakers={"thresholds": [{"retry_budget": copy.deepcopy(RETRY_BUDGET)}]},
+        circuit_breakers=_breakers(prototype, len(addresses)),
     )
     return cluster
 
@@ -262,12 +279,13 @@ def mesh_envoy_config(
     descriptor: Path | None = None,
 ) -> dict[str, Any]:
     """mesh_config with the template, listener (HTTP_HOST, HTTP_PORT unless `listen_port`),
-    admin port, descriptor set and CORS origins of `settings`."""
+    admin port, descriptor set, CORS origins and limits of `settings`."""
     front = EnvoyFront(
         listen_host=settings.http_host,
         listen_port=settings.http_port if listen_port is None else listen_port,
         admin_port=settings.envoy_admin_port,
         descriptor_set=descriptor or settings.descriptor_set,
         cors_origins=settings.cors_allowed_origins,
+        limits=edge_limits(settings),
     )
     return mesh_config(settings.envoy_config_template, front, upstreams, ops)

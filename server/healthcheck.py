@@ -1,8 +1,9 @@
 """`python -m server.healthcheck`: exit 0 when agentmesh answers grpc.health.v1 SERVING.
 
 The Docker image's HEALTHCHECK. grpc_health_probe is not available, and `agentmesh call`
-imports the whole server (models included) on every probe; this needs only grpcio and the
-health stubs, so a probe costs a fraction of a second. It prints the status it saw, which
+imports the whole server (models included) on every probe; this needs only grpcio, the
+settings and the generated messages (server/channels.py), so a probe costs a fraction of a
+second. It prints the status it saw, which
 Docker keeps in `docker inspect` for the last probes.
 """
 
@@ -13,13 +14,14 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from server.channels import connect_sync
 from server.config import Settings
 
 
 def status(target: str, service: str = "", timeout: float = 3.0) -> str:
     """The serving status `target` reports for `service` ("" = the whole server), or the
     gRPC error code name when it does not answer within `timeout` seconds."""
-    with grpc.insecure_channel(target) as channel:
+    with connect_sync(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

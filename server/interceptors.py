@@ -22,6 +22,7 @@ from google.rpc import status_pb2
 from server.access import Access, access_for
 from server.errors import INTERNAL, UNIMPLEMENTED, rich_status, to_grpc_status
 from server.request_context import RequestInfo, current_request
+from services.auth.auth_state import AuthStates
 from services.auth.principal import Principal
 from services.auth.tokens import TokenCodec
 from services.errors import DomainError, PermissionDenied, Unauthenticated
@@ -245,13 +246,30 @@ class RequestLogInterceptor(WrappingInterceptor):
 
 class AuthInterceptor(WrappingInterceptor):
     """Authenticates `authorization: Bearer <access token>` and enforces the access table.
-    SERVICE methods take the service credential instead, and act for no user."""
+    SERVICE methods take the service credential instead, and act for no user.
 
-    def __init__(self, tokens: TokenCodec, service_token: str) -> None:
+    A valid signature is not enough: the token's account must still exist and be enabled
+    and its session must not be revoked (`AuthStates`: one cache read per call), and the
+    access table is checked against the account's current role. A call refused here is
+    first handed to `on_refused` (the rate limiter charges it to the client's address, and
+    ends a flood of bad tokens with RESOURCE_EXHAUSTED), then ends UNAUTHENTICATED or
+    PERMISSION_DENIED."""
+
+    _log = logging.getLogger("agentmesh.auth")
+
+    def __init__(
+        self,
+        tokens: TokenCodec,
+        states: AuthStates,
+        service_token: str,
+        on_refused: Callable[[Context, str], Awaitable[None]] | None = None,
+    ) -> None:
         self._tokens = tokens
+        self._states = states
         self._service_token = service_token.encode()
+        self._on_refused = on_refused
 
-    def _principal(self, context: Context, method: str) -> Principal | None:
+    async def _principal(self, context: Context, method: str) -> Principal | None:
         access = access_for(method)
         if access is None:
             raise PermissionDenied(
@@ -266,17 +284,26 @@ class AuthInterceptor(WrappingInterceptor):
             if not hmac.compare_digest(token.strip().encode(), self._service_token):
                 raise Unauthenticated("not the service credential", reason="TOKEN_INVALID")
             return None
-        claims = self._tokens.decode_access(token.strip())
-        principal = Principal(user_id=claims.user_id, role=claims.role)
+        principal = await self._states.principal(self._tokens.decode_access(token.strip()))
         if access is Access.ADMIN and not principal.is_admin:
             raise PermissionDenied("this method is for administrators", reason="ADMIN_REQUIRED")
         return principal
 
     async def _authenticate(self, context: Context, method: str) -> None:
         try:
-            principal = self._principal(context, method)
+            principal = await self._principal(context, method)
         except DomainError as error:
+            if self._on_refused is not None:
+                await self._on_refused(context, method)  # aborts when over the limit
             await abort(context, rich_status(error))
+            return
+        except Exception as exc:  # reading the auth state failed
+            if (outage := outage_of(exc)) is None:
+                self._log.exception("authentication failed unexpectedly in %s", method)
+                await abort(context, INTERNAL)
+            else:
+                self._log.warning("%s in %s: %r", outage.reason, method, exc)
+                await abort(context, rich_status(outage))
             return
         info = current_request.get()
         if info is None:

@@ -32,6 +32,8 @@ from grpc_status import rpc_status
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from server.channels import connect
+
 # The server judges a file by its content and only uses the name to tell Markdown from
 # text; the client picks candidates by name, so a folder's other files are never sent.
 ACCEPTED_SUFFIXES = (".pdf", ".docx", ".txt", ".md", ".markdown")
@@ -504,7 +506,7 @@ async def import_paths(
     for result in files:
         if result.outcome is not None:
             display.settled(result)
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with connect(target) as channel:
         session = Session(channel, options.timeout)
         importer = Importer(session, options, display)
         uploads = [f for f in files if f.outcome is None]

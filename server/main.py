@@ -24,6 +24,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from server.admission import CALLS, RUNS, AdmissionInterceptor
 from server.config import Settings
 from server.domain import Domain, build_domain
 from server.envoy import envoy_sidecar
@@ -33,7 +34,7 @@ from server.logs import configure_logging
 from server.ops_http import OpsServer
 from server.peers import connect_peers
 from server.rate_limits import RateLimitInterceptor, RateLimits
-from server.request_checks import RequestCheckInterceptor
+from server.request_checks import ReceiveLimits, RequestCheckInterceptor, UnknownMethodInterceptor
 from server.rpc_metrics import RpcMetricsInterceptor
 from server.runtime_metrics import (
     CountersCollector,
@@ -51,16 +52,57 @@ log = logging.getLogger("agentmesh")
 
 # Room for the rest of an UploadDocumentRequest beside the largest accepted file.
 UPLOAD_ENVELOPE_BYTES = 1024 * 1024
+# grpc.aio's own bound on RPCs in flight, over the admission budgets: a backstop for floods
+# (it counts the exempt probes and the calls being refused too, and its refusal carries no
+# details), far enough above the budgets that they answer first.
+BACKSTOP_FACTOR = 4
+BACKSTOP_MIN = 1024
+
+
+def receive_limits(settings: Settings) -> ReceiveLimits:
+    """Per-method request limits: a question of MAX_QUERY_CHARS (4 bytes a character at
+    most in UTF-8) always fits; uploads and passage batches take the server's whole cap."""
+    question = 4 * settings.max_query_chars + 1024
+    return ReceiveLimits(
+        default=max(settings.max_request_bytes, question),
+        large=settings.max_upload_bytes + UPLOAD_ENVELOPE_BYTES,
+    )
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
+    def ms(seconds: float) -> int:
+        return round(seconds * 1000)
+
     return [
         # Fail loudly when the port is taken instead of silently sharing it.
         ("grpc.so_reuseport", 0),
         # Uploads up to the size cap must reach the service, which answers anything over
-        # the cap with its own RESOURCE_EXHAUSTED and details.
-        ("grpc.max_receive_message_length", settings.max_upload_bytes + UPLOAD_ENVELOPE_BYTES),
+        # the cap with its own RESOURCE_EXHAUSTED and details; every other method has its
+        # own, smaller limit (receive_limits, checked in server/request_checks.py).
+        ("grpc.max_receive_message_length", receive_limits(settings).large),
+        # Ping connections that went quiet, and close those that do not answer: a client
+        # that vanished (host down, cable cut) leaves no call hanging and no slot held.
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time_seconds)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_seconds)),
+        # grpc 1.85 times its pings out after this one (60 s by default), keepalive's too.
+        ("grpc.http2.ping_timeout_ms", ms(settings.keepalive_timeout_seconds)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Clients' keepalive pings are welcome down to this interval, on idle connections
+        # too (grpc's defaults are 5 minutes, and 2 hours without calls); each faster ping is
+        # a strike, and the third gets GOAWAY too_many_pings. (This is the string of
+        # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS: "recv" is not in it.)
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            ms(settings.min_client_ping_interval_seconds),
+        ),
+        ("grpc.http2.max_ping_strikes", 2),
     ]
+
+
+def admission(settings: Settings, registry: CollectorRegistry) -> AdmissionInterceptor:
+    limits = {CALLS: settings.max_concurrent_rpcs, RUNS: settings.max_concurrent_runs}
+    return AdmissionInterceptor(limits, settings.overload_retry_after_seconds, registry)
 
 
 def rate_limits(settings: Settings) -> RateLimits:
@@ -69,6 +111,8 @@ def rate_limits(settings: Settings) -> RateLimits:
         per_user=settings.rate_limit_per_user,
         per_ip=settings.rate_limit_per_ip,
         credentials_per_ip=settings.rate_limit_credentials_per_ip,
+        credentials_per_account=settings.rate_limit_credentials_per_account,
+        credentials_fail_open=settings.rate_limit_credentials_fail_open,
         trusted_proxies=tuple(settings.trusted_proxies),
     )
 
@@ -78,28 +122,50 @@ def interceptors(
 ) -> list[grpc.aio.ServerInterceptor]:
     """The interceptor chain; grpc.aio runs it in list order, the first one outermost.
 
-    1. Metrics, outermost: every call is counted and timed, including the ones that the
-       interceptors inside refuse, and the time includes their cost.
-    2. Request id and log: every call, refused or not, gets a request id, a log line and
-       its `rpc` usage event with the final status code.
-    3. Request checks: a request that does not parse, or carries a NUL character in
-       any string, is INVALID_ARGUMENT before anything reads it, with or without a token.
-    4. Auth: the principal goes into a ContextVar; the allow-list passes health,
-       reflection and the credential RPCs through.
-    5. Rate limit (when enabled): after auth, so per-user windows know the user;
-       anonymous calls are limited by client address.
-    6. Error mapping, innermost: a handler's DomainError becomes its status and details
+    1. Unknown methods, outermost: UNIMPLEMENTED with an ErrorInfo, and nothing inside sees
+       them, so a made-up method name never becomes a metric label or a usage event.
+    2. Metrics: every call is counted and timed, including the ones that the interceptors
+       inside refuse (shed calls too), and the time includes their cost.
+    3. Admission (load shedding): a call over its budget of calls in flight is refused with
+       OVERLOADED (and RetryInfo) before the log: under overload a refusal costs no log
+       line and no usage event (the metrics and agentmesh_rpcs_shed_total count it).
+       Health checks and reflection are exempt.
+    4. Request id and log: every admitted call, refused or not, gets a request id, a log
+       line and its `rpc` usage event with the final status code.
+    5. Request checks: a request over its method's size limit is RESOURCE_EXHAUSTED before
+       it is parsed; one that does not parse, or carries a NUL character in any string, is
+       INVALID_ARGUMENT; both before anything reads it, with or without a token.
+    6. Auth: the principal goes into a ContextVar; the allow-list passes health,
+       reflection and the credential RPCs through. A token must also belong to an account
+       that still exists, is enabled and has not signed that session out (its auth state,
+       one cache read). A call it refuses is first charged to its client address's rate
+       limit (the rate limiter's `charge_refused`), so a flood of bad tokens is limited too.
+    7. Rate limit (when enabled): after auth, so per-user windows know the user;
+       anonymous calls are limited by client address, Login also by account.
+    8. Error mapping, innermost: a handler's DomainError becomes its status and details
        before anything outside sees the call end; anything else becomes INTERNAL.
     """
     rpc_log = logging.getLogger("agentmesh.rpc")
+    limiter = (
+        RateLimitInterceptor(domain.limiter, rate_limits(settings), domain.events)
+        if settings.rate_limit_enabled
+        else None
+    )
     chain: list[grpc.aio.ServerInterceptor] = [
+        UnknownMethodInterceptor(),
         RpcMetricsInterceptor(registry),
+        admission(settings, registry),
         RequestLogInterceptor(rpc_log, domain.events),
-        RequestCheckInterceptor(),
-        AuthInterceptor(domain.tokens, domain.service_token),
+        RequestCheckInterceptor(receive_limits(settings)),
+        AuthInterceptor(
+            domain.tokens,
+            domain.auth_states,
+            domain.service_token,
+            on_refused=limiter.charge_refused if limiter is not None else None,
+        ),
     ]
-    if settings.rate_limit_enabled:
-        chain.append(RateLimitInterceptor(domain.limiter, rate_limits(settings), domain.events))
+    if limiter is not None:
+        chain.append(limiter)
     chain.append(ErrorInterceptor(rpc_log))
     return chain
 
@@ -165,8 +231,12 @@ def build_application(settings: Settings) -> Application:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     domain = build_domain(settings, registry, connect_peers(settings))
+    budgets = settings.max_concurrent_rpcs + settings.max_concurrent_runs
+    backstop = max(BACKSTOP_MIN, BACKSTOP_FACTOR * budgets)
     server = grpc.aio.server(
-        interceptors=interceptors(settings, domain, registry), options=server_options(settings)
+        interceptors=interceptors(settings, domain, registry),
+        options=server_options(settings),
+        maximum_concurrent_rpcs=backstop,
     )
     services = [service for service in SERVICES if service.key in settings.services]
     for service in services:

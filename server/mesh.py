@@ -36,6 +36,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server import migrations
+from server.channels import connect
 from server.config import Settings
 from server.envoy import EnvoySidecar
 from server.envoy_mesh import mesh_envoy_config
@@ -124,7 +125,7 @@ async def ensure_database(url: str) -> None:
 
 
 async def serving(target: str) -> bool:
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with connect(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)

@@ -1,37 +1,59 @@
 """The rate-limiting interceptor: sliding windows per user and per client IP, stricter
 ones for the credential RPCs, decided by the configured limiter (Redis or in-process).
 
+- Ordinary calls count against their client IP's window and, once authenticated, their
+  user's.
+- The credential RPCs (Register, Login, RefreshToken, ChangePassword) count instead against
+  a much smaller window per IP; Login also against its account's window (keyed by a hash
+  of the canonical email, never the email) and ChangePassword against its caller's, so
+  guessing one account's password from many addresses is throttled too.
+- A call the auth interceptor refuses (no, an invalid or an expired token; a revoked
+  session; a method the caller may not use) never reaches this interceptor: the auth
+  interceptor hands it to `charge_refused` first, which counts it against its IP's window,
+  so a flood of bad tokens ends in RESOURCE_EXHAUSTED like any other.
+- When the limiter cannot decide (Redis down or slower than its timeout), credential RPCs
+  follow `credentials_fail_open` (default: refused, so Redis being down does not open
+  password guessing), everything else the limiter's own mode (RATE_LIMIT_FAIL_OPEN). Such a
+  refusal is RESOURCE_EXHAUSTED with reason RATE_LIMITER_UNAVAILABLE and RetryInfo (1 s),
+  not UNAVAILABLE, which clients and Envoy may retry at once.
+
 The client IP is the peer address, or, when the peer is a trusted proxy (the Envoy
 sidecar on loopback by default), the right-most x-forwarded-for address that is not a
 trusted proxy itself, as Envoy appends the address it saw.
 """
 
+import hashlib
 import ipaddress
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
+
+import grpc
 
 from server.errors import rich_status
 from server.interceptors import (
+    Behavior,
     Context,
+    Handler,
     StreamCall,
     UnaryCall,
     WrappingInterceptor,
     abort,
+    call_behavior,
     metadata_value,
+    wrap_handler,
 )
 from server.request_context import current_request
+from services.auth.validation import canonical_email
 from services.errors import QuotaViolation, ResourceExhausted
-from services.limits import RateLimiter
+from services.limits import Decision, RateLimiter
 from services.usage_events.recorder import EventKind, EventRecorder
 
+_AUTH = "/agentmesh.auth.v1.AuthService/"
+LOGIN = _AUTH + "Login"
+CHANGE_PASSWORD = _AUTH + "ChangePassword"
 # Guessing passwords and minting tokens get their own, much smaller budget per IP.
-CREDENTIAL_RPCS = frozenset(
-    {
-        "/agentmesh.auth.v1.AuthService/Register",
-        "/agentmesh.auth.v1.AuthService/Login",
-        "/agentmesh.auth.v1.AuthService/RefreshToken",
-    }
-)
+CREDENTIAL_RPCS = frozenset({_AUTH + "Register", LOGIN, _AUTH + "RefreshToken", CHANGE_PASSWORD})
 # Probes and tooling are never limited.
 # Probes, grpcurl's reflection, and agentmesh's own processes on the internal indexing
 # service (authenticated by the service credential before this interceptor runs, and paced
@@ -45,7 +67,15 @@ class RateLimits:
     per_user: int = 600
     per_ip: int = 1200
     credentials_per_ip: int = 20
+    credentials_per_account: int = 10
+    credentials_fail_open: bool = False
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+
+def account_key(email: str) -> str:
+    """The limiter's name for the account `email` signs in to: a hash of its canonical
+    form, so keys, events and errors never carry the address."""
+    return hashlib.sha256(canonical_email(email).encode()).hexdigest()[:32]
 
 
 def _address(peer: str) -> str:
@@ -85,7 +115,7 @@ class ClientAddress:
 @dataclass(frozen=True)
 class WindowCheck:
     """One window a call counts against: its limiter key, its limit, whom it limits (for
-    QuotaFailure) and its scope (user, ip or credentials: events and metrics)."""
+    QuotaFailure) and its scope (user, ip, credentials or account: events and metrics)."""
 
     key: str
     limit: int
@@ -103,35 +133,88 @@ class RateLimitInterceptor(WrappingInterceptor):
         self._events = events
         self._addresses = ClientAddress(limits.trusted_proxies)
 
-    def _checks(self, context: Context, method: str) -> list[WindowCheck]:
-        """Every window this call counts against."""
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method != LOGIN or handler.request_streaming:
+            return None if handler is None else wrap_handler(handler, method, self)
+        # Login's account window is keyed by the request's email: the only method whose
+        # request this interceptor reads.
+        login = cast(Behavior, handler.unary_unary)
+
+        async def limited_login(request: Any, context: Context) -> Any:
+            email = str(getattr(request, "email", "") or "")
+            await self._admit(context, method, account=email.strip() and account_key(email))
+            return await call_behavior(login, request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            limited_login,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _client_ip(self, context: Context) -> str:
         info = current_request.get()
         peer = info.peer if info is not None and info.peer else context.peer()
         ip = self._addresses.of(peer, metadata_value(context, "x-forwarded-for"))
         if info is not None:
             info.client_ip = ip
+        return ip
+
+    def _checks(self, context: Context, method: str, account: str) -> list[WindowCheck]:
+        """Every window this call counts against (`account`: Login's account key)."""
+        info = current_request.get()
+        ip = self._client_ip(context)
         limits = self._limits
+        user = info.principal.user_id if info is not None and info.principal else None
         if method in CREDENTIAL_RPCS:
-            return [
+            checks = [
                 WindowCheck(f"auth-ip:{ip}", limits.credentials_per_ip, f"ip:{ip}", "credentials")
             ]
+            if method == CHANGE_PASSWORD and user is not None:
+                account = f"user:{user}"
+            if account:
+                key, subject = f"auth-account:{account}", f"account:{account}"
+                checks.append(WindowCheck(key, limits.credentials_per_account, subject, "account"))
+            return checks
         checks = [WindowCheck(f"ip:{ip}", limits.per_ip, f"ip:{ip}", "ip")]
-        if info is not None and info.principal is not None:
-            user = f"user:{info.principal.user_id}"
-            checks.append(WindowCheck(user, limits.per_user, user, "user"))
+        if user is not None:
+            checks.append(WindowCheck(f"user:{user}", limits.per_user, f"user:{user}", "user"))
         return checks
 
-    async def _admit(self, context: Context, method: str) -> None:
+    async def _admit(self, context: Context, method: str, account: str = "") -> None:
         if method.startswith(UNLIMITED_PREFIXES):
             return
-        checks = self._checks(context, method)
+        checks = self._checks(context, method, account)
+        credentials = method in CREDENTIAL_RPCS
+        await self._decide(
+            context, method, checks, self._limits.credentials_fail_open if credentials else None
+        )
+
+    async def charge_refused(self, context: Context, method: str) -> None:
+        """Count a call the auth interceptor refuses against its client IP's window, and
+        end it with RESOURCE_EXHAUSTED instead when that window is full."""
+        ip = self._client_ip(context)
+        checks = [WindowCheck(f"ip:{ip}", self._limits.per_ip, f"ip:{ip}", "ip")]
+        await self._decide(context, method, checks, None)
+
+    async def _decide(
+        self, context: Context, method: str, checks: list[WindowCheck], fail_open: bool | None
+    ) -> None:
+        """Abort the call unless every window in `checks` admits it (`fail_open`: the mode
+        when the limiter cannot decide; None is the limiter's own)."""
         refused_at, decision = await self._limiter.hit_all(
-            [(check.key, check.limit) for check in checks], self._limits.window_seconds
+            [(check.key, check.limit) for check in checks],
+            self._limits.window_seconds,
+            fail_open=fail_open,
         )
         if decision.allowed:
             return
         refused = checks[max(refused_at, 0)]
-        limit = refused.limit
         info = current_request.get()
         self._events.record(
             EventKind.RATE_LIMITED,
@@ -141,14 +224,22 @@ class RateLimitInterceptor(WrappingInterceptor):
             success=False,
             data={"limit": refused.scope},
         )
-        window = self._limits.window_seconds
-        error = ResourceExhausted(
+        await abort(context, rich_status(self._refusal(refused, decision)))
+
+    def _refusal(self, refused: WindowCheck, decision: Decision) -> ResourceExhausted:
+        if not decision.decided:
+            return ResourceExhausted(
+                "the rate limiter cannot be reached; try again",
+                retry_after=decision.retry_after,
+                reason="RATE_LIMITER_UNAVAILABLE",
+            )
+        limit, window = refused.limit, self._limits.window_seconds
+        return ResourceExhausted(
             f"rate limit: at most {limit} calls per {window:g} s",
             retry_after=decision.retry_after,
             violations=[QuotaViolation(refused.subject, f"{limit} calls per {window:g} s")],
             reason="RATE_LIMITED",
         )
-        await abort(context, rich_status(error))
 
     async def unary(self, call: UnaryCall, context: Context, method: str) -> Any:
         await self._admit(context, method)

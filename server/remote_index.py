@@ -4,10 +4,10 @@
 import uuid
 from collections.abc import Sequence
 
-import grpc
 from agentmesh.indexing.v1 import indexing_service_pb2 as indexing_pb
 from agentmesh.indexing.v1 import indexing_service_pb2_grpc as indexing_grpc
 
+from server.channels import connect
 from services.knowledge.chunking import Chunk
 from services.knowledge.lexical import SparseVector
 from services.knowledge.vector_store import ChunkOwner
@@ -21,7 +21,7 @@ class RemoteIndex:
     credential; a failed call raises, and the queue retries the job."""
 
     def __init__(self, target: str, token: str, *, timeout: float = 60.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = connect(target)
         self._stub = indexing_grpc.IndexingServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._timeout = timeout

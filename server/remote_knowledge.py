@@ -17,6 +17,7 @@ from agentmesh.knowledge.v1 import knowledge_pb2 as kb_pb
 from agentmesh.knowledge.v1 import knowledge_service_pb2 as kb_service_pb
 from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as kb_grpc
 
+from server.channels import connect
 from server.errors import domain_error_of
 from server.request_context import RequestInfo, current_request
 from server.servicers.converters import LEG_TO_PROTO
@@ -34,7 +35,7 @@ class RemoteKnowledgeBase:
     """Searches the knowledge base at `target` (Envoy's address in a mesh) as the caller."""
 
     def __init__(self, target: str, *, timeout: float) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = connect(target)
         self._stub = kb_grpc.KnowledgeBaseServiceStub(self._channel)
         self._timeout = timeout  # for a caller without a deadline of its own
 

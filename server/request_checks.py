@@ -1,15 +1,25 @@
 """Checks every request gets before any handler sees it, for every method of every service.
 
+- A request larger than its method's receive limit (`ReceiveLimits`: small by default,
+  large only for the methods that carry files or passages) is RESOURCE_EXHAUSTED (reason
+  REQUEST_TOO_LARGE), refused on its size before it is parsed, with or without a token.
+  grpc core has already read the bytes by then: it refuses by itself only what exceeds the
+  server's `grpc.max_receive_message_length`, the largest method limit (that refusal is
+  grpc's own RESOURCE_EXHAUSTED, without details). What the per-method limit saves is the
+  parsing, and everything after it: auth, handlers, storage.
 - Bytes that do not parse as the method's request message are INVALID_ARGUMENT (reason
   MALFORMED_REQUEST), not grpc's UNKNOWN naming a Python exception class.
 - A NUL character in any string field, at any depth (repeated fields and map keys and values
   included), is INVALID_ARGUMENT with a field violation: no text the services store or pass
   on may carry one (PostgreSQL refuses it; C strings end at it).
 
-Client-streaming methods (only server reflection has one) are passed through untouched.
+Client-streaming methods (only server reflection has one) get the same checks on each
+message. `UnknownMethodInterceptor` answers a method no service has with UNIMPLEMENTED and
+an ErrorInfo, in place of grpc's bare "Method not found!".
 """
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
@@ -25,24 +35,62 @@ from server.interceptors import (
     call_behavior,
     iterate_behavior,
 )
-from services.errors import FieldViolation, InvalidArgument
+from services.errors import FieldViolation, InvalidArgument, ResourceExhausted
 
 MALFORMED = plain_status(
     grpc.StatusCode.INVALID_ARGUMENT,
     "the request is not a valid protobuf message for this method",
     "MALFORMED_REQUEST",
 )
+UNKNOWN_METHOD = plain_status(
+    grpc.StatusCode.UNIMPLEMENTED, "no service here has this method", "METHOD_NOT_FOUND"
+)
+
+# The methods whose requests are large by design, with the limit that applies to them
+# (`ReceiveLimits.large`); every other method gets `ReceiveLimits.default`.
+LARGE_REQUESTS: frozenset[str] = frozenset(
+    {
+        # A whole file, up to MAX_UPLOAD_BYTES, in one unary message.
+        "/agentmesh.knowledge.v1.KnowledgeBaseService/UploadDocument",
+        # A worker's batch of passages with their vectors (server/remote_index.py):
+        # a few MB; internal, with the service credential.
+        "/agentmesh.indexing.v1.IndexingService/UpsertPassages",
+    }
+)
+
+
+@dataclass(frozen=True)
+class ReceiveLimits:
+    """The largest request message, in bytes, each method accepts."""
+
+    default: int
+    large: int
+
+    def of(self, method: str) -> int:
+        return self.large if method in LARGE_REQUESTS else self.default
 
 
 class Malformed:
     """What a request that failed to parse is replaced with, for the handler to refuse."""
 
 
-def tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+@dataclass(frozen=True)
+class TooLarge:
+    """What a request over its method's limit is replaced with, unparsed."""
+
+    size: int
+    limit: int
+
+
+def tolerant(
+    deserialize: Callable[[bytes], Any] | None, limit: int
+) -> Callable[[bytes], Any] | None:
     if deserialize is None:
         return None
 
     def parse(raw: bytes) -> Any:
+        if len(raw) > limit:
+            return TooLarge(len(raw), limit)
         try:
             return deserialize(raw)
         except (DecodeError, ValueError, TypeError):
@@ -81,16 +129,37 @@ def nul_violations(message: Message, prefix: str = "") -> list[FieldViolation]:
     return found
 
 
+def too_large(request: TooLarge) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"the request is {request.size} bytes; this method accepts at most {request.limit}",
+        reason="REQUEST_TOO_LARGE",
+        metadata={"limit_bytes": str(request.limit)},
+    )
+
+
 async def check(request: Any, context: Context) -> None:
-    """Abort the call when its request is malformed or carries a NUL character."""
+    """Abort the call when its request is too large, malformed or carries a NUL character."""
+    if isinstance(request, TooLarge):
+        await abort(context, rich_status(too_large(request)))
     if isinstance(request, Malformed):
         await abort(context, MALFORMED)
     if isinstance(request, Message) and (violations := nul_violations(request)):
         await abort(context, rich_status(InvalidArgument(violations, reason="NUL_CHARACTER")))
 
 
+async def checked_requests(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+    """The messages of a client stream, each checked before the handler reads it."""
+    async for request in requests:
+        await check(request, context)
+        yield request
+
+
 class RequestCheckInterceptor(grpc.aio.ServerInterceptor):
-    """Runs `check` on the request of every unary-request method before its handler."""
+    """Runs `check` on every request message of every method before its handler, with
+    the receive limit of `limits` for the method."""
+
+    def __init__(self, limits: ReceiveLimits) -> None:
+        self._limits = limits
 
     async def intercept_service(
         self,
@@ -98,9 +167,11 @@ class RequestCheckInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
+        if handler is None:
             return handler
-        parse = tolerant(handler.request_deserializer)
+        parse = tolerant(handler.request_deserializer, self._limits.of(handler_call_details.method))
+        if handler.request_streaming:
+            return _checked_client_stream(handler, parse)
         if handler.response_streaming:
             streamed = cast(Behavior, handler.unary_stream)
 
@@ -119,3 +190,47 @@ class RequestCheckInterceptor(grpc.aio.ServerInterceptor):
             return await call_behavior(unary, request, context)
 
         return grpc.unary_unary_rpc_method_handler(checked, parse, handler.response_serializer)
+
+
+def _checked_client_stream(handler: Handler, parse: Callable[[bytes], Any] | None) -> Handler:
+    if handler.response_streaming:
+        bidi = cast(Behavior, handler.stream_stream)
+
+        async def checked_bidi(
+            requests: AsyncIterator[Any], context: Context
+        ) -> AsyncIterator[Any]:
+            async for item in iterate_behavior(bidi, checked_requests(requests, context), context):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(
+            checked_bidi, parse, handler.response_serializer
+        )
+    unary = cast(Behavior, handler.stream_unary)
+
+    async def checked_unary(requests: AsyncIterator[Any], context: Context) -> Any:
+        return await call_behavior(unary, checked_requests(requests, context), context)
+
+    return grpc.stream_unary_rpc_method_handler(checked_unary, parse, handler.response_serializer)
+
+
+class UnknownMethodInterceptor(grpc.aio.ServerInterceptor):
+    """UNIMPLEMENTED with an ErrorInfo (METHOD_NOT_FOUND) for a method no service has.
+
+    Outermost in the chain: the interceptors inside never see the call, so a made-up
+    method name never becomes a metric label or a log line's rpc.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is not None:
+            return handler
+        # Any kind of call ends the same way, and nothing it sends is read or parsed.
+        return grpc.stream_stream_rpc_method_handler(_unknown_method)
+
+
+async def _unknown_method(requests: Any, context: Context) -> None:
+    await abort(context, UNKNOWN_METHOD)

@@ -101,6 +101,6 @@ INDEXING = ServedService(
     "indexing",
     _name(indexing_pb.DESCRIPTOR, "IndexingService"),
     lambda d, s: indexing_grpc.add_IndexingServiceServicer_to_server(
-        IndexingServicer(d.knowledge.index), s
+        IndexingServicer(d.knowledge.index, d.knowledge.embedder.dimension), s
     ),
 )

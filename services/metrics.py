@@ -138,7 +138,7 @@ class Metrics:
         )
         self.rate_limited = Counter(
             "agentmesh_rate_limited",
-            "Calls refused by the rate limiter, by scope (user, ip, credentials).",
+            "Calls refused by the rate limiter, by scope (user, ip, credentials, account).",
             ["scope"],
             registry=r,
         )
@@ -146,6 +146,13 @@ class Metrics:
             "agentmesh_quota_refused",
             "Agent queries refused by a quota, by metric and period.",
             ["metric", "period"],
+            registry=r,
+        )
+        self.quota_check_failures = Counter(
+            "agentmesh_quota_check_failures",
+            "Quota operations the counters (Redis) failed, by operation; each admission was"
+            " admitted or refused by QUOTA_FAIL_OPEN.",
+            ["operation"],
             registry=r,
         )
         self.active = ActiveUsers()
@@ -167,11 +174,13 @@ class Metrics:
             self.registrations.labels(outcome)
         for rating in ("thumbs_up", "thumbs_down"):
             self.feedback.labels(rating)
-        for scope in ("user", "ip", "credentials"):
+        for scope in ("user", "ip", "credentials", "account"):
             self.rate_limited.labels(scope)
         for metric in ("queries", "tokens"):
             for period in ("day", "month"):
                 self.quota_refused.labels(metric, period)
+        for operation in ("admit", "take_back", "status", "add_tokens"):
+            self.quota_check_failures.labels(operation)
         for stage in ("parse", "chunk", "embed", "index"):
             self.ingest_seconds.labels(stage)
             for outcome in ("ok", "failed"):

@@ -56,9 +56,11 @@ def make_docx_like_zip_without_document() -> bytes:
 
 
 def make_zip_bomb() -> bytes:
-    """A valid ZIP with word/document.xml and 1 GiB of zeros deflated to about 1 MB."""
+    """A valid ZIP with a DOCX's parts and 1 GiB of zeros deflated to about 1 MB."""
+    types = b'<?xml version="1.0"?><Types/>'
     document = b'<?xml version="1.0"?><w:document/>'
     entries = [
+        ("[Content_Types].xml", _deflate(types), zlib.crc32(types), len(types)),
         ("word/document.xml", _deflate(document), zlib.crc32(document), len(document)),
         ("word/media/zeros.bin", *_deflated_zeros(_BOMB_MIB)),
     ]

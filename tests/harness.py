@@ -41,6 +41,10 @@ def settings_for(database_url: str, data_dir: Path, **overrides: Any) -> Setting
         "rate_limit_per_user": 1_000_000,
         "rate_limit_per_ip": 1_000_000,
         "rate_limit_credentials_per_ip": 1_000_000,
+        "rate_limit_credentials_per_account": 1_000_000,
+        # Load shedding too: only tests/test_transport.py reaches it.
+        "max_concurrent_rpcs": 1_000_000,
+        "max_concurrent_runs": 1_000_000,
         **overrides,
     }
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

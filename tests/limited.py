@@ -42,6 +42,7 @@ async def limited_app(tmp_path: Path, **settings: Any) -> AsyncIterator[tuple[Ap
         "rate_limit_per_user": GENEROUS,
         "rate_limit_per_ip": GENEROUS,
         "rate_limit_credentials_per_ip": GENEROUS,
+        "rate_limit_credentials_per_account": GENEROUS,
         "redis_key_prefix": f"agentmesh-test-{uuid.uuid4().hex}:",
         **settings,
     }

@@ -2,16 +2,30 @@
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
+
+
+@dataclass(eq=False)
+class _Relay:
+    """One client connection and the proxy's connection upstream for it."""
+
+    client: asyncio.StreamWriter
+    upstream: asyncio.StreamWriter
+    severed: bool = False
 
 
 class TcpProxy:
-    """Forwards a local port to Redis; `stop` drops every connection, `start` listens again."""
+    """Forwards a local port to Redis; `stop` drops every connection, `start` listens again,
+    `sever` drops them unseen (see there); `reply_delay` (seconds) holds back every reply,
+    making the server slow instead of gone."""
 
     def __init__(self, host: str, port: int) -> None:
         self._target = (host, port)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._relays: set[_Relay] = set()
         self.port = 0
+        self.reply_delay = 0.0
 
     async def start(self) -> None:
         # Same port on restart, so the client's pool reconnects to where it was.
@@ -29,6 +43,14 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
+    async def sever(self) -> None:
+        """Drop every connection on the server's side only, as a server that restarted
+        behind a NAT or load balancer does: a client learns of it only when it next sends,
+        with a reset. New connections work at once (the server is back)."""
+        for relay in list(self._relays):
+            relay.severed = True
+            relay.upstream.close()
+
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         try:
@@ -37,17 +59,29 @@ class TcpProxy:
             writer.close()
             return
         self._writers.add(upstream_writer)
-        await asyncio.gather(
-            self._pipe(reader, upstream_writer),
-            self._pipe(upstream_reader, writer),
-            return_exceptions=True,
-        )
+        relay = _Relay(writer, upstream_writer)
+        self._relays.add(relay)
+        try:
+            await asyncio.gather(
+                self._pipe(reader, relay, upstream_writer),
+                self._pipe(upstream_reader, relay, writer),
+                return_exceptions=True,
+            )
+        finally:
+            self._relays.discard(relay)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, relay: _Relay, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                if relay.severed:  # the client sent something on a severed connection
+                    relay.client.transport.abort()
+                    return
+                if writer is relay.client and self.reply_delay:
+                    await asyncio.sleep(self.reply_delay)
                 writer.write(data)
                 await writer.drain()
         finally:
-            writer.close()
+            if not relay.severed:
+                writer.close()

@@ -80,9 +80,13 @@ async def test_register_login_me_refresh_logout(stubs: Stubs) -> None:
         grpc.StatusCode.UNAUTHENTICATED,
     )
     assert error_info(error).reason == "TOKEN_REVOKED"
-    # Logging out again is not an error.
+    # The session's access token stopped with it; logging it out again from another
+    # session is not an error.
+    revoked = await expect_code(me(stubs, rotated.access_token), grpc.StatusCode.UNAUTHENTICATED)
+    assert error_info(revoked).reason == "TOKEN_REVOKED"
+    other = await login(stubs, email)
     await stubs.auth.Logout(
-        auth_pb.LogoutRequest(refresh_token=rotated.refresh_token), metadata=metadata
+        auth_pb.LogoutRequest(refresh_token=rotated.refresh_token), metadata=other.metadata
     )
 
 

@@ -341,6 +341,24 @@ def test_envoy_build_arguments_are_declared_by_the_dockerfile() -> None:
     assert "--from=descriptor /src/gen/agentmesh.binpb /etc/envoy/agentmesh.binpb" in copies
 
 
+def test_envoy_build_argument_defaults_are_the_settings_defaults() -> None:
+    """The edge limits baked into the Envoy image default, in the Dockerfile and in the
+    compose file, to what the server's own Settings say, so they cannot drift apart."""
+    defaults = {
+        "AGENTMESH_" + name.upper(): str(info.default)
+        for name, info in Settings.model_fields.items()
+        if isinstance(info.default, int) and not isinstance(info.default, bool)
+    }
+    declared = dict(arg.partition("=")[::2] for arg in stage("envoy-config").all("ARG"))
+    with_defaults = {name: value for name, value in declared.items() if value}
+    assert with_defaults, "no build argument with a default"
+    for name, value in with_defaults.items():
+        assert defaults.get(name) == value, (name, value, defaults.get(name))
+    passed = service("envoy")["build"]["args"]
+    for name in with_defaults:
+        assert passed[name] == f"${{{name}:-{defaults[name]}}}", (name, passed[name])
+
+
 def test_envoy_image_config_is_valid_and_fits_the_stack(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, descriptor: Path
 ) -> None:

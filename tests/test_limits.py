@@ -193,8 +193,23 @@ async def test_unreachable_redis_fails_open_and_counts(caplog: pytest.LogCapture
 
 async def test_unreachable_redis_fails_closed() -> None:
     limiter = await unreachable_limiter(closed_port(), fail_open=False, clock=FakeClock())
-    assert await timed_hit(limiter) == Decision(allowed=False, remaining=0, retry_after=1.0)
+    assert await timed_hit(limiter) == Decision(
+        allowed=False, remaining=0, retry_after=1.0, decided=False
+    )
     assert limiter.failures == 1
+
+
+async def test_a_call_can_choose_its_own_fail_mode() -> None:
+    # The credential RPCs fail closed while everything else fails open, on one limiter.
+    limiter = await unreachable_limiter(closed_port(), fail_open=True, clock=FakeClock())
+    assert await limiter.hit_all([("k", 5)], 60, fail_open=False) == (
+        0,
+        Decision(allowed=False, remaining=0, retry_after=1.0, decided=False),
+    )
+    assert (await limiter.hit_all([("k", 5)], 60))[1].allowed
+    closed = await unreachable_limiter(closed_port(), fail_open=False, clock=FakeClock())
+    assert (await closed.hit_all([("k", 5)], 60, fail_open=True))[1].allowed
+    assert limiter.failures == 2 and closed.failures == 1
 
 
 async def test_silent_redis_is_cut_off_by_the_timeout() -> None:

@@ -85,6 +85,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Runnin
         "AGENTMESH_RATE_LIMIT_PER_USER": "1000000",
         "AGENTMESH_RATE_LIMIT_PER_IP": "1000000",
         "AGENTMESH_RATE_LIMIT_CREDENTIALS_PER_IP": "1000000",
+        "AGENTMESH_RATE_LIMIT_CREDENTIALS_PER_ACCOUNT": "1000000",
     }
     log = (data_dir / "mesh.log").open("wb")
     process = await asyncio.create_subprocess_exec(

@@ -123,7 +123,7 @@ async def test_redis_gone_is_unavailable_for_queries_and_comes_back(tmp_path: Pa
             analytics = analytics_grpc.AnalyticsServiceStub(stubs.channel)
             error = await failure(analytics.GetUsage(usage, metadata=user.metadata))
             assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
-            assert error_info(error).reason == "REDIS_UNAVAILABLE"  # the quota counters
+            assert error_info(error).reason == "QUOTA_UNAVAILABLE"  # the quota counters
 
             await proxy.start()
             for _ in range(50):  # the client reconnects on its next command
@@ -137,5 +137,40 @@ async def test_redis_gone_is_unavailable_for_queries_and_comes_back(tmp_path: Pa
                 pytest.fail("Redis came back but queries kept failing")
             await until_health(stubs, AGENT, health_pb2.HealthCheckResponse.SERVING)
             assert app.domain.redis is not None
+    finally:
+        await proxy.stop()
+
+
+async def test_first_calls_after_redis_restarts_succeed(tmp_path: Path) -> None:
+    """Redis restarting between two calls leaves every pooled connection dead, unseen until
+    used: the clients send again on a fresh connection, so the first calls succeed."""
+    await redis_up()
+    parts = urlsplit(REDIS_URL)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    await proxy.start()
+    try:
+        async with limited_app(
+            tmp_path,
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+            rate_limit_fail_open=False,  # a limiter failure would refuse, not pass unseen
+            quota_fail_open=False,  # and so would a quota counter's
+        ) as (app, stubs):
+            user = await new_user(stubs)
+            analytics = analytics_grpc.AnalyticsServiceStub(stubs.channel)
+            query = agent_pb.QueryRequest(query="hello there")
+            usage = analytics_pb.GetUsageRequest()
+            await stubs.agent.Query(query, metadata=user.metadata)
+            await analytics.GetUsage(usage, metadata=user.metadata)
+
+            await proxy.sever()
+            await me(stubs, user)
+            await proxy.sever()
+            decision = await app.domain.limiter.hit(f"probe:{user.user_id}", 10, 60.0)
+            assert decision.allowed  # the limiter's own client
+            await proxy.sever()
+            assert (await analytics.GetUsage(usage, metadata=user.metadata)).quotas
+            await proxy.sever()
+            await stubs.agent.Query(query, metadata=user.metadata)  # quotas, the run log
+            assert app.domain.limiter.failures == 0
     finally:
         await proxy.stop()

@@ -4,11 +4,13 @@ real Redis, concurrently), the day and month resets with a fixed clock, and GetU
 from __future__ import annotations  # the Async stub types exist only in the .pyi files
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -16,15 +18,18 @@ from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
 from agentmesh.analytics.v1 import analytics_pb2, analytics_service_pb2
 from agentmesh.analytics.v1 import analytics_service_pb2_grpc as analytics_grpc
 
+from server.main import Application
 from services.auth.principal import Principal, Role
 from services.errors import ResourceExhausted
-from services.quotas.counters import InProcessCounters
+from services.metrics import Metrics
+from services.quotas.counters import CountersUnavailable, InProcessCounters
 from services.quotas.service import Limits, QuotaService
 from tests.fake_llm import FakeLlm, Script
 from tests.harness import Account, Stubs, new_admin, new_user
 from tests.knowledge import upload
 from tests.limited import REDIS_URL, exhausted, limited_app, redis_up
 from tests.rpc_errors import error_info, quota_violations, retry_delay
+from tests.tcp_proxy import TcpProxy
 
 
 async def ask(stubs: Stubs, account: Account) -> agent_pb.QueryResponse:
@@ -173,3 +178,140 @@ async def test_get_usage_reports_windows_and_quotas(tmp_path: Path, llm: FakeLlm
     day_tokens = quotas[(analytics_pb2.QUOTA_METRIC_TOKENS, analytics_pb2.GRANULARITY_DAY)]
     assert (day_tokens.limit, day_tokens.used) == (5000, tokens_in + tokens_out)
     assert all(q.unlimited and q.remaining == 0 for q in admin_usage.quotas)
+
+
+@contextlib.asynccontextmanager
+async def redis_behind_proxy() -> AsyncIterator[TcpProxy]:
+    """A proxy in front of the test Redis, whose replies a test can hold back."""
+    await redis_up()
+    parts = urlsplit(REDIS_URL)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
+def quota_failures(app: Application, operation: str) -> float:
+    registry = app.domain.metrics.registry
+    value = registry.get_sample_value(
+        "agentmesh_quota_check_failures_total", {"operation": operation}
+    )
+    return value or 0.0
+
+
+# Replies held back this long exceed the quota counters' timeout below (and the limiter's,
+# which fails open), but not the run log's.
+SLOW_REPLIES = 0.3
+QUOTA_TIMEOUT = 0.1
+
+
+async def test_quotas_fail_open_admit_uncounted_queries_while_redis_is_slow(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_behind_proxy() as proxy,
+        limited_app(
+            tmp_path,
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+            redis_timeout_seconds=QUOTA_TIMEOUT,
+            quota_user_daily_queries=1,
+        ) as (app, stubs),
+    ):
+        user = await new_user(stubs)
+        proxy.reply_delay = SLOW_REPLIES
+        for _ in range(2):  # over the daily quota of 1: the counters cannot say so
+            await ask(stubs, user)
+        assert quota_failures(app, "admit") >= 2
+
+        proxy.reply_delay = 0.0  # Redis is fast again: the quota counts again, unaided
+        await ask(stubs, user)
+        await refused(ask(stubs, user))
+
+
+async def test_quotas_fail_closed_refuse_unavailable_while_redis_is_slow(tmp_path: Path) -> None:
+    async with (
+        redis_behind_proxy() as proxy,
+        limited_app(
+            tmp_path,
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+            redis_timeout_seconds=QUOTA_TIMEOUT,
+            quota_fail_open=False,
+        ) as (app, stubs),
+    ):
+        user = await new_user(stubs)
+        analytics = analytics_grpc.AnalyticsServiceStub(stubs.channel)
+        usage = analytics_service_pb2.GetUsageRequest()
+        proxy.reply_delay = SLOW_REPLIES
+        for call in (ask(stubs, user), analytics.GetUsage(usage, metadata=user.metadata)):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+            assert error_info(caught.value).reason == "QUOTA_UNAVAILABLE"
+        assert quota_failures(app, "admit") >= 1 and quota_failures(app, "status") >= 1
+        listed = await stubs.agent.ListConversations(
+            agent_pb.ListConversationsRequest(), metadata=user.metadata
+        )
+        assert list(listed.conversations) == []  # the refused query ran nowhere
+
+        proxy.reply_delay = 0.0
+        await ask(stubs, user)
+        quotas = (await analytics.GetUsage(usage, metadata=user.metadata)).quotas
+        day = analytics_pb2.QUOTA_METRIC_AGENT_QUERIES, analytics_pb2.GRANULARITY_DAY
+        assert {(q.metric, q.granularity): q.used for q in quotas}[day] == 1
+
+
+async def test_quota_counters_outwait_a_redis_slower_than_the_limiters_timeout(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_behind_proxy() as proxy,
+        limited_app(tmp_path, redis_url=f"redis://127.0.0.1:{proxy.port}/0") as (app, stubs),
+    ):
+        user = await new_user(stubs)
+        analytics = analytics_grpc.AnalyticsServiceStub(stubs.channel)
+        proxy.reply_delay = 0.15  # thrice the limiter's 50 ms (it fails open), a busy Redis
+        await ask(stubs, user)
+        usage = await analytics.GetUsage(
+            analytics_service_pb2.GetUsageRequest(), metadata=user.metadata
+        )
+        day = analytics_pb2.QUOTA_METRIC_AGENT_QUERIES, analytics_pb2.GRANULARITY_DAY
+        assert {(q.metric, q.granularity): q.used for q in usage.quotas}[day] == 1
+        assert quota_failures(app, "admit") == quota_failures(app, "status") == 0
+
+
+class FlakyCounters(InProcessCounters):
+    """In-process counters that fail once `adds_left` additions have succeeded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adds_left: int | None = None  # None: never fail
+
+    async def add(self, key: str, amount: int, ttl_seconds: int) -> int:
+        if self.adds_left == 0:
+            raise CountersUnavailable("broken")
+        if self.adds_left is not None:
+            self.adds_left -= 1
+        return await super().add(key, amount, ttl_seconds)
+
+
+async def test_lost_counters_lose_tokens_but_never_turn_a_refusal_into_an_admission() -> None:
+    counters, metrics = FlakyCounters(), Metrics()
+    quotas = QuotaService(
+        counters, {Role.USER: Limits(daily_queries=1)}, fail_open=True, metrics=metrics
+    )
+    user = Principal(uuid.uuid4(), Role.USER)
+    await quotas.admit_query(user)
+    counters.adds_left = 0
+    await quotas.add_tokens(user, 100)  # the run was served: its tokens are lost, no error
+    counters.adds_left = 1  # the query is counted (over the limit); taking it back fails
+    with pytest.raises(ResourceExhausted):
+        await quotas.admit_query(user)
+    for operation in ("add_tokens", "take_back"):
+        assert (
+            metrics.registry.get_sample_value(
+                "agentmesh_quota_check_failures_total", {"operation": operation}
+            )
+            == 1
+        )

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
 
 from server.rate_limits import ClientAddress
-from tests.harness import PASSWORD, Account, Stubs, envoy_for, login, new_user
+from services.auth.principal import Role
+from services.auth.tokens import TokenCodec, TokenSettings
+from tests.harness import PASSWORD, TEST_JWT_SECRET, Account, Stubs, envoy_for, login, new_user
 from tests.limited import REDIS_URL, exhausted, limited_app, redis_up
 from tests.rpc_errors import quota_violations, retry_delay
 from tests.tcp_proxy import TcpProxy
@@ -177,12 +180,194 @@ async def test_redis_going_away_follows_the_setting_and_recovers(
                     r"^agentmesh_rate_limit_decision_failures_total (\S+)$", scrape, re.M
                 )
                 assert counted is not None and float(counted.group(1)) >= 3
-            else:
-                error = await refused(me(stubs, user))
+            else:  # refused without a decision: not RATE_LIMITED, no QuotaFailure
+                error = await exhausted(me(stubs, user), "RATE_LIMITER_UNAVAILABLE")
                 assert retry_delay(error) > 0
 
             await proxy.start()  # Redis is back: the same window is enforced again
             await refused(me(stubs, user))
+    finally:
+        with contextlib.suppress(AssertionError):
+            await proxy.stop()
+
+
+def from_ip(address: str) -> tuple[tuple[str, str], ...]:
+    """Metadata of a call a trusted proxy forwards for `address` (tests run on loopback)."""
+    return (("x-forwarded-for", address),)
+
+
+@pytest.mark.parametrize("store", ["in_process", "redis"])
+async def test_guessing_one_accounts_password_from_many_addresses_is_throttled(
+    tmp_path: Path, store: str
+) -> None:
+    extra: dict[str, Any] = {}
+    if store == "redis":
+        await redis_up()
+        extra["redis_url"] = REDIS_URL
+    async with limited_app(
+        tmp_path, rate_limit_credentials_per_ip=100, rate_limit_credentials_per_account=3, **extra
+    ) as (app, stubs):
+        email = f"Target-{uuid.uuid4().hex[:8]}@Example.com"
+        await app.domain.auth.register(email=email, password=PASSWORD, full_name="Target")
+        bystander = await new_user(stubs)
+        for n in range(3):  # each from an address of its own, the per-IP window never fills
+            with pytest.raises(grpc.aio.AioRpcError) as wrong:
+                await stubs.auth.Login(
+                    auth_pb.LoginRequest(email=email, password="x" * 12),
+                    metadata=from_ip(f"198.51.100.{n}"),
+                )
+            assert wrong.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # The same account however it is spelled, from yet another address, even with the
+        # right password: the account's window is full.
+        error = await refused(
+            stubs.auth.Login(
+                auth_pb.LoginRequest(email=f"  {email.lower()} ", password=PASSWORD),
+                metadata=from_ip("203.0.113.50"),
+            )
+        )
+        assert 0 < retry_delay(error) <= 60
+        [(subject, _)] = quota_violations(error)
+        assert subject.startswith("account:") and "target" not in subject.lower()
+        # Other accounts are not affected, from the same addresses.
+        await stubs.auth.Login(
+            auth_pb.LoginRequest(email=bystander.email, password=PASSWORD),
+            metadata=from_ip("198.51.100.0"),
+        )
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{app.ops.port}/metrics") as response,
+        ):
+            scrape = await response.text()
+        assert re.search(r'^agentmesh_rate_limited_total\{scope="account"\} 1\.0$', scrape, re.M)
+        assert "target-" not in scrape.lower()
+        if store == "redis":
+            assert app.domain.limiter_redis is not None
+            keys = await app.domain.limiter_redis.keys(f"{app.settings.redis_key_prefix}*")
+            assert keys and not any(b"target" in key.lower() for key in keys)
+
+
+async def test_password_changes_are_limited_per_account(tmp_path: Path) -> None:
+    async with limited_app(tmp_path, rate_limit_credentials_per_account=2) as (_, stubs):
+        user = await new_user(stubs)
+        wrong = auth_pb.ChangePasswordRequest(
+            current_password="not the password", new_password="another passphrase entirely"
+        )
+        for n in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await stubs.auth.ChangePassword(
+                    wrong, metadata=(*user.metadata, *from_ip(f"198.51.100.{n}"))
+                )
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        error = await refused(
+            stubs.auth.ChangePassword(wrong, metadata=(*user.metadata, *from_ip("203.0.113.9")))
+        )
+        assert [subject for subject, _ in quota_violations(error)] == [
+            f"account:user:{user.user_id}"
+        ]
+
+
+def expired_token() -> str:
+    """An access token signed with the test key that expired an hour ago."""
+    codec = TokenCodec(
+        TokenSettings(
+            secret=TEST_JWT_SECRET,
+            issuer="agentmesh",
+            audience="agentmesh-api",
+            access_ttl=timedelta(minutes=15),
+            refresh_ttl=timedelta(days=1),
+        )
+    )
+    past = datetime.now(UTC) - timedelta(hours=2)
+    return codec.issue_access(
+        user_id=uuid.uuid4(), role=Role.USER, session_id=uuid.uuid4(), now=past
+    )
+
+
+BAD_TOKENS = {
+    "missing": (),
+    "invalid": (("authorization", "Bearer not-a-token"),),
+    "expired": (("authorization", f"Bearer {expired_token()}"),),
+}
+
+
+@pytest.mark.parametrize("store", ["in_process", "redis"])
+async def test_a_flood_of_bad_tokens_is_limited_per_address(tmp_path: Path, store: str) -> None:
+    extra: dict[str, Any] = {}
+    if store == "redis":
+        await redis_up()
+        extra["redis_url"] = REDIS_URL
+    async with limited_app(tmp_path, rate_limit_per_ip=20, **extra) as (app, stubs):
+        user = await new_user(stubs)
+        kinds = list(BAD_TOKENS.values())
+        results = await asyncio.gather(
+            *(
+                stubs.users.GetCurrentUser(
+                    users_pb.GetCurrentUserRequest(),
+                    metadata=(*kinds[n % len(kinds)], *from_ip("203.0.113.66")),
+                )
+                for n in range(60)
+            ),
+            return_exceptions=True,
+        )
+        codes = [r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        assert len(codes) == 60
+        assert codes.count(grpc.StatusCode.UNAUTHENTICATED) == 20
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 40
+        error = await refused(
+            stubs.users.GetCurrentUser(
+                users_pb.GetCurrentUserRequest(), metadata=from_ip("203.0.113.66")
+            )
+        )
+        assert 0 < retry_delay(error) <= 60
+        assert [subject for subject, _ in quota_violations(error)] == ["ip:203.0.113.66"]
+        # The window is the address's: a valid token from there is refused too, and other
+        # addresses are untouched.
+        await refused(
+            stubs.users.GetCurrentUser(
+                users_pb.GetCurrentUserRequest(),
+                metadata=(*user.metadata, *from_ip("203.0.113.66")),
+            )
+        )
+        await stubs.users.GetCurrentUser(
+            users_pb.GetCurrentUserRequest(), metadata=(*user.metadata, *from_ip("203.0.113.67"))
+        )
+        assert app.domain.limiter.failures == 0
+
+
+@pytest.mark.parametrize("credentials_fail_open", [False, True])
+async def test_credential_rpcs_fail_closed_while_redis_is_away(
+    tmp_path: Path, credentials_fail_open: bool
+) -> None:
+    await redis_up()
+    host, port = REDIS_URL.split("//", 1)[1].split("/", 1)[0].split(":")
+    proxy = TcpProxy(host, int(port))
+    await proxy.start()
+    try:
+        async with limited_app(
+            tmp_path,
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+            rate_limit_fail_open=True,
+            rate_limit_credentials_fail_open=credentials_fail_open,
+        ) as (_, stubs):
+            user = await new_user(stubs)
+            await me(stubs, user)
+
+            await proxy.stop()
+            await me(stubs, user)  # ordinary calls follow RATE_LIMIT_FAIL_OPEN: admitted
+            if credentials_fail_open:
+                await login(stubs, user.email)
+            else:  # no password can be tried while nothing counts the tries
+                for call in (
+                    login(stubs, user.email),
+                    stubs.auth.RefreshToken(
+                        auth_pb.RefreshTokenRequest(refresh_token=user.refresh_token)
+                    ),
+                ):
+                    error = await exhausted(call, "RATE_LIMITER_UNAVAILABLE")
+                    assert retry_delay(error) > 0
+
+            await proxy.start()  # Redis is back: signing in works again at once
+            await login(stubs, user.email)
     finally:
         with contextlib.suppress(AssertionError):
             await proxy.stop()

@@ -71,10 +71,10 @@ async def test_admin_manages_users(app: Application, stubs: Stubs) -> None:
         stubs.users.GetUser(users_pb.GetUserRequest(user_id=user.user_id), metadata=admin.metadata),
         grpc.StatusCode.NOT_FOUND,
     )
-    # The deleted account's still-valid access token finds nothing; its refresh token is gone.
+    # The deleted account's unexpired access token is refused (tests/test_auth_revocation.py).
     await expect_code(
         stubs.users.GetCurrentUser(users_pb.GetCurrentUserRequest(), metadata=user.metadata),
-        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.UNAUTHENTICATED,
     )
 
 

@@ -11,6 +11,7 @@ from server.servicers.converters import optional_time, to_timestamp
 from services.analytics.stats import Bucket, StatsRequest, StatsService
 from services.analytics.usage import UsageService, WindowUsage
 from services.errors import InvalidArgument
+from services.knowledge.storage_quota import StorageStatus
 from services.periods import Window
 from services.quotas.service import QuotaStatus
 
@@ -48,6 +49,15 @@ def quota_to_proto(quota: QuotaStatus) -> analytics_pb2.QuotaStatus:
         remaining=quota.remaining,
         unlimited=quota.unlimited,
         resets_at=to_timestamp(quota.resets_at),
+    )
+
+
+def storage_to_proto(storage: StorageStatus) -> analytics_pb2.StorageUsage:
+    return analytics_pb2.StorageUsage(
+        limit_bytes=storage.limit,
+        used_bytes=storage.used,
+        remaining_bytes=storage.remaining,
+        unlimited=storage.unlimited,
     )
 
 
@@ -105,6 +115,7 @@ class AnalyticsServicer(analytics_grpc.AnalyticsServiceServicer):
             this_week=week,
             this_month=month,
             quotas=[quota_to_proto(q) for q in usage.quotas],
+            storage=storage_to_proto(usage.storage),
         )
 
     async def GetSystemStats(

@@ -1,5 +1,6 @@
 """IndexingService (internal): ingestion workers' passages into this process's vector index."""
 
+import math
 from typing import Any
 
 from agentmesh.indexing.v1 import indexing_service_pb2 as indexing_pb
@@ -31,20 +32,37 @@ def _owner(request: indexing_pb.UpsertPassagesRequest) -> ChunkOwner:
 def _sparse(passage: indexing_pb.IndexedPassage) -> SparseVector:
     if len(passage.sparse_indices) != len(passage.sparse_values):
         raise InvalidArgument.of("passages", "sparse indices and values differ in length")
+    if not all(math.isfinite(value) for value in passage.sparse_values):
+        raise InvalidArgument.of("passages", "sparse values must be finite numbers")
     return SparseVector(list(passage.sparse_indices), list(passage.sparse_values))
 
 
+def _dense(passage: indexing_pb.IndexedPassage, dimension: int) -> list[float]:
+    """The passage's embedding, checked before the store sees it: the store refuses a
+    vector of another size with an error of its own, and would keep NaN or infinity."""
+    if len(passage.dense) != dimension:
+        raise InvalidArgument.of(
+            "passages", f"dense vectors must have {dimension} values, not {len(passage.dense)}"
+        )
+    vector = list(passage.dense)
+    if not all(math.isfinite(value) for value in vector):
+        raise InvalidArgument.of("passages", "dense values must be finite numbers")
+    return vector
+
+
 class IndexingServicer(indexing_grpc.IndexingServiceServicer):
-    def __init__(self, index: PassageIndex) -> None:
+    def __init__(self, index: PassageIndex, dimension: int) -> None:
         self._index = index
+        self._dimension = dimension
 
     async def UpsertPassages(
         self, request: indexing_pb.UpsertPassagesRequest, context: Any
     ) -> indexing_pb.UpsertPassagesResponse:
         passages = request.passages
         chunks = [Chunk(p.index, p.text, p.start, p.end, p.page, tokens=0) for p in passages]
+        dense = [_dense(p, self._dimension) for p in passages]
         sparse = [_sparse(p) for p in passages]
-        await self._index.upsert(_owner(request), chunks, [list(p.dense) for p in passages], sparse)
+        await self._index.upsert(_owner(request), chunks, dense, sparse)
         return indexing_pb.UpsertPassagesResponse()
 
     async def DeleteGeneration(

@@ -24,6 +24,7 @@ from services.agent.run_log import (
 )
 from services.agent.run_slots import RunSlots
 from services.errors import DomainError, QuotaViolation, ResourceExhausted
+from services.outages import outage_of
 
 logger = logging.getLogger("agentmesh.agent.runs")
 
@@ -95,9 +96,13 @@ class RunManager:
             stopped = running.stopped_by or RunInterrupted("the run was stopped by its server")
         except DomainError as error:
             stopped = error
-        except Exception:
-            logger.exception("agent run %s failed", run_id)
-            stopped = RunFailed()
+        except Exception as exc:
+            if (outage := outage_of(exc)) is not None:  # the database or Redis went away
+                logger.warning("agent run %s: %s: %r", run_id, outage.reason, exc)
+                stopped = outage
+            else:
+                logger.exception("agent run %s failed", run_id)
+                stopped = RunFailed()
         del self._running[run_id]
         if not ended:  # a run without its last record would keep its followers waiting
             self._log.append(run_id, RunRecord(seq + 1, RunStopped(stopped or RunFailed())))

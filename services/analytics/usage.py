@@ -1,5 +1,6 @@
 """A user's own usage today, this ISO week and this calendar month, from the events
-table (written within EVENTS_FLUSH_SECONDS of the call), with their quota status."""
+table (written within EVENTS_FLUSH_SECONDS of the call), with their quota status and the
+storage their documents take."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.auth.principal import Principal
 from services.db import utcnow
+from services.knowledge.storage_quota import StorageStatus, storage_status
 from services.periods import Window, window_bounds
 from services.quotas.service import QuotaService, QuotaStatus
 from services.usage_events.models import Event
@@ -31,6 +33,7 @@ class WindowUsage:
 class Usage:
     windows: list[WindowUsage]
     quotas: list[QuotaStatus]
+    storage: StorageStatus
 
 
 class UsageService:
@@ -38,10 +41,12 @@ class UsageService:
         self,
         sessions: async_sessionmaker[AsyncSession],
         quotas: QuotaService,
+        storage_quota_bytes: int = 0,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._sessions = sessions
         self._quotas = quotas
+        self._storage_quota_bytes = storage_quota_bytes
         self._clock = clock
 
     async def usage(self, principal: Principal) -> Usage:
@@ -80,4 +85,7 @@ class UsageService:
                         int(uploads or 0),
                     )
                 )
-        return Usage(windows, await self._quotas.status(principal))
+            storage = await storage_status(
+                s, owner_id=principal.user_id, limit=self._storage_quota_bytes
+            )
+        return Usage(windows, await self._quotas.status(principal), storage)

@@ -3,7 +3,7 @@
 import uuid
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, Enum, ForeignKey, Index, String, Uuid
+from sqlalchemy import CheckConstraint, Enum, ForeignKey, Index, Integer, String, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.auth.principal import Role
@@ -24,6 +24,11 @@ class User(Base):
     )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # Set while the account is disabled: it cannot sign in and its tokens are refused.
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Raised by every change to who may act as this account (role, disabling, revoked
+    # sessions): it orders the cached copies of its auth state (services/auth/auth_state.py).
+    auth_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class RefreshToken(Base):

@@ -5,6 +5,10 @@ in the same family. Presenting a used token again is treated as theft (RFC 9700 
 and revokes the whole family, including its newest token. There is no grace window for
 concurrent refreshes: of two simultaneous exchanges of one token, one wins and the other
 revokes the family, so clients must serialize their refreshes.
+
+Revoking a family (logout, password change, reuse) goes through `AuthStates.changing`, so
+the access tokens of that session stop at once too (services/auth/auth_state.py). A
+disabled account cannot sign in or refresh.
 """
 
 import uuid
@@ -16,6 +20,7 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.auth.auth_state import AuthStates
 from services.auth.models import RefreshToken, User
 from services.auth.passwords import PasswordHasher, password_problems
 from services.auth.principal import Principal, Role
@@ -85,11 +90,13 @@ class AuthService:
         hasher: PasswordHasher,
         tokens: TokenCodec,
         events: EventRecorder,
+        states: AuthStates,
     ) -> None:
         self._sessions = sessions
         self._hasher = hasher
         self._tokens = tokens
         self._events = events
+        self._states = states
 
     async def register(
         self, *, email: str, password: str, full_name: str, role: Role = Role.USER
@@ -119,6 +126,10 @@ class AuthService:
         self._events.record(EventKind.REGISTRATION, user_id=user.id, success=True)
         return user
 
+    @staticmethod
+    def _not_active() -> Unauthenticated:
+        return Unauthenticated("the account is disabled", reason="USER_NOT_ACTIVE")
+
     def _email_taken(self) -> AlreadyExists:
         """The refusal of a taken email, recorded as a failed registration."""
         self._events.record(EventKind.REGISTRATION, success=False, code="EMAIL_TAKEN")
@@ -144,6 +155,9 @@ class AuthService:
         ):
             self._events.record(EventKind.LOGIN, user_id=user.id if user else None, success=False)
             raise Unauthenticated("wrong email or password", reason="INVALID_CREDENTIALS")
+        if user.disabled_at is not None:  # said only to whoever knows the password
+            self._events.record(EventKind.LOGIN, user_id=user.id, success=False)
+            raise self._not_active()
         # Upgrade hashes made with weaker parameters, before holding a transaction open.
         upgraded = (
             await self._hasher.hash(password)
@@ -181,15 +195,14 @@ class AuthService:
             )
             user = await get_user(s, claims.user_id)
             if exchanged.rowcount == 1 and user is not None:
+                if user.disabled_at is not None:  # rolls back: the token stays unused
+                    raise self._not_active()
                 return await self._issue_pair(s, user, family_id=claims.family_id, now=now)
-        async with self._sessions.begin() as s:
+        async with self._sessions() as s:
             row = await s.get(RefreshToken, claims.token_id)
-            if row is not None and row.used_at is not None:
+        if row is not None and row.used_at is not None:
+            async with self._states.changing(row.user_id) as s:
                 await revoke_tokens(s, now, family_id=row.family_id)
-                reused = True
-            else:
-                reused = False
-        if reused:
             raise Unauthenticated(
                 "refresh token was already used; the session has been revoked",
                 reason="REFRESH_TOKEN_REUSED",
@@ -200,7 +213,7 @@ class AuthService:
         """Revoke one session (the refresh token's family) or all of the caller's sessions."""
         now = utcnow()
         if all_sessions:
-            async with self._sessions.begin() as s:
+            async with self._states.changing(principal.user_id) as s:
                 await revoke_tokens(s, now, user_id=principal.user_id)
             return
         if not refresh_token:
@@ -211,7 +224,7 @@ class AuthService:
             claims = None
         if claims is None or claims.user_id != principal.user_id:
             raise InvalidArgument.of("refresh_token", "is not a refresh token of this account")
-        async with self._sessions.begin() as s:
+        async with self._states.changing(principal.user_id) as s:
             await revoke_tokens(s, now, family_id=claims.family_id)
 
     async def change_password(
@@ -230,7 +243,7 @@ class AuthService:
         violations.raise_if_any()
         password_hash = await self._hasher.hash(new_password)
         now = utcnow()
-        async with self._sessions.begin() as s:
+        async with self._states.changing(user.id) as s:
             await s.execute(
                 update(User)
                 .where(User.id == user.id)
@@ -252,7 +265,9 @@ class AuthService:
             )
         )
         return TokenPair(
-            access_token=self._tokens.issue_access(user_id=user.id, role=user.role, now=now),
+            access_token=self._tokens.issue_access(
+                user_id=user.id, role=user.role, session_id=family_id, now=now
+            ),
             refresh_token=self._tokens.issue_refresh(
                 user_id=user.id, token_id=token_id, family_id=family_id, now=now
             ),

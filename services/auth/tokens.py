@@ -2,7 +2,9 @@
 
 The algorithm is pinned here and never read from a token; every token carries `iss`,
 `aud`, `exp`, `iat`, `sub`, `jti` and an explicit type in both the `typ` header and the
-`token_use` claim, so an access token can never pass as a refresh token or back.
+`token_use` claim, so an access token can never pass as a refresh token or back. An access
+token also names its session (`sid`, the refresh-token family it came from), so revoking
+a session stops its access tokens at once (services/auth/auth_state.py).
 """
 
 import uuid
@@ -27,6 +29,7 @@ class AccessClaims:
     role: Role
     token_id: uuid.UUID
     expires_at: datetime
+    session_id: uuid.UUID | None = None  # None in tokens issued before sessions were named
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,15 @@ class TokenCodec:
     def refresh_ttl(self) -> timedelta:
         return self._s.refresh_ttl
 
-    def issue_access(self, *, user_id: uuid.UUID, role: Role, now: datetime) -> str:
-        claims = {"sub": str(user_id), "role": role.value, "token_use": "access"}
+    def issue_access(
+        self, *, user_id: uuid.UUID, role: Role, session_id: uuid.UUID, now: datetime
+    ) -> str:
+        claims = {
+            "sub": str(user_id),
+            "role": role.value,
+            "sid": str(session_id),
+            "token_use": "access",
+        }
         return self._encode(claims, ACCESS_TYPE, now=now, ttl=self._s.access_ttl)
 
     def issue_refresh(
@@ -81,8 +91,9 @@ class TokenCodec:
                 role=Role(claims["role"]),
                 token_id=uuid.UUID(claims["jti"]),
                 expires_at=datetime.fromtimestamp(float(claims["exp"]), UTC),
+                session_id=uuid.UUID(claims["sid"]) if "sid" in claims else None,
             )
-        except (KeyError, ValueError, TypeError):
+        except (KeyError, ValueError, TypeError, AttributeError):
             raise Unauthenticated("malformed access token", reason="TOKEN_INVALID") from None
 
     def decode_refresh(self, token: str, *, verify_exp: bool = True) -> RefreshClaims:

@@ -9,6 +9,7 @@ from sqlalchemy import delete, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.auth.auth_state import AuthStates
 from services.auth.models import User
 from services.auth.principal import Principal, Role
 from services.auth.service import count_admins, get_user, get_user_by_email
@@ -55,9 +56,12 @@ class UserService:
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
+        states: AuthStates,
         on_deleted: Callable[[uuid.UUID], Awaitable[None]] | None = None,
     ) -> None:
         self._sessions = sessions
+        # Deletions and role changes apply to the account's live tokens on their next call.
+        self._states = states
         # Cleans up what lives outside the database (indexed passages) after a deletion.
         self._on_deleted = on_deleted
 
@@ -91,8 +95,8 @@ class UserService:
         return UserPage(*split_page(users, size))
 
     async def delete(self, user_id: uuid.UUID) -> None:
-        """Delete an account and, by cascade, everything it owns."""
-        async with self._sessions.begin() as s:
+        """Delete an account and, by cascade, everything it owns; its tokens stop at once."""
+        async with self._states.changing(user_id) as s:
             user = await get_user(s, user_id)
             if user is None:
                 raise NotFound("user not found", reason="USER_NOT_FOUND")
@@ -127,7 +131,7 @@ class UserService:
             values["email"] = normalize_email(changes.email, violations, field="user.email")
         violations.raise_if_any()
         try:
-            async with self._sessions.begin() as s:
+            async with self._states.changing(user_id) as s:
                 user = await get_user(s, user_id)
                 if user is None:
                     raise NotFound("user not found", reason="USER_NOT_FOUND")

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import multiprocessing
+import re
 import resource
 import signal
 import time
@@ -27,11 +28,17 @@ ACCEPTED_TYPES = "PDF, DOCX, TXT or Markdown"
 PAGE_SEPARATOR = "\n\n"
 
 _PDF_MAGIC = b"%PDF-"
-# Readers accept the header anywhere in the first KiB, after junk some producers prepend.
+# A PDF starts with its header (`%PDF-1.7`); only whitespace, which some producers emit
+# first, may precede it.
+_PDF_HEADER = re.compile(rb"[ \t\r\n\f]{0,1000}%PDF-")
+# Readers find the header anywhere in the first KiB: a file with one there, but not at its
+# start, opens as a PDF in a reader and as something else here (a polyglot).
 _PDF_MAGIC_WINDOW = 1024
 # A local file header, or the end record of an empty archive.
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-_DOCX_MAIN_PART = "word/document.xml"
+# The parts every WordprocessingML package has (ECMA-376 part 2: the content types; part 1:
+# the main document).
+_DOCX_REQUIRED_PARTS = ("[Content_Types].xml", "word/document.xml")
 _MARKDOWN_SUFFIXES = (".md", ".markdown")
 # Small XML parts can compress extremely well; below this size a high ratio cannot hurt.
 _RATIO_CHECK_MIN_BYTES = 1024**2
@@ -99,8 +106,13 @@ def inspect_upload(content: bytes, filename: str, limits: ParseLimits) -> Docume
     """The format of an upload, judged by its content; the filename only tells MD from TXT."""
     if not content:
         raise InvalidArgument.of("content", "the document is empty")
-    if _PDF_MAGIC in content[:_PDF_MAGIC_WINDOW]:
+    if _PDF_HEADER.match(content):
+        if _is_zip(content):
+            raise InvalidArgument.of("content", _POLYGLOT_PDF_ZIP)
         return DocumentFormat.PDF
+    misplaced = content.find(_PDF_MAGIC, 0, _PDF_MAGIC_WINDOW)
+    if misplaced >= 0:
+        raise InvalidArgument.of("content", _misplaced_pdf_header(misplaced))
     if content.startswith(_ZIP_MAGICS):
         problem = _docx_archive_problem(content, limits)
         if problem is not None:
@@ -129,6 +141,23 @@ def _unsupported(what: str) -> str:
     return f"unsupported document type (accepted: {ACCEPTED_TYPES}): {what}"
 
 
+_POLYGLOT_PDF_ZIP = _unsupported("the content is both a PDF and a ZIP archive")
+
+
+def _misplaced_pdf_header(offset: int) -> str:
+    return _unsupported(
+        f"a PDF header appears at byte {offset}, not at the start: a PDF must begin with it"
+    )
+
+
+def _is_zip(content: bytes) -> bool:
+    """Whether `content` ends like a ZIP archive (zipfile reads archives from their end)."""
+    try:
+        return zipfile.is_zipfile(io.BytesIO(content))
+    except Exception:
+        return False
+
+
 def _text_problem(content: bytes) -> str | None:
     """Why `content` is not acceptable as a text document, or None."""
     if b"\x00" in content:
@@ -152,8 +181,12 @@ def _docx_archive_problem(content: bytes, limits: ParseLimits) -> str | None:
         return "the DOCX archive is corrupt"
     if len(entries) > limits.docx_max_entries:
         return f"the DOCX archive has more than {limits.docx_max_entries} entries"
-    if not any(entry.filename == _DOCX_MAIN_PART for entry in entries):
-        return _unsupported("the content is a ZIP archive but not a DOCX document")
+    names = {entry.filename for entry in entries}
+    missing = [part for part in _DOCX_REQUIRED_PARTS if part not in names]
+    if missing:
+        return _unsupported(
+            f"the content is a ZIP archive but not a DOCX document (no {' or '.join(missing)})"
+        )
     if any(_unsafe_entry(entry) for entry in entries):
         return "the DOCX archive holds a link or a path outside the archive"
     expanded = sum(entry.file_size for entry in entries)

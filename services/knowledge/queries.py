@@ -3,9 +3,10 @@
 import uuid
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import Select, delete, or_, select, update
+from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.auth.models import User
 from services.db import utcnow
 from services.knowledge.models import Document, DocumentStatus, DocumentUpload, Stage
 from services.pagination import Cursor
@@ -141,3 +142,18 @@ async def processing(s: AsyncSession) -> Sequence[tuple[uuid.UUID, str]]:
         Document.status == DocumentStatus.PROCESSING, Document.pending_generation.is_not(None)
     )
     return [(row[0], str(row[1])) for row in (await s.execute(query)).all()]
+
+
+async def lock_owner(s: AsyncSession, *, owner_id: uuid.UUID) -> None:
+    """Hold the owner's row until the transaction ends, so that one owner's uploads take
+    turns (PostgreSQL: FOR NO KEY UPDATE, which leaves inserts referencing the row free;
+    SQLite ignores it, its first write serialises writers anyway)."""
+    await s.execute(select(User.id).where(User.id == owner_id).with_for_update(key_share=True))
+
+
+async def stored_bytes(s: AsyncSession, *, owner_id: uuid.UUID) -> int:
+    """The sizes of the owner's documents added up, as uploaded."""
+    query = select(func.coalesce(func.sum(Document.size_bytes), 0)).where(
+        Document.owner_id == owner_id
+    )
+    return int((await s.execute(query)).scalar_one())

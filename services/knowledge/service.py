@@ -36,6 +36,7 @@ from services.knowledge.retrieval import (
     mmr,
     single_leg,
 )
+from services.knowledge.storage_quota import check_storage
 from services.knowledge.vector_store import SearchScope, VectorStore
 from services.metrics import Metrics
 from services.pagination import decode_cursor, page_size, split_page
@@ -62,6 +63,7 @@ class KnowledgeSettings:
     dense_weight: float = 0.5
     candidates: int = 100
     parse_limits: ParseLimits = field(default_factory=ParseLimits)
+    storage_quota_bytes: int = 1024**3  # per user; 0: unlimited
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,10 @@ class KnowledgeService:
         digest = await loop.run_in_executor(self._executor, _sha256, upload.content)
         await self._ingestion.check_capacity()
         generation = uuid.uuid4().hex
+        quota = self._settings.storage_quota_bytes
         async with self._sessions.begin() as s:
+            if quota:
+                await queries.lock_owner(s, owner_id=principal.user_id)
             if replaces is not None:
                 document = await queries.get_owned(
                     s, owner_id=principal.user_id, document_id=replaces, lock=True
@@ -217,6 +222,9 @@ class KnowledgeService:
             document.failure_reason = None
             document.pending_generation = generation
             await s.flush()
+            await check_storage(
+                s, owner_id=principal.user_id, limit=quota, upload_bytes=len(upload.content)
+            )
             await queries.put_upload(
                 s, document_id=document.id, generation=generation, content=upload.content
             )

@@ -64,8 +64,9 @@ _MICROSECONDS = 1_000_000
 class RedisRateLimiter:
     """A sliding-window log per key in a Redis sorted set, decided by one atomic script.
 
-    When Redis fails or is slower than `timeout`, the call is admitted (`fail_open`,
-    counted in `failures`) or refused for a second; the next call tries Redis again.
+    When Redis fails or is slower than `timeout`, the call is admitted (`fail_open`, or the
+    call's own `fail_open`) or refused for a second, and counted in `failures`; the next
+    call tries Redis again.
     """
 
     def __init__(
@@ -95,7 +96,9 @@ class RedisRateLimiter:
         """Record a call for `key` if the window has room, and say whether it had."""
         return (await self.hit_all([(key, limit)], window_seconds))[1]
 
-    async def hit_all(self, checks: Sequence[Check], window_seconds: float) -> tuple[int, Decision]:
+    async def hit_all(
+        self, checks: Sequence[Check], window_seconds: float, *, fail_open: bool | None = None
+    ) -> tuple[int, Decision]:
         """Record a call under every key if all their windows have room, in one round trip
         (the keys must live on one Redis node: no cluster slots)."""
         for _, limit in checks:
@@ -109,13 +112,14 @@ class RedisRateLimiter:
                     args=[window_us, member, *(limit for _, limit in checks)],
                 )
         except (RedisError, OSError) as error:  # TimeoutError is an OSError
-            return -1, self._without_redis(error)
+            admit = self._fail_open if fail_open is None else fail_open
+            return (-1 if admit else 0), self._without_redis(error, admit)
         decision = Decision(
             allowed=not refused_at, remaining=int(remaining), retry_after=retry_us / _MICROSECONDS
         )
         return int(refused_at) - 1, decision
 
-    def _without_redis(self, error: Exception) -> Decision:
+    def _without_redis(self, error: Exception, admit: bool) -> Decision:
         self.failures += 1
         now = self._clock()
         if self._last_warning is None or now - self._last_warning >= self._warn_every:
@@ -124,9 +128,9 @@ class RedisRateLimiter:
                 "rate limiter cannot reach Redis (%s: %s); %s; %d failures so far",
                 type(error).__name__,
                 error,
-                "admitting calls" if self._fail_open else "refusing calls",
+                "admitting the call" if admit else "refusing the call",
                 self.failures,
             )
-        if self._fail_open:
-            return Decision(allowed=True, remaining=0, retry_after=0.0)
-        return Decision(allowed=False, remaining=0, retry_after=1.0)
+        if admit:
+            return Decision(allowed=True, remaining=0, retry_after=0.0, decided=False)
+        return Decision(allowed=False, remaining=0, retry_after=1.0, decided=False)

@@ -14,11 +14,13 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class Decision:
-    """The outcome of one call: admitted or not, calls left, seconds until a slot frees."""
+    """The outcome of one call: admitted or not, calls left, seconds until a slot frees;
+    `decided` is False when the store could not be asked and the fail mode chose."""
 
     allowed: bool
     remaining: int
     retry_after: float
+    decided: bool = True
 
 
 Check = tuple[str, int]  # (key, limit)
@@ -33,10 +35,13 @@ class RateLimiter(Protocol):
         """Record a call for `key` if the window has room, and say whether it had."""
         ...
 
-    async def hit_all(self, checks: Sequence[Check], window_seconds: float) -> tuple[int, Decision]:
+    async def hit_all(
+        self, checks: Sequence[Check], window_seconds: float, *, fail_open: bool | None = None
+    ) -> tuple[int, Decision]:
         """Record a call under every key if all their windows have room (all or nothing).
         Returns the index of the first check that refused, or -1, with its decision
-        (`remaining` is the smallest left over all keys when admitted)."""
+        (`remaining` is the smallest left over all keys when admitted). `fail_open`
+        overrides the limiter's own mode for this call when its store is unreachable."""
         ...
 
 
@@ -85,8 +90,11 @@ class InProcessRateLimiter:
         """Record a call for `key` if the window has room, and say whether it had."""
         return (await self.hit_all([(key, limit)], window_seconds))[1]
 
-    async def hit_all(self, checks: Sequence[Check], window_seconds: float) -> tuple[int, Decision]:
-        """Record a call under every key if all their windows have room (all or nothing)."""
+    async def hit_all(
+        self, checks: Sequence[Check], window_seconds: float, *, fail_open: bool | None = None
+    ) -> tuple[int, Decision]:
+        """Record a call under every key if all their windows have room (all or nothing);
+        memory is always reachable, so `fail_open` never applies."""
         for _, limit in checks:
             check_limit(limit, window_seconds)
         now = self._clock()

@@ -171,6 +171,40 @@ class QuotaStatus(_message.Message):
 Global___QuotaStatus: _TypeAlias = QuotaStatus  # noqa: Y015
 
 @_typing.final
+class StorageUsage(_message.Message):
+    """StorageUsage is how much of their storage quota a user's documents take."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_BYTES_FIELD_NUMBER: _builtins.int
+    USED_BYTES_FIELD_NUMBER: _builtins.int
+    REMAINING_BYTES_FIELD_NUMBER: _builtins.int
+    UNLIMITED_FIELD_NUMBER: _builtins.int
+    limit_bytes: _builtins.int
+    """The quota in bytes; 0 with `unlimited` set means no limit."""
+    used_bytes: _builtins.int
+    """The sizes of the user's documents added up, as uploaded."""
+    remaining_bytes: _builtins.int
+    """The bytes left under the quota."""
+    unlimited: _builtins.bool
+    """True when no storage quota applies."""
+    def __init__(
+        self,
+        *,
+        limit_bytes: _builtins.int = ...,
+        used_bytes: _builtins.int = ...,
+        remaining_bytes: _builtins.int = ...,
+        unlimited: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit_bytes", b"limit_bytes", "remaining_bytes", b"remaining_bytes", "unlimited", b"unlimited", "used_bytes", b"used_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StorageUsage: _TypeAlias = StorageUsage  # noqa: Y015
+
+@_typing.final
 class ToolUsage(_message.Message):
     """ToolUsage is how often one agent tool ran."""
 

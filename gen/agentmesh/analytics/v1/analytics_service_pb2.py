@@ -28,7 +28,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.agentmesh/analytics/v1/analytics_service.proto\x12\x16\x61gentmesh.analytics.v1\x1a&agentmesh/analytics/v1/analytics.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x11\n\x0fGetUsageRequest\"\x90\x02\n\x10GetUsageResponse\x12\x39\n\x05today\x18\x01 \x01(\x0b\x32#.agentmesh.analytics.v1.UsageWindowR\x05today\x12@\n\tthis_week\x18\x02 \x01(\x0b\x32#.agentmesh.analytics.v1.UsageWindowR\x08thisWeek\x12\x42\n\nthis_month\x18\x03 \x01(\x0b\x32#.agentmesh.analytics.v1.UsageWindowR\tthisMonth\x12;\n\x06quotas\x18\x04 \x03(\x0b\x32#.agentmesh.analytics.v1.QuotaStatusR\x06quotas\"\xd0\x01\n\x15GetSystemStatsRequest\x12\x39\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\x12\x45\n\x0bgranularity\x18\x03 \x01(\x0e\x32#.agentmesh.analytics.v1.GranularityR\x0bgranularity\"\x94\x01\n\x16GetSystemStatsResponse\x12=\n\x07\x62uckets\x18\x01 \x03(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x07\x62uckets\x12;\n\x06totals\x18\x02 \x01(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x06totals\"\xff\x01\n\x13GetUserStatsRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06userId\x12?\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01R\tstartTime\x12;\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01R\x07\x65ndTime\x12K\n\x0bgranularity\x18\x04 \x01(\x0e\x32#.agentmesh.analytics.v1.GranularityB\x04\xe2\x41\x01\x01R\x0bgranularity\"\xab\x01\n\x14GetUserStatsResponse\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId\x12=\n\x07\x62uckets\x18\x02 \x03(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x07\x62uckets\x12;\n\x06totals\x18\x03 \x01(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x06totals2\xb1\x03\n\x10\x41nalyticsService\x12z\n\x08GetUsage\x12\'.agentmesh.analytics.v1.GetUsageRequest\x1a(.agentmesh.analytics.v1.GetUsageResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/analytics/usage\x12\x8d\x01\n\x0eGetSystemStats\x12-.agentmesh.analytics.v1.GetSystemStatsRequest\x1a..agentmesh.analytics.v1.GetSystemStatsResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/analytics/system\x12\x90\x01\n\x0cGetUserStats\x12+.agentmesh.analytics.v1.GetUserStatsRequest\x1a,.agentmesh.analytics.v1.GetUserStatsResponse\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/analytics/users/{user_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.agentmesh/analytics/v1/analytics_service.proto\x12\x16\x61gentmesh.analytics.v1\x1a&agentmesh/analytics/v1/analytics.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x11\n\x0fGetUsageRequest\"\xd0\x02\n\x10GetUsageResponse\x12\x39\n\x05today\x18\x01 \x01(\x0b\x32#.agentmesh.analytics.v1.UsageWindowR\x05today\x12@\n\tthis_week\x18\x02 \x01(\x0b\x32#.agentmesh.analytics.v1.UsageWindowR\x08thisWeek\x12\x42\n\nthis_month\x18\x03 \x01(\x0b\x32#.agentmesh.analytics.v1.UsageWindowR\tthisMonth\x12;\n\x06quotas\x18\x04 \x03(\x0b\x32#.agentmesh.analytics.v1.QuotaStatusR\x06quotas\x12>\n\x07storage\x18\x05 \x01(\x0b\x32$.agentmesh.analytics.v1.StorageUsageR\x07storage\"\xd0\x01\n\x15GetSystemStatsRequest\x12\x39\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartTime\x12\x35\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x07\x65ndTime\x12\x45\n\x0bgranularity\x18\x03 \x01(\x0e\x32#.agentmesh.analytics.v1.GranularityR\x0bgranularity\"\x94\x01\n\x16GetSystemStatsResponse\x12=\n\x07\x62uckets\x18\x01 \x03(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x07\x62uckets\x12;\n\x06totals\x18\x02 \x01(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x06totals\"\xff\x01\n\x13GetUserStatsRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06userId\x12?\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01R\tstartTime\x12;\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x01R\x07\x65ndTime\x12K\n\x0bgranularity\x18\x04 \x01(\x0e\x32#.agentmesh.analytics.v1.GranularityB\x04\xe2\x41\x01\x01R\x0bgranularity\"\xab\x01\n\x14GetUserStatsResponse\x12\x17\n\x07user_id\x18\x01 \x01(\tR\x06userId\x12=\n\x07\x62uckets\x18\x02 \x03(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x07\x62uckets\x12;\n\x06totals\x18\x03 \x01(\x0b\x32#.agentmesh.analytics.v1.StatsBucketR\x06totals2\xb1\x03\n\x10\x41nalyticsService\x12z\n\x08GetUsage\x12\'.agentmesh.analytics.v1.GetUsageRequest\x1a(.agentmesh.analytics.v1.GetUsageResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/analytics/usage\x12\x8d\x01\n\x0eGetSystemStats\x12-.agentmesh.analytics.v1.GetSystemStatsRequest\x1a..agentmesh.analytics.v1.GetSystemStatsResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/analytics/system\x12\x90\x01\n\x0cGetUserStats\x12+.agentmesh.analytics.v1.GetUserStatsRequest\x1a,.agentmesh.analytics.v1.GetUserStatsResponse\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/analytics/users/{user_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,15 +52,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETUSAGEREQUEST']._serialized_start=210
   _globals['_GETUSAGEREQUEST']._serialized_end=227
   _globals['_GETUSAGERESPONSE']._serialized_start=230
-  _globals['_GETUSAGERESPONSE']._serialized_end=502
-  _globals['_GETSYSTEMSTATSREQUEST']._serialized_start=505
-  _globals['_GETSYSTEMSTATSREQUEST']._serialized_end=713
-  _globals['_GETSYSTEMSTATSRESPONSE']._serialized_start=716
-  _globals['_GETSYSTEMSTATSRESPONSE']._serialized_end=864
-  _globals['_GETUSERSTATSREQUEST']._serialized_start=867
-  _globals['_GETUSERSTATSREQUEST']._serialized_end=1122
-  _globals['_GETUSERSTATSRESPONSE']._serialized_start=1125
-  _globals['_GETUSERSTATSRESPONSE']._serialized_end=1296
-  _globals['_ANALYTICSSERVICE']._serialized_start=1299
-  _globals['_ANALYTICSSERVICE']._serialized_end=1732
+  _globals['_GETUSAGERESPONSE']._serialized_end=566
+  _globals['_GETSYSTEMSTATSREQUEST']._serialized_start=569
+  _globals['_GETSYSTEMSTATSREQUEST']._serialized_end=777
+  _globals['_GETSYSTEMSTATSRESPONSE']._serialized_start=780
+  _globals['_GETSYSTEMSTATSRESPONSE']._serialized_end=928
+  _globals['_GETUSERSTATSREQUEST']._serialized_start=931
+  _globals['_GETUSERSTATSREQUEST']._serialized_end=1186
+  _globals['_GETUSERSTATSRESPONSE']._serialized_start=1189
+  _globals['_GETUSERSTATSRESPONSE']._serialized_end=1360
+  _globals['_ANALYTICSSERVICE']._serialized_start=1363
+  _globals['_ANALYTICSSERVICE']._serialized_end=1796
 # @@protoc_insertion_point(module_scope)

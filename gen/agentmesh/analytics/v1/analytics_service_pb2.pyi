@@ -47,6 +47,7 @@ class GetUsageResponse(_message.Message):
     THIS_WEEK_FIELD_NUMBER: _builtins.int
     THIS_MONTH_FIELD_NUMBER: _builtins.int
     QUOTAS_FIELD_NUMBER: _builtins.int
+    STORAGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def today(self) -> _analytics_pb2.UsageWindow:
         """Usage in the current UTC day."""
@@ -63,6 +64,10 @@ class GetUsageResponse(_message.Message):
     def quotas(self) -> _containers.RepeatedCompositeFieldContainer[_analytics_pb2.QuotaStatus]:
         """The caller's quotas with what remains of each."""
 
+    @_builtins.property
+    def storage(self) -> _analytics_pb2.StorageUsage:
+        """The storage the caller's documents take, and their storage quota."""
+
     def __init__(
         self,
         *,
@@ -70,10 +75,11 @@ class GetUsageResponse(_message.Message):
         this_week: _analytics_pb2.UsageWindow | None = ...,
         this_month: _analytics_pb2.UsageWindow | None = ...,
         quotas: _abc.Iterable[_analytics_pb2.QuotaStatus] | None = ...,
+        storage: _analytics_pb2.StorageUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["this_month", b"this_month", "this_week", b"this_week", "today", b"today"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["storage", b"storage", "this_month", b"this_month", "this_week", b"this_week", "today", b"today"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["quotas", b"quotas", "this_month", b"this_month", "this_week", b"this_week", "today", b"today"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quotas", b"quotas", "storage", b"storage", "this_month", b"this_month", "this_week", b"this_week", "today", b"today"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -62,7 +62,9 @@ class AnalyticsServiceServicer:
 
     def GetUsage(self, request, context):
         """GetUsage returns the caller's own usage today, this week and this month, with their
-        quotas and what remains of them.
+        quotas and what remains of them, and the storage their documents take.
+
+        Returns UNAVAILABLE if the quota counters cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,7 +38,9 @@ class AnalyticsServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AnalyticsServiceAsyncStub: ...
     GetUsage: _grpc.UnaryUnaryMultiCallable[_analytics_service_pb2.GetUsageRequest, _analytics_service_pb2.GetUsageResponse]
     """GetUsage returns the caller's own usage today, this week and this month, with their
-    quotas and what remains of them.
+    quotas and what remains of them, and the storage their documents take.
+
+    Returns UNAVAILABLE if the quota counters cannot be reached.
     """
     GetSystemStats: _grpc.UnaryUnaryMultiCallable[_analytics_service_pb2.GetSystemStatsRequest, _analytics_service_pb2.GetSystemStatsResponse]
     """GetSystemStats returns installation-wide statistics in buckets over a time range.
@@ -65,7 +67,9 @@ class AnalyticsServiceAsyncStub(AnalyticsServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetUsage: _aio.UnaryUnaryMultiCallable[_analytics_service_pb2.GetUsageRequest, _analytics_service_pb2.GetUsageResponse]  # type: ignore[assignment]
     """GetUsage returns the caller's own usage today, this week and this month, with their
-    quotas and what remains of them.
+    quotas and what remains of them, and the storage their documents take.
+
+    Returns UNAVAILABLE if the quota counters cannot be reached.
     """
     GetSystemStats: _aio.UnaryUnaryMultiCallable[_analytics_service_pb2.GetSystemStatsRequest, _analytics_service_pb2.GetSystemStatsResponse]  # type: ignore[assignment]
     """GetSystemStats returns installation-wide statistics in buckets over a time range.
@@ -95,7 +99,9 @@ class AnalyticsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_analytics_service_pb2.GetUsageResponse, _abc.Awaitable[_analytics_service_pb2.GetUsageResponse]]:
         """GetUsage returns the caller's own usage today, this week and this month, with their
-        quotas and what remains of them.
+        quotas and what remains of them, and the storage their documents take.
+
+        Returns UNAVAILABLE if the quota counters cannot be reached.
         """
 
     @_abc_1.abstractmethod

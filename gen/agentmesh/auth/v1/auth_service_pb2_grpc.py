@@ -31,7 +31,9 @@ class AuthServiceStub:
     Access tokens are short-lived JWTs sent as `authorization: Bearer <token>` on every
     other RPC. Refresh tokens are longer-lived JWTs that can be exchanged exactly once for
     a new pair; each login starts a token family, and replaying a refresh token that was
-    already exchanged revokes its whole family.
+    already exchanged revokes its whole family. An access token stops working at once when
+    its family is revoked (logout, password change, replay), with UNAUTHENTICATED and reason
+    TOKEN_REVOKED, or when its account is deleted or disabled, with reason USER_NOT_ACTIVE.
     """
 
     def __init__(self, channel):
@@ -73,7 +75,9 @@ class AuthServiceServicer:
     Access tokens are short-lived JWTs sent as `authorization: Bearer <token>` on every
     other RPC. Refresh tokens are longer-lived JWTs that can be exchanged exactly once for
     a new pair; each login starts a token family, and replaying a refresh token that was
-    already exchanged revokes its whole family.
+    already exchanged revokes its whole family. An access token stops working at once when
+    its family is revoked (logout, password change, replay), with UNAUTHENTICATED and reason
+    TOKEN_REVOKED, or when its account is deleted or disabled, with reason USER_NOT_ACTIVE.
     """
 
     def Register(self, request, context):
@@ -111,8 +115,9 @@ class AuthServiceServicer:
 
     def Logout(self, request, context):
         """Logout revokes the token family of the given refresh token, or every family of the
-        caller when `all_sessions` is set. Logging out twice succeeds. Access tokens already
-        issued stay valid until they expire (at most the access-token lifetime).
+        caller when `all_sessions` is set. The access tokens of the revoked families stop
+        working at once, the calling one included. Revoking a family that is already revoked
+        succeeds.
 
         Returns UNAUTHENTICATED without a valid access token, and INVALID_ARGUMENT if the
         refresh token is missing (and `all_sessions` is not set), is not a refresh token, or
@@ -124,7 +129,7 @@ class AuthServiceServicer:
 
     def ChangePassword(self, request, context):
         """ChangePassword replaces the caller's password and revokes all of their refresh
-        tokens.
+        tokens; their access tokens, the calling one included, stop working at once.
 
         Returns UNAUTHENTICATED without a valid access token, PERMISSION_DENIED if the
         current password is wrong, and INVALID_ARGUMENT with field violations if the new
@@ -176,7 +181,9 @@ class AuthService:
     Access tokens are short-lived JWTs sent as `authorization: Bearer <token>` on every
     other RPC. Refresh tokens are longer-lived JWTs that can be exchanged exactly once for
     a new pair; each login starts a token family, and replaying a refresh token that was
-    already exchanged revokes its whole family.
+    already exchanged revokes its whole family. An access token stops working at once when
+    its family is revoked (logout, password change, replay), with UNAUTHENTICATED and reason
+    TOKEN_REVOKED, or when its account is deleted or disabled, with reason USER_NOT_ACTIVE.
     """
 
     @staticmethod

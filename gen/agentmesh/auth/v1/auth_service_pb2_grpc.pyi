@@ -32,7 +32,9 @@ class AuthServiceStub:
     Access tokens are short-lived JWTs sent as `authorization: Bearer <token>` on every
     other RPC. Refresh tokens are longer-lived JWTs that can be exchanged exactly once for
     a new pair; each login starts a token family, and replaying a refresh token that was
-    already exchanged revokes its whole family.
+    already exchanged revokes its whole family. An access token stops working at once when
+    its family is revoked (logout, password change, replay), with UNAUTHENTICATED and reason
+    TOKEN_REVOKED, or when its account is deleted or disabled, with reason USER_NOT_ACTIVE.
     """
 
     @_typing.overload
@@ -62,8 +64,9 @@ class AuthServiceStub:
     """
     Logout: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.LogoutRequest, _auth_service_pb2.LogoutResponse]
     """Logout revokes the token family of the given refresh token, or every family of the
-    caller when `all_sessions` is set. Logging out twice succeeds. Access tokens already
-    issued stay valid until they expire (at most the access-token lifetime).
+    caller when `all_sessions` is set. The access tokens of the revoked families stop
+    working at once, the calling one included. Revoking a family that is already revoked
+    succeeds.
 
     Returns UNAUTHENTICATED without a valid access token, and INVALID_ARGUMENT if the
     refresh token is missing (and `all_sessions` is not set), is not a refresh token, or
@@ -71,7 +74,7 @@ class AuthServiceStub:
     """
     ChangePassword: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.ChangePasswordRequest, _auth_service_pb2.ChangePasswordResponse]
     """ChangePassword replaces the caller's password and revokes all of their refresh
-    tokens.
+    tokens; their access tokens, the calling one included, stop working at once.
 
     Returns UNAUTHENTICATED without a valid access token, PERMISSION_DENIED if the
     current password is wrong, and INVALID_ARGUMENT with field violations if the new
@@ -85,7 +88,9 @@ class AuthServiceAsyncStub(AuthServiceStub):
     Access tokens are short-lived JWTs sent as `authorization: Bearer <token>` on every
     other RPC. Refresh tokens are longer-lived JWTs that can be exchanged exactly once for
     a new pair; each login starts a token family, and replaying a refresh token that was
-    already exchanged revokes its whole family.
+    already exchanged revokes its whole family. An access token stops working at once when
+    its family is revoked (logout, password change, replay), with UNAUTHENTICATED and reason
+    TOKEN_REVOKED, or when its account is deleted or disabled, with reason USER_NOT_ACTIVE.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -112,8 +117,9 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """
     Logout: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.LogoutRequest, _auth_service_pb2.LogoutResponse]  # type: ignore[assignment]
     """Logout revokes the token family of the given refresh token, or every family of the
-    caller when `all_sessions` is set. Logging out twice succeeds. Access tokens already
-    issued stay valid until they expire (at most the access-token lifetime).
+    caller when `all_sessions` is set. The access tokens of the revoked families stop
+    working at once, the calling one included. Revoking a family that is already revoked
+    succeeds.
 
     Returns UNAUTHENTICATED without a valid access token, and INVALID_ARGUMENT if the
     refresh token is missing (and `all_sessions` is not set), is not a refresh token, or
@@ -121,7 +127,7 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """
     ChangePassword: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.ChangePasswordRequest, _auth_service_pb2.ChangePasswordResponse]  # type: ignore[assignment]
     """ChangePassword replaces the caller's password and revokes all of their refresh
-    tokens.
+    tokens; their access tokens, the calling one included, stop working at once.
 
     Returns UNAUTHENTICATED without a valid access token, PERMISSION_DENIED if the
     current password is wrong, and INVALID_ARGUMENT with field violations if the new
@@ -134,7 +140,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     Access tokens are short-lived JWTs sent as `authorization: Bearer <token>` on every
     other RPC. Refresh tokens are longer-lived JWTs that can be exchanged exactly once for
     a new pair; each login starts a token family, and replaying a refresh token that was
-    already exchanged revokes its whole family.
+    already exchanged revokes its whole family. An access token stops working at once when
+    its family is revoked (logout, password change, replay), with UNAUTHENTICATED and reason
+    TOKEN_REVOKED, or when its account is deleted or disabled, with reason USER_NOT_ACTIVE.
     """
 
     @_abc_1.abstractmethod
@@ -183,8 +191,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.LogoutResponse, _abc.Awaitable[_auth_service_pb2.LogoutResponse]]:
         """Logout revokes the token family of the given refresh token, or every family of the
-        caller when `all_sessions` is set. Logging out twice succeeds. Access tokens already
-        issued stay valid until they expire (at most the access-token lifetime).
+        caller when `all_sessions` is set. The access tokens of the revoked families stop
+        working at once, the calling one included. Revoking a family that is already revoked
+        succeeds.
 
         Returns UNAUTHENTICATED without a valid access token, and INVALID_ARGUMENT if the
         refresh token is missing (and `all_sessions` is not set), is not a refresh token, or
@@ -198,7 +207,7 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.ChangePasswordResponse, _abc.Awaitable[_auth_service_pb2.ChangePasswordResponse]]:
         """ChangePassword replaces the caller's password and revokes all of their refresh
-        tokens.
+        tokens; their access tokens, the calling one included, stop working at once.
 
         Returns UNAUTHENTICATED without a valid access token, PERMISSION_DENIED if the
         current password is wrong, and INVALID_ARGUMENT with field violations if the new

@@ -80,9 +80,13 @@ class KnowledgeBaseServiceServicer:
         content identical to one of the caller's documents returns that document.
 
         Returns INVALID_ARGUMENT with field violations if the file name is missing or the
-        content is empty or not one of the accepted types, RESOURCE_EXHAUSTED if it is
-        larger than the size cap, NOT_FOUND if `document_id` names no document of the
-        caller, and PERMISSION_DENIED if a non-administrator sets `shared`.
+        content is empty or not one of the accepted types (judged by content: a PDF starts
+        with `%PDF-`, a DOCX is a ZIP holding `[Content_Types].xml` and `word/document.xml`,
+        text is UTF-8 without NUL bytes; files that are two types at once are refused),
+        RESOURCE_EXHAUSTED if it is larger than the size cap or would take the caller's
+        documents over their storage quota (QuotaFailure, reason STORAGE_QUOTA_EXCEEDED),
+        NOT_FOUND if `document_id` names no document of the caller, and PERMISSION_DENIED
+        if a non-administrator sets `shared`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,9 +44,13 @@ class KnowledgeBaseServiceStub:
     content identical to one of the caller's documents returns that document.
 
     Returns INVALID_ARGUMENT with field violations if the file name is missing or the
-    content is empty or not one of the accepted types, RESOURCE_EXHAUSTED if it is
-    larger than the size cap, NOT_FOUND if `document_id` names no document of the
-    caller, and PERMISSION_DENIED if a non-administrator sets `shared`.
+    content is empty or not one of the accepted types (judged by content: a PDF starts
+    with `%PDF-`, a DOCX is a ZIP holding `[Content_Types].xml` and `word/document.xml`,
+    text is UTF-8 without NUL bytes; files that are two types at once are refused),
+    RESOURCE_EXHAUSTED if it is larger than the size cap or would take the caller's
+    documents over their storage quota (QuotaFailure, reason STORAGE_QUOTA_EXCEEDED),
+    NOT_FOUND if `document_id` names no document of the caller, and PERMISSION_DENIED
+    if a non-administrator sets `shared`.
     """
     ListDocuments: _grpc.UnaryUnaryMultiCallable[_knowledge_service_pb2.ListDocumentsRequest, _knowledge_service_pb2.ListDocumentsResponse]
     """ListDocuments lists the caller's documents, newest first.
@@ -90,9 +94,13 @@ class KnowledgeBaseServiceAsyncStub(KnowledgeBaseServiceStub):
     content identical to one of the caller's documents returns that document.
 
     Returns INVALID_ARGUMENT with field violations if the file name is missing or the
-    content is empty or not one of the accepted types, RESOURCE_EXHAUSTED if it is
-    larger than the size cap, NOT_FOUND if `document_id` names no document of the
-    caller, and PERMISSION_DENIED if a non-administrator sets `shared`.
+    content is empty or not one of the accepted types (judged by content: a PDF starts
+    with `%PDF-`, a DOCX is a ZIP holding `[Content_Types].xml` and `word/document.xml`,
+    text is UTF-8 without NUL bytes; files that are two types at once are refused),
+    RESOURCE_EXHAUSTED if it is larger than the size cap or would take the caller's
+    documents over their storage quota (QuotaFailure, reason STORAGE_QUOTA_EXCEEDED),
+    NOT_FOUND if `document_id` names no document of the caller, and PERMISSION_DENIED
+    if a non-administrator sets `shared`.
     """
     ListDocuments: _aio.UnaryUnaryMultiCallable[_knowledge_service_pb2.ListDocumentsRequest, _knowledge_service_pb2.ListDocumentsResponse]  # type: ignore[assignment]
     """ListDocuments lists the caller's documents, newest first.
@@ -139,9 +147,13 @@ class KnowledgeBaseServiceServicer(metaclass=_abc_1.ABCMeta):
         content identical to one of the caller's documents returns that document.
 
         Returns INVALID_ARGUMENT with field violations if the file name is missing or the
-        content is empty or not one of the accepted types, RESOURCE_EXHAUSTED if it is
-        larger than the size cap, NOT_FOUND if `document_id` names no document of the
-        caller, and PERMISSION_DENIED if a non-administrator sets `shared`.
+        content is empty or not one of the accepted types (judged by content: a PDF starts
+        with `%PDF-`, a DOCX is a ZIP holding `[Content_Types].xml` and `word/document.xml`,
+        text is UTF-8 without NUL bytes; files that are two types at once are refused),
+        RESOURCE_EXHAUSTED if it is larger than the size cap or would take the caller's
+        documents over their storage quota (QuotaFailure, reason STORAGE_QUOTA_EXCEEDED),
+        NOT_FOUND if `document_id` names no document of the caller, and PERMISSION_DENIED
+        if a non-administrator sets `shared`.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,536 @@
+"""The BOLA/BFLA matrix, generated from the protos (issue 16; RELIABILITY.md items 23, 24).
+
+Every method of every agentmesh service in gen/ gets a row of ROWS, which says how to build
+a request that names user A's real resources. From the descriptors and the access table
+(server/access.py RPC_ACCESS) the test derives what must happen to it:
+
+- every method but the public ones: no token → UNAUTHENTICATED (TOKEN_MISSING), a forged
+  one → UNAUTHENTICATED;
+- ADMIN methods: user B's token → PERMISSION_DENIED (ADMIN_REQUIRED);
+- SERVICE methods (IndexingService): B's token and an administrator's → UNAUTHENTICATED
+  (only the service credential opens them);
+- USER methods with a field naming a resource (`*_id`, `*_ids`, `page_token`): B using A's
+  real ids gets NOT_FOUND, exactly what an id that does not exist gets (code and reason: no
+  existence oracle, never PERMISSION_DENIED), or, where the row says so, a call that acts on
+  B alone or returns nothing of A's;
+
+and, in every case, nothing of A's shows in B's responses and A's account, conversations,
+messages, runs, documents and passages are unchanged afterwards. A control call by A
+with the same request succeeds, so the refusals are not a malformed request's.
+
+A method in the descriptors without a row (or missing from RPC_ACCESS), or a row that does
+not fill one of the method's id fields with A's value, fails: a new RPC or a new id field
+cannot ship without its line here.
+"""
+
+import enum
+import typing
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import grpc
+import pytest
+from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
+from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
+from agentmesh.auth.v1 import user_pb2
+from agentmesh.auth.v1 import user_service_pb2 as users_pb
+from agentmesh.indexing.v1 import indexing_service_pb2 as indexing_pb
+from agentmesh.knowledge.v1 import knowledge_pb2 as kb_pb
+from agentmesh.knowledge.v1 import knowledge_service_pb2 as kb
+from google.protobuf import field_mask_pb2, text_format
+from google.protobuf.descriptor import Descriptor, MethodDescriptor
+from google.protobuf.message import Message
+
+from server.access import RPC_ACCESS, Access
+from server.main import Application
+from tests.attack import (
+    Outcome,
+    bearer,
+    contract_methods,
+    error_info_of,
+    id_fields,
+    invoke,
+    method_path,
+    new_request,
+    refusal_problem,
+    values_at,
+)
+from tests.harness import PASSWORD, Account, Stubs, new_admin, new_user
+from tests.knowledge import ingest, search
+
+METHODS = contract_methods()
+BY_PATH = {method_path(m): m for m in METHODS}
+SECRET = "The vault combination for project kestrel is 31-7-2207."
+
+
+@dataclass
+class Victim:
+    """User A and a resource of every kind, by the values a request names them with."""
+
+    user_id: str
+    email: str
+    refresh_token: str
+    conversation_id: str
+    user_message_id: str
+    assistant_message_id: str
+    run_id: str
+    document_id: str
+    conversations_page_token: str
+    documents_page_token: str
+    generation: str = "generation-1"
+
+    def owned(self) -> set[str]:
+        """Every value that names something of A's."""
+        return {str(getattr(self, f.name)) for f in fields(self) if f.name != "generation"}
+
+
+def ghost_of(victim: Victim) -> Victim:
+    """The same shapes of ids, naming nothing that exists."""
+    return replace(
+        victim,
+        user_id=str(uuid.uuid4()),
+        conversation_id=str(uuid.uuid4()),
+        user_message_id=str(uuid.uuid4()),
+        assistant_message_id=str(uuid.uuid4()),
+        run_id=uuid.uuid4().hex,
+        document_id=str(uuid.uuid4()),
+    )
+
+
+class Expect(enum.Enum):
+    """What user B gets when a USER method's request names A's resources."""
+
+    NOT_FOUND = "NOT_FOUND, as for an id that does not exist"
+    NOTHING_OF_THEIRS = "OK or INVALID_ARGUMENT, with nothing of A's in the answer"
+    ACTS_ON_CALLER = "the id is ignored: the call reads or changes B's own account"
+    SESSION_SURVIVES = "whatever B gets, A's refresh token still works afterwards"
+    NO_IDS = "the request names no resource: only the token checks apply"
+
+
+@dataclass(frozen=True)
+class Row:
+    build: Callable[[Victim], Message]
+    expect: Expect = Expect.NO_IDS
+    # Whether A repeats the call as a control (off where it would destroy A's fixtures).
+    control: bool = True
+
+
+def request(path: str, **values: Any) -> Callable[[Victim], Message]:
+    """A row's builder: `values` are constants or functions of the victim."""
+
+    def build(victim: Victim) -> Message:
+        resolved = {k: v(victim) if callable(v) else v for k, v in values.items()}
+        return new_request(BY_PATH[path], **resolved)
+
+    return build
+
+
+_AUTH = "/agentmesh.auth.v1.AuthService/"
+_USERS = "/agentmesh.auth.v1.UserService/"
+_AGENT = "/agentmesh.agent.v1.AgentService/"
+_KB = "/agentmesh.knowledge.v1.KnowledgeBaseService/"
+_FEEDBACK = "/agentmesh.feedback.v1.FeedbackService/"
+_ANALYTICS = "/agentmesh.analytics.v1.AnalyticsService/"
+_INDEXING = "/agentmesh.indexing.v1.IndexingService/"
+
+
+def _user_change(
+    victim: Victim, role: user_pb2.Role.ValueType = user_pb2.ROLE_USER
+) -> dict[str, Any]:
+    return {
+        "user": user_pb2.User(user_id=victim.user_id, full_name="Mallory", role=role),
+        "update_mask": field_mask_pb2.FieldMask(
+            paths=["full_name", "role"] if role != user_pb2.ROLE_USER else ["full_name"]
+        ),
+    }
+
+
+def _passage() -> list[indexing_pb.IndexedPassage]:
+    return [indexing_pb.IndexedPassage(index=0, text="planted", dense=[0.1] * 384)]
+
+
+# How to build each method's request against A. A new RPC needs a row here.
+ROWS: dict[str, Row] = {
+    _AUTH + "Register": Row(request(_AUTH + "Register", email="x@example.com", password=PASSWORD)),
+    _AUTH + "Login": Row(request(_AUTH + "Login", email=lambda v: v.email, password="wrong")),
+    _AUTH + "RefreshToken": Row(request(_AUTH + "RefreshToken", refresh_token="not-a-token")),
+    # B hands in A's refresh token: B may end its own sessions, never A's.
+    _AUTH + "Logout": Row(
+        request(_AUTH + "Logout", refresh_token=lambda v: v.refresh_token),
+        Expect.SESSION_SURVIVES,
+        control=False,
+    ),
+    _AUTH + "ChangePassword": Row(
+        request(_AUTH + "ChangePassword", current_password="wrong", new_password="x" * 12),
+        control=False,
+    ),
+    _USERS + "GetCurrentUser": Row(request(_USERS + "GetCurrentUser")),
+    _USERS + "UpdateCurrentUser": Row(
+        lambda v: new_request(BY_PATH[_USERS + "UpdateCurrentUser"], **_user_change(v)),
+        Expect.ACTS_ON_CALLER,
+        control=False,
+    ),
+    _USERS + "ListUsers": Row(request(_USERS + "ListUsers")),
+    _USERS + "GetUser": Row(request(_USERS + "GetUser", user_id=lambda v: v.user_id)),
+    _USERS + "UpdateUser": Row(
+        lambda v: new_request(
+            BY_PATH[_USERS + "UpdateUser"], **_user_change(v, user_pb2.ROLE_ADMIN)
+        )
+    ),
+    _USERS + "DeleteUser": Row(request(_USERS + "DeleteUser", user_id=lambda v: v.user_id)),
+    _AGENT + "Query": Row(
+        request(
+            _AGENT + "Query", query="What did I say?", conversation_id=lambda v: v.conversation_id
+        ),
+        Expect.NOT_FOUND,
+    ),
+    _AGENT + "StreamQuery": Row(
+        request(
+            _AGENT + "StreamQuery",
+            query="What did I say?",
+            conversation_id=lambda v: v.conversation_id,
+        ),
+        Expect.NOT_FOUND,
+    ),
+    _AGENT + "AttachRun": Row(
+        request(_AGENT + "AttachRun", run_id=lambda v: v.run_id), Expect.NOT_FOUND
+    ),
+    _AGENT + "CancelRun": Row(
+        request(_AGENT + "CancelRun", run_id=lambda v: v.run_id), Expect.NOT_FOUND
+    ),
+    _AGENT + "ListConversations": Row(
+        request(
+            _AGENT + "ListConversations",
+            page_size=1,
+            page_token=lambda v: v.conversations_page_token,
+        ),
+        Expect.NOTHING_OF_THEIRS,
+    ),
+    _AGENT + "GetConversation": Row(
+        request(_AGENT + "GetConversation", conversation_id=lambda v: v.conversation_id),
+        Expect.NOT_FOUND,
+    ),
+    _AGENT + "DeleteConversation": Row(
+        request(_AGENT + "DeleteConversation", conversation_id=lambda v: v.conversation_id),
+        Expect.NOT_FOUND,
+        control=False,
+    ),
+    _KB + "UploadDocument": Row(
+        request(
+            _KB + "UploadDocument",
+            filename="replacement.txt",
+            content=b"Overwritten by someone else.",
+            document_id=lambda v: v.document_id,
+        ),
+        Expect.NOT_FOUND,
+        control=False,
+    ),
+    _KB + "ListDocuments": Row(
+        request(_KB + "ListDocuments", page_size=1, page_token=lambda v: v.documents_page_token),
+        Expect.NOTHING_OF_THEIRS,
+    ),
+    _KB + "GetDocument": Row(
+        request(_KB + "GetDocument", document_id=lambda v: v.document_id), Expect.NOT_FOUND
+    ),
+    _KB + "DeleteDocument": Row(
+        request(_KB + "DeleteDocument", document_id=lambda v: v.document_id),
+        Expect.NOT_FOUND,
+        control=False,
+    ),
+    _KB + "SearchKnowledgeBase": Row(
+        request(
+            _KB + "SearchKnowledgeBase",
+            query=SECRET,
+            top_k=50,
+            document_ids=lambda v: [v.document_id],
+        ),
+        Expect.NOTHING_OF_THEIRS,
+    ),
+    _FEEDBACK + "SubmitFeedback": Row(
+        request(
+            _FEEDBACK + "SubmitFeedback",
+            message_id=lambda v: v.assistant_message_id,
+            rating=2,  # RATING_THUMBS_DOWN
+            comment="sabotage",
+        ),
+        Expect.NOT_FOUND,
+        control=False,  # A's own feedback would change what the snapshot compares
+    ),
+    _FEEDBACK + "ListFeedback": Row(
+        request(
+            _FEEDBACK + "ListFeedback",
+            user_id=lambda v: v.user_id,
+            conversation_id=lambda v: v.conversation_id,
+        )
+    ),
+    _FEEDBACK + "GetFeedbackStats": Row(request(_FEEDBACK + "GetFeedbackStats")),
+    _ANALYTICS + "GetUsage": Row(request(_ANALYTICS + "GetUsage")),
+    _ANALYTICS + "GetSystemStats": Row(request(_ANALYTICS + "GetSystemStats")),
+    _ANALYTICS + "GetUserStats": Row(
+        request(_ANALYTICS + "GetUserStats", user_id=lambda v: v.user_id)
+    ),
+    _INDEXING + "UpsertPassages": Row(
+        request(
+            _INDEXING + "UpsertPassages",
+            document_id=lambda v: v.document_id,
+            owner_id=lambda v: v.user_id,
+            generation=lambda v: v.generation,
+            passages=lambda v: _passage(),
+        )
+    ),
+    _INDEXING + "DeleteGeneration": Row(
+        request(
+            _INDEXING + "DeleteGeneration",
+            document_id=lambda v: v.document_id,
+            generation=lambda v: v.generation,
+        )
+    ),
+    _INDEXING + "DeleteDocumentPassages": Row(
+        request(_INDEXING + "DeleteDocumentPassages", document_id=lambda v: v.document_id)
+    ),
+    _INDEXING + "DeleteOwnerPassages": Row(
+        request(_INDEXING + "DeleteOwnerPassages", owner_id=lambda v: v.user_id)
+    ),
+}
+
+
+def _required_ids(method: MethodDescriptor, access: Access) -> list[str]:
+    """The id fields a row must fill with A's values: all of them where users may call the
+    method; where they may not, the cursor is left out (only a caller who may list has one)."""
+    found = id_fields(method.input_type)
+    return found if access is Access.USER else [f for f in found if f != "page_token"]
+
+
+DUMMY = Victim(
+    user_id=str(uuid.uuid4()),
+    email="a@example.com",
+    refresh_token="refresh",
+    conversation_id=str(uuid.uuid4()),
+    user_message_id=str(uuid.uuid4()),
+    assistant_message_id=str(uuid.uuid4()),
+    run_id=uuid.uuid4().hex,
+    document_id=str(uuid.uuid4()),
+    conversations_page_token="conversations-cursor",
+    documents_page_token="documents-cursor",
+)
+
+
+def test_every_rpc_has_a_row_an_access_level_and_names_the_victim() -> None:
+    paths = {method_path(m) for m in METHODS}
+    assert not paths - set(ROWS), f"RPCs without a row in ROWS: {sorted(paths - set(ROWS))}"
+    assert not set(ROWS) - paths, f"rows for RPCs that do not exist: {sorted(set(ROWS) - paths)}"
+    assert not paths - set(RPC_ACCESS), f"not in RPC_ACCESS: {sorted(paths - set(RPC_ACCESS))}"
+    for path in sorted(paths):
+        method, row, access = BY_PATH[path], ROWS[path], RPC_ACCESS[path]
+        built = row.build(DUMMY)
+        assert built.DESCRIPTOR is method.input_type, path
+        for field_path in _required_ids(method, access):
+            values = values_at(built, field_path)
+            assert values, f"{path}: the row leaves {field_path} empty; name A's resource"
+            assert set(values) <= DUMMY.owned(), f"{path}: {field_path}={values} is not A's"
+        if access is Access.USER:
+            names = id_fields(method.input_type)
+            if names and row.expect is Expect.NO_IDS:
+                pytest.fail(f"{path} names {names}: say what B must get (Expect)")
+        elif row.expect is not Expect.NO_IDS:
+            pytest.fail(f"{path} is {access.name}: its expectation comes from the access table")
+
+
+# --- A, B and an administrator ---------------------------------------------------------
+
+
+@dataclass
+class Cast:
+    app: Application
+    stubs: Stubs
+    victim: Victim
+    owner: Account
+    intruder: Account
+    admin: Account
+
+
+async def _query(stubs: Stubs, account: Account, text: str, cid: str = "") -> Any:
+    return await stubs.agent.Query(
+        agent_pb.QueryRequest(query=text, conversation_id=cid), metadata=account.metadata
+    )
+
+
+@pytest.fixture(scope="module")
+async def cast(app: Application, stubs: Stubs) -> AsyncIterator[Cast]:
+    owner = await new_user(stubs, "victim")
+    first = await _query(stubs, owner, "Remember that my locker code is 4417.")
+    await _query(stubs, owner, "And what about the weather?")
+    conversations = await stubs.agent.ListConversations(
+        agent_pb.ListConversationsRequest(page_size=1), metadata=owner.metadata
+    )
+    document = await ingest(stubs, owner, "kestrel.txt", f"{SECRET}\n\nKestrel notes.".encode())
+    await ingest(stubs, owner, "second.txt", b"Another of A's documents, about basalt.")
+    documents = await stubs.kb.ListDocuments(
+        kb.ListDocumentsRequest(page_size=1), metadata=owner.metadata
+    )
+    assert conversations.next_page_token and documents.next_page_token
+    victim = Victim(
+        user_id=owner.user_id,
+        email=owner.email,
+        refresh_token=owner.refresh_token,
+        conversation_id=first.conversation_id,
+        user_message_id=first.user_message_id,
+        assistant_message_id=first.message.message_id,
+        run_id=first.run_id,
+        document_id=document.document_id,
+        conversations_page_token=conversations.next_page_token,
+        documents_page_token=documents.next_page_token,
+    )
+    intruder = await new_user(stubs, "intruder")
+    admin = await new_admin(app, stubs)
+    yield Cast(app, stubs, victim, owner, intruder, admin)
+
+
+async def state_of(cast: Cast) -> dict[str, Any]:
+    """Everything of A's an attack could change: profile, conversations and their messages
+    (with feedback), documents, searchable passages, the run's replay."""
+    stubs, owner, victim = cast.stubs, cast.owner, cast.victim
+    me = (
+        await stubs.users.GetCurrentUser(users_pb.GetCurrentUserRequest(), metadata=owner.metadata)
+    ).user
+    listed = await stubs.agent.ListConversations(
+        agent_pb.ListConversationsRequest(page_size=100), metadata=owner.metadata
+    )
+    conversations = {}
+    for conversation in listed.conversations:
+        detail = await stubs.agent.GetConversation(
+            agent_pb.GetConversationRequest(conversation_id=conversation.conversation_id),
+            metadata=owner.metadata,
+        )
+        conversations[conversation.conversation_id] = [
+            (m.message_id, m.role, m.content, m.HasField("feedback")) for m in detail.messages
+        ]
+    documents = await stubs.kb.ListDocuments(
+        kb.ListDocumentsRequest(page_size=100), metadata=owner.metadata
+    )
+    hits = await search(stubs, owner, SECRET, top_k=50, document_ids=[victim.document_id])
+    replay = await invoke(
+        stubs.channel,
+        BY_PATH[_AGENT + "AttachRun"],
+        agent_pb.AttachRunRequest(run_id=victim.run_id),
+        owner.metadata,
+    )
+    return {
+        "user": (me.user_id, me.email, me.full_name, me.role),
+        "conversations": conversations,
+        "documents": sorted(
+            (d.document_id, d.content_sha256, d.status, d.chunk_count, d.shared, d.title)
+            for d in documents.documents
+        ),
+        "passages": sorted((h.chunk_id, h.text) for h in hits),
+        "run": (replay.code, [r.WhichOneof("event") for r in replay.responses]),
+    }
+
+
+def _leaks(cast: Cast, sent: Message, outcome: Outcome) -> set[str]:
+    """A's values in B's answer that B did not send (ids, email, the secret's text)."""
+    descriptor = typing.cast(Descriptor, sent.DESCRIPTOR)
+    given = {v for f in id_fields(descriptor) for v in values_at(sent, f)}
+    secrets = (cast.victim.owned() | {SECRET, "kestrel", "locker code"}) - given
+    shown = "\n".join(text_format.MessageToString(r) for r in outcome.responses)
+    return {value for value in secrets if value and value in shown}
+
+
+async def _call(
+    cast: Cast, path: str, request: Message, metadata: tuple[tuple[str, str], ...] = ()
+) -> Outcome:
+    outcome = await invoke(cast.stubs.channel, BY_PATH[path], request, metadata)
+    assert (problem := refusal_problem(outcome)) is None, problem
+    return outcome
+
+
+def _expect(outcome: Outcome, code: grpc.StatusCode, reason: str | None = None) -> None:
+    assert outcome.code == code, f"{outcome}; expected {code.name}"
+    if reason is not None:
+        info = error_info_of(outcome)
+        assert info is not None and info.reason == reason, f"{outcome}: reason {info}"
+
+
+# --- the matrix --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(BY_PATH))
+async def test_no_one_reaches_another_users_resources(cast: Cast, path: str) -> None:
+    row, access = ROWS.get(path), RPC_ACCESS.get(path)
+    assert row is not None, f"{path} has no row in ROWS"
+    assert access is not None, f"{path} is not in RPC_ACCESS"
+    request = row.build(cast.victim)
+    if access is Access.PUBLIC:
+        assert not id_fields(BY_PATH[path].input_type), f"public {path} names resources"
+        return
+    before = await state_of(cast)
+
+    _expect(await _call(cast, path, request), grpc.StatusCode.UNAUTHENTICATED, "TOKEN_MISSING")
+    forged = await _call(cast, path, request, bearer("eyJhbGciOiJub25lIn0.e30."))
+    _expect(forged, grpc.StatusCode.UNAUTHENTICATED)
+
+    intruder = cast.intruder.metadata
+    if access is Access.ADMIN:
+        outcome = await _call(cast, path, request, intruder)
+        _expect(outcome, grpc.StatusCode.PERMISSION_DENIED, "ADMIN_REQUIRED")
+    elif access is Access.SERVICE:
+        for metadata in (intruder, cast.admin.metadata):
+            _expect(await _call(cast, path, request, metadata), grpc.StatusCode.UNAUTHENTICATED)
+    else:
+        outcome = await _call(cast, path, request, intruder)
+        assert not (leaked := _leaks(cast, request, outcome)), f"{outcome} showed {leaked}"
+        await _check_user_row(cast, path, row, request, outcome)
+
+    assert await state_of(cast) == before, f"{path} by user B changed A's resources"
+    if access is Access.USER and row.control and row.expect is not Expect.NO_IDS:
+        control = await _call(cast, path, request, cast.owner.metadata)
+        assert control.ok, f"A's own call failed, so B's refusal proves nothing: {control}"
+
+
+async def _check_user_row(
+    cast: Cast, path: str, row: Row, request: Message, outcome: Outcome
+) -> None:
+    if row.expect is Expect.NOT_FOUND:
+        _expect(outcome, grpc.StatusCode.NOT_FOUND)
+        events = [r.WhichOneof("event") for r in outcome.responses]
+        assert set(events) <= {"error"}, f"{path}: B's stream got {events} before NOT_FOUND"
+        ghost = await _call(cast, path, row.build(ghost_of(cast.victim)), cast.intruder.metadata)
+        ours, theirs = error_info_of(outcome), error_info_of(ghost)
+        assert (outcome.code, ours and ours.reason) == (ghost.code, theirs and theirs.reason), (
+            f"{path}: A's id gives {outcome}, a missing id {ghost}: existence shows"
+        )
+    elif row.expect is Expect.NOTHING_OF_THEIRS:
+        assert outcome.code in {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}, outcome
+        if outcome.ok:
+            listed = outcome.responses[0]
+            items = [
+                *getattr(listed, "results", []),
+                *getattr(listed, "documents", []),
+                *getattr(listed, "conversations", []),
+            ]
+            mine = [i for i in items if getattr(i, "owner_id", "") == cast.victim.user_id]
+            assert not mine, f"{path}: B got A's {mine}"
+            for item in items:
+                for name in ("document_id", "conversation_id"):
+                    assert getattr(item, name, "") not in cast.victim.owned(), (path, item)
+    elif row.expect is Expect.ACTS_ON_CALLER:
+        assert outcome.ok, outcome
+        (response,) = outcome.responses
+        assert response.user.user_id == cast.intruder.user_id, f"{path} acted on {response}"
+    elif row.expect is Expect.SESSION_SURVIVES:
+        refreshed = await cast.stubs.auth.RefreshToken(
+            auth_pb.RefreshTokenRequest(refresh_token=cast.victim.refresh_token)
+        )
+        cast.victim.refresh_token = refreshed.refresh_token
+        cast.owner.refresh_token = refreshed.refresh_token
+
+
+async def test_the_victims_documents_are_ready(cast: Cast) -> None:
+    """The fixture itself: A's document is searchable by A (the search row's control)."""
+    document = await cast.stubs.kb.GetDocument(
+        kb.GetDocumentRequest(document_id=cast.victim.document_id), metadata=cast.owner.metadata
+    )
+    assert document.document.status == kb_pb.DOCUMENT_STATUS_READY
+    assert await search(cast.stubs, cast.owner, SECRET, document_ids=[cast.victim.document_id])
