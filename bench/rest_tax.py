@@ -49,8 +49,11 @@ class Server:
     http: str
 
 
-async def start_server(data_dir: Path, extra_env: dict[str, str] | None = None) -> Server:
-    """`agentmesh serve` (after `agentmesh migrate`) on free ports, with `extra_env` settings."""
+async def start_server(
+    data_dir: Path, extra_env: dict[str, str] | None = None, launcher: tuple[str, ...] = ()
+) -> Server:
+    """`agentmesh serve` (after `agentmesh migrate`) on free ports, with `extra_env` settings;
+    `launcher` goes before the command (a profiler)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTMESH_")}
     # One client hammers the server from one address: limits it cannot reach (the
     # limiter still runs on every call, as in production).
@@ -58,6 +61,7 @@ async def start_server(data_dir: Path, extra_env: dict[str, str] | None = None) 
         AGENTMESH_RATE_LIMIT_PER_USER="100000000",
         AGENTMESH_RATE_LIMIT_PER_IP="100000000",
         AGENTMESH_RATE_LIMIT_CREDENTIALS_PER_IP="100000000",
+        AGENTMESH_RATE_LIMIT_CREDENTIALS_PER_ACCOUNT="100000000",
     )
     env.update(extra_env or {})
     env.update(
@@ -75,9 +79,9 @@ async def start_server(data_dir: Path, extra_env: dict[str, str] | None = None) 
     log_path = data_dir / "serve.log"
     with log_path.open("wb") as log:  # the server logs one JSON line per RPC, as in production
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server", "serve", env=env, stderr=log
+            *launcher, sys.executable, "-m", "server", "serve", env=env, stderr=log
         )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # loading the model takes a while on a busy machine
     while time.monotonic() < deadline:
         for line in log_path.read_text().splitlines():
             if '"agentmesh serving"' in line:

@@ -31,6 +31,7 @@ from tests.harness import Stubs, envoy_for, new_user, running_app
 from tests.knowledge import ingest
 from tests.langfuse_recorder import serving, span_attributes
 from tests.rpc_errors import error_info, field_violations, retry_delay
+from tests.test_metrics import delta, scrape
 
 ZEPHYR = (
     b"The Zephyr research reactor is cooled with liquid sodium at 550 degrees Celsius.\n\n"
@@ -690,6 +691,36 @@ async def test_rest_streams_refused_before_their_first_event_get_the_status_http
         assert response.status == 200 and response.headers["x-request-id"] == "started-1"
         while await read_sse_event(response) is not None:
             pass
+
+
+async def test_a_client_that_goes_away_is_cancelled_not_unknown(
+    agent_app: tuple[Application, Stubs], stubs_: Stubs, llm: FakeLlm
+) -> None:
+    """A client dropping its stream ends the call CANCELLED in the metrics and the usage
+    events (UNKNOWN would count toward the error-rate alert)."""
+    app = agent_app[0]
+    user = await new_user(stubs_)
+    gate = asyncio.Event()
+    llm.script = Script(intent="greeting", answer="Hello there, how can I help?", gate=gate)
+    labels = {"grpc_service": "agentmesh.agent.v1.AgentService", "grpc_method": "StreamQuery"}
+    before = await scrape(app)
+    call = stubs_.agent.StreamQuery(
+        agent_pb.StreamQueryRequest(query="hello"), metadata=user.metadata
+    )
+    async for event in call:
+        if event.WhichOneof("event") == "token":
+            break
+    call.cancel()
+    try:
+        for _ in range(200):  # the server ends its side of the call a moment later
+            after = await scrape(app)
+            if delta(before, after, "grpc_server_handled_total", **labels):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        gate.set()
+    assert delta(before, after, "grpc_server_handled_total", **labels, grpc_code="CANCELLED") == 1
+    assert not delta(before, after, "grpc_server_handled_total", grpc_code="UNKNOWN")
 
 
 async def test_a_run_is_traced_in_langfuse_with_user_and_conversation(
