@@ -31,6 +31,7 @@ from server.interceptors import (
     Behavior,
     Context,
     Handler,
+    WrappedHandlers,
     abort,
     call_behavior,
     iterate_behavior,
@@ -160,6 +161,7 @@ class RequestCheckInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, limits: ReceiveLimits) -> None:
         self._limits = limits
+        self._handlers = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -169,7 +171,11 @@ class RequestCheckInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        parse = tolerant(handler.request_deserializer, self._limits.of(handler_call_details.method))
+        method = handler_call_details.method
+        return self._handlers.get(method, handler, lambda h: self._checking(h, method))
+
+    def _checking(self, handler: Handler, method: str) -> Handler:
+        parse = tolerant(handler.request_deserializer, self._limits.of(method))
         if handler.request_streaming:
             return _checked_client_stream(handler, parse)
         if handler.response_streaming:

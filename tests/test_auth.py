@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import argon2
@@ -19,6 +20,9 @@ from sqlalchemy import select, update
 
 from server.main import Application
 from services.auth.models import User
+from services.auth.principal import Role
+from services.auth.tokens import TokenCodec, TokenSettings
+from services.errors import Unauthenticated
 from tests.backends import Database
 from tests.harness import (
     PASSWORD,
@@ -234,6 +238,33 @@ async def test_bad_access_tokens_are_refused(stubs: Stubs, case: str, reason: st
     }
     error = await expect_code(me(stubs, tokens[case]()), grpc.StatusCode.UNAUTHENTICATED)
     assert error_info(error).reason == reason
+
+
+async def test_a_token_verified_once_still_expires() -> None:
+    """Access tokens are verified once and remembered (issue 17); the memory keeps no
+    token past its expiry."""
+    codec = TokenCodec(
+        TokenSettings(
+            secret="s" * 32,
+            issuer="agentmesh",
+            audience="agentmesh",
+            access_ttl=timedelta(seconds=1),
+            refresh_ttl=timedelta(hours=1),
+            leeway=timedelta(0),
+        )
+    )
+    user_id = uuid.uuid4()
+    token = codec.issue_access(
+        user_id=user_id, role=Role.USER, session_id=uuid.uuid4(), now=datetime.now(UTC)
+    )
+    assert codec.decode_access(token) == codec.decode_access(token)  # the second from memory
+    assert codec.decode_access(token).user_id == user_id
+    await asyncio.sleep(1.1)
+    with pytest.raises(Unauthenticated) as caught:
+        codec.decode_access(token)
+    assert caught.value.reason == "TOKEN_EXPIRED"
+    with pytest.raises(Unauthenticated):  # and the memory forgot it
+        codec.decode_access(token)
 
 
 async def test_access_token_is_not_a_refresh_token(stubs: Stubs) -> None:

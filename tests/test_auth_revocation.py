@@ -124,6 +124,33 @@ async def test_a_role_change_applies_to_live_tokens(app: Application, stubs: Stu
     assert error_info(caught.value).reason == "ADMIN_REQUIRED"
 
 
+async def rename(stubs: Stubs, account: Account, full_name: str) -> None:
+    await stubs.users.UpdateCurrentUser(
+        users_pb.UpdateCurrentUserRequest(
+            user=user_pb.User(full_name=full_name),
+            update_mask=field_mask_pb2.FieldMask(paths=["full_name"]),
+        ),
+        metadata=account.metadata,
+    )
+
+
+async def test_the_current_user_kept_in_memory_is_never_stale(
+    app: Application, stubs: Stubs
+) -> None:
+    """GetCurrentUser answers from memory once warm (issue 17), and every change shows on
+    the very next call: a rename, a role change, a password change."""
+    admin, user = await new_admin(app, stubs), await new_user(stubs, "renamed")
+    first = await me(stubs, user)
+    assert await me(stubs, user) == first  # this answer comes from memory
+    await rename(stubs, user, "First Name")
+    assert (await me(stubs, user)).user.full_name == "First Name"
+    await set_role(stubs, admin, user, user_pb.ROLE_ADMIN)
+    assert (await me(stubs, user)).user.role == user_pb.ROLE_ADMIN
+    await rename(stubs, user, "Second Name")
+    current = (await me(stubs, user)).user
+    assert (current.full_name, current.role) == ("Second Name", user_pb.ROLE_ADMIN)
+
+
 async def test_signing_out_stops_that_sessions_access_tokens(stubs: Stubs) -> None:
     first = await new_user(stubs, "sessions")
     second = await login(stubs, first.email)
@@ -237,6 +264,18 @@ async def test_every_replica_sharing_redis_refuses_at_once(
         await refused(me(b, doomed), "USER_NOT_ACTIVE")
         await refused(me(b, leaving), "TOKEN_REVOKED")
         await b.users.ListUsers(listing, metadata=promoted.metadata)
+
+
+async def test_a_replica_sharing_redis_never_answers_a_stale_current_user(
+    postgres: Database, tmp_path: Path
+) -> None:
+    await redis_up()
+    async with replicas(postgres, tmp_path, REDIS_URL) as (_, a, b):
+        user = await new_user(a, "traveller")
+        first = await me(b, user)
+        assert await me(b, user) == first  # b read the account, then answered from memory
+        await rename(a, user, "Renamed Elsewhere")
+        assert (await me(b, user)).user.full_name == "Renamed Elsewhere"
 
 
 async def test_without_redis_a_replica_reads_the_database_when_told_to(

@@ -282,7 +282,7 @@ class AuthStates:
             raise Unauthenticated(f"the account is {state.status}", reason="USER_NOT_ACTIVE")
         if claims.session_id is not None and claims.session_id in state.revoked_sessions:
             raise Unauthenticated("the session was signed out", reason="TOKEN_REVOKED")
-        return Principal(user_id=claims.user_id, role=state.role)
+        return Principal(user_id=claims.user_id, role=state.role, version=state.version)
 
     async def state(self, user_id: uuid.UUID) -> AuthState:
         if self.cache is not None and (cached := await self.cache.get(user_id)) is not None:

@@ -16,6 +16,10 @@ class Principal:
 
     user_id: uuid.UUID
     role: Role
+    # The account's auth_version when the call began: raised by every change to the account
+    # (services/auth/auth_state.py), so what was read at one version is current while the
+    # principal still names it. None when unknown (nothing cached by version is trusted).
+    version: int | None = None
 
     @property
     def is_admin(self) -> bool:

@@ -167,8 +167,10 @@ class AuthService:
         now = utcnow()
         async with self._sessions.begin() as s:
             if upgraded is not None:
-                await s.execute(
-                    update(User).where(User.id == user.id).values(password_hash=upgraded)
+                await s.execute(  # a stronger hash is not a profile change: updated_at stays
+                    update(User)
+                    .where(User.id == user.id)
+                    .values(password_hash=upgraded, updated_at=User.updated_at)
                 )
             pair = await self._issue_pair(s, user, family_id=uuid.uuid4(), now=now)
         self._events.record(EventKind.LOGIN, user_id=user.id, success=True)

@@ -8,6 +8,7 @@ a session stops its access tokens at once (services/auth/auth_state.py).
 """
 
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -53,10 +54,16 @@ class TokenSettings:
 class TokenCodec:
     """Signs and verifies agentmesh tokens."""
 
-    def __init__(self, settings: TokenSettings) -> None:
+    def __init__(self, settings: TokenSettings, verified_entries: int = 10_000) -> None:
         if len(settings.secret.encode()) < MIN_SECRET_BYTES:
             raise ValueError(f"the JWT secret must be at least {MIN_SECRET_BYTES} bytes")
         self._s = settings
+        # Access tokens whose signature and claims were verified, by their exact text: a
+        # token is the same token on every call, so it is verified once (issue 17). Only
+        # its expiry is checked again; whether its account or session still may act is the
+        # auth state's to say, on every call (services/auth/auth_state.py).
+        self._verified: OrderedDict[str, AccessClaims] = OrderedDict()
+        self._verified_entries = verified_entries
 
     @property
     def access_ttl(self) -> timedelta:
@@ -84,6 +91,20 @@ class TokenCodec:
         return self._encode(claims, REFRESH_TYPE, now=now, ttl=self._s.refresh_ttl, jti=token_id)
 
     def decode_access(self, token: str) -> AccessClaims:
+        verified = self._verified.get(token)
+        if verified is not None:
+            if verified.expires_at + self._s.leeway <= datetime.now(UTC):
+                del self._verified[token]
+                raise Unauthenticated("token expired", reason="TOKEN_EXPIRED")
+            self._verified.move_to_end(token)
+            return verified
+        claims = self._verify_access(token)
+        self._verified[token] = claims
+        if len(self._verified) > self._verified_entries:
+            self._verified.popitem(last=False)
+        return claims
+
+    def _verify_access(self, token: str) -> AccessClaims:
         claims = self._decode(token, ACCESS_TYPE, "access", verify_exp=True)
         try:
             return AccessClaims(
