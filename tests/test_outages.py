@@ -71,17 +71,25 @@ async def failure(call: object) -> grpc.aio.AioRpcError:
     return caught.value
 
 
+async def conversations(stubs: Stubs, user: Account) -> agent_pb.ListConversationsResponse:
+    """A call that reads the database every time."""
+    return await stubs.agent.ListConversations(
+        agent_pb.ListConversationsRequest(), metadata=user.metadata
+    )
+
+
 async def test_postgres_gone_is_unavailable_and_comes_back(
     proxy_for_postgres: tuple[TcpProxy, str], tmp_path: Path
 ) -> None:
     proxy, url = proxy_for_postgres
     async with running_app(url, tmp_path / "data") as (_, stubs):
         user = await new_user(stubs)
-        await me(stubs, user)
+        await conversations(stubs, user)
 
         await proxy.stop()  # every pooled connection is cut, and new ones are refused
+        # (Not GetCurrentUser: it answers a warm account from memory, issue 17.)
         for _ in range(3):
-            error = await failure(me(stubs, user))
+            error = await failure(conversations(stubs, user))
             assert error.code() == grpc.StatusCode.UNAVAILABLE
             assert error_info(error).reason == "DATABASE_UNAVAILABLE"
             assert "127.0.0.1" not in (error.details() or "")
@@ -91,7 +99,7 @@ async def test_postgres_gone_is_unavailable_and_comes_back(
         await until_health(stubs, USERS, health_pb2.HealthCheckResponse.NOT_SERVING)
 
         await proxy.start()
-        await me(stubs, user)  # no restart: the pool's pre-ping replaces dead connections
+        await conversations(stubs, user)  # no restart: pre-ping replaces dead connections
         await until_health(stubs, "", health_pb2.HealthCheckResponse.SERVING)
         await until_health(stubs, USERS, health_pb2.HealthCheckResponse.SERVING)
 
