@@ -8,6 +8,8 @@ names which kind of dependency failed, never its address.
 
 from collections.abc import Iterator
 
+from psycopg import InterfaceError as PsycopgInterfaceError
+from psycopg import OperationalError as PsycopgOperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -42,6 +44,10 @@ def outage_of(error: BaseException) -> Unavailable | None:
     for cause in _chain(error):
         if isinstance(cause, RedisConnectionError | RedisTimeoutError):
             return _redis()
+        # psycopg is the durable queue's driver; procrastinate raises its errors as the
+        # cause of a ConnectorException ("Database error.").
+        if isinstance(cause, PsycopgOperationalError | PsycopgInterfaceError):
+            return _database()
         if isinstance(cause, InterfaceError | PoolTimeoutError) or (
             isinstance(cause, DBAPIError) and cause.connection_invalidated
         ):

@@ -3,18 +3,22 @@ calls are UNAVAILABLE with ErrorInfo (REST 503), never INTERNAL, and everything 
 on its own once the server is back."""
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
+import psycopg
 import pytest
 from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
 from agentmesh.analytics.v1 import analytics_service_pb2 as analytics_pb
 from agentmesh.analytics.v1 import analytics_service_pb2_grpc as analytics_grpc
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
 from grpc_health.v1 import health_pb2
+from procrastinate.exceptions import ConnectorException
 
+from services.outages import outage_of
 from tests.backends import Database
 from tests.harness import Account, Stubs, new_user, running_app
 from tests.limited import REDIS_URL, limited_app, redis_up
@@ -69,6 +73,25 @@ async def failure(call: object) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call  # type: ignore[misc]
     return caught.value
+
+
+async def test_the_durable_queue_losing_its_database_is_an_outage() -> None:
+    """procrastinate wraps psycopg's errors in ConnectorException ("Database error."); an
+    upload whose job could not be queued because PostgreSQL went away is UNAVAILABLE, not
+    INTERNAL (the fault test caught it once, cutting the database mid-upload)."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    try:
+        await psycopg.AsyncConnection.connect(f"host=127.0.0.1 port={port} connect_timeout=2")
+    except psycopg.OperationalError as refused:
+        try:
+            raise ConnectorException() from refused
+        except ConnectorException as wrapped:
+            error = wrapped
+    outage = outage_of(error)
+    assert outage is not None and outage.reason == "DATABASE_UNAVAILABLE"
+    assert outage_of(ConnectorException()) is None  # nothing says the database is away
 
 
 async def conversations(stubs: Stubs, user: Account) -> agent_pb.ListConversationsResponse:
