@@ -11,28 +11,16 @@ ingestion until it ends (at most one copy per document).
 """
 
 import uuid
-from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.errors import QuotaViolation, ResourceExhausted
 from services.knowledge import queries
+from services.quotas.service import Allowance
 
 
-@dataclass(frozen=True)
-class StorageStatus:
-    """A user's storage quota: its limit (0 with `unlimited`) and the bytes used."""
-
-    limit: int
-    used: int
-
-    @property
-    def unlimited(self) -> bool:
-        return self.limit == 0
-
-    @property
-    def remaining(self) -> int:
-        return 0 if self.unlimited else max(self.limit - self.used, 0)
+class StorageStatus(Allowance):
+    """A user's storage quota: its limit in bytes (0 with `unlimited`) and the bytes used."""
 
 
 async def storage_status(s: AsyncSession, *, owner_id: uuid.UUID, limit: int) -> StorageStatus:

@@ -52,14 +52,11 @@ def _until_end(now: datetime, end: datetime) -> int:
 
 
 @dataclass(frozen=True)
-class QuotaStatus:
-    """One quota of a user: its limit (0 with `unlimited`), use and reset in this period."""
+class Allowance:
+    """A limit (0 with `unlimited`) and how much of it is used."""
 
-    metric: str  # "queries" | "tokens"
-    period: Window
     limit: int
     used: int
-    resets_at: datetime
 
     @property
     def unlimited(self) -> bool:
@@ -68,6 +65,15 @@ class QuotaStatus:
     @property
     def remaining(self) -> int:
         return 0 if self.unlimited else max(self.limit - self.used, 0)
+
+
+@dataclass(frozen=True)
+class QuotaStatus(Allowance):
+    """One quota of a user: its limit, use and reset in this period."""
+
+    metric: str  # "queries" | "tokens"
+    period: Window
+    resets_at: datetime
 
 
 class QuotaService:
@@ -154,7 +160,7 @@ class QuotaService:
                 start, end = window_bounds(period, now)
                 [used] = await self._counters.read([self._key(principal, metric, period, start)])
                 limit = limits.queries(period) if metric == "queries" else limits.tokens(period)
-                found.append(QuotaStatus(metric, period, limit, used, end))
+                found.append(QuotaStatus(limit, used, metric=metric, period=period, resets_at=end))
         return found
 
     async def add_tokens(self, principal: Principal, tokens: int) -> None:
