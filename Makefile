@@ -11,7 +11,7 @@ PROTOS := $(shell find protos -name '*.proto')
 DESCRIPTOR := gen/agentmesh.binpb
 OPENAPI := gen/openapi
 
-.PHONY: help install gen gen-check lint fmt migrate admin run mesh test bench bench-rest bench-agent bench-limits bench-retrieval bench-vectors bench-mesh bench-hot-path clean
+.PHONY: help install gen gen-check lint fmt migrate admin run mesh test bench bench-rest bench-agent bench-limits bench-retrieval bench-vectors bench-mesh bench-hot-path bench-idle-rss clean
 
 help:
 	@echo "make run     set up and run agentmesh (gRPC :50051, REST+gRPC via Envoy :8080)"
@@ -102,7 +102,7 @@ mesh: gen
 test: $(GOOGLEAPIS)/.copied
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: bench-rest bench-agent bench-limits bench-retrieval bench-vectors bench-mesh bench-hot-path
+bench: bench-rest bench-agent bench-limits bench-retrieval bench-vectors bench-mesh bench-hot-path bench-idle-rss
 
 bench-rest: install
 	$(BIN)/python -m bench.rest_tax $(BENCH_ARGS)
@@ -115,6 +115,9 @@ bench-mesh: install
 
 bench-hot-path: install
 	$(BIN)/python -m bench.hot_path $(BENCH_ARGS)
+
+bench-idle-rss: install
+	$(BIN)/python -m bench.idle_rss $(BENCH_ARGS)
 
 bench-limits: install
 	$(BIN)/python -m bench.rate_limit $(BENCH_ARGS)

@@ -4,8 +4,11 @@ One run serves, each in its own process so the client's CPU is not theirs:
 
   empty      a grpc.aio handler for GetCurrentUser that returns a canned answer, with the
              server options agentmesh uses and no interceptors (the floor)
-  chain      the same canned handler behind agentmesh's whole interceptor chain (metrics,
+  chain      the same canned handler behind agentmesh's call pipeline (metrics, admission,
              request log and usage event, request checks, auth, rate limit, errors)
+  servicer   the real GetCurrentUser servicer behind the same pipeline, in the same lean
+             process (auth only: no model, no other service), to tell the servicer's cost
+             from the full server's
   real       `agentmesh serve`: GetCurrentUser, ListConversations and ListDocuments
 
 and calls each at 1 and 16 concurrent clients, three ways: gRPC direct, gRPC through the
@@ -25,6 +28,7 @@ and prints the functions where its CPU goes (build/bench/hot_path.profile.txt).
 import argparse
 import asyncio
 import collections
+import gc
 import json
 import os
 import re
@@ -86,18 +90,24 @@ def canned_handler() -> grpc.GenericRpcHandler:
 
 
 async def serve_baseline() -> None:
-    """Serve `empty` and `chain`, each with its own Envoy, until SIGTERM; print their
+    """Serve `empty`, `chain` and `servicer`, each with its own Envoy, until SIGTERM; print their
     addresses as one JSON line. Settings come from the environment, like the real server's
     (same data directory: same database and token key)."""
     from server.config import Settings
     from server.domain import Peers, build_domain
     from server.envoy import EnvoySidecar, envoy_config
+    from server.logs import configure_logging
     from server.main import interceptors, server_options
+    from server.servicers.users import UserServicer
 
     settings = Settings(services=["auth"])  # the chain needs no model and no peer
+    # Logged and collected as `agentmesh serve` is: the chain writes its JSON line per call.
+    configure_logging(settings.log_level, settings.log_format)
     registry = CollectorRegistry()
     domain = build_domain(settings, registry, Peers())
     await domain.start()
+    gc.collect()
+    gc.freeze()
     servers = {
         "empty": grpc.aio.server(options=server_options(settings)),
         "chain": grpc.aio.server(
@@ -105,10 +115,17 @@ async def serve_baseline() -> None:
             options=server_options(settings),
         ),
     }
+    # A second chain needs its own metrics registry (one set of RPC metrics per registry).
+    servers["servicer"] = grpc.aio.server(
+        interceptors=interceptors(settings, domain, CollectorRegistry()),
+        options=server_options(settings),
+    )
+    users_grpc.add_UserServiceServicer_to_server(UserServicer(domain.users), servers["servicer"])
     addresses: dict[str, dict[str, str]] = {}
     sidecars = []
     for name, server in servers.items():
-        server.add_generic_rpc_handlers((canned_handler(),))
+        if name != "servicer":
+            server.add_generic_rpc_handlers((canned_handler(),))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         sidecar = EnvoySidecar(
@@ -131,11 +148,14 @@ async def serve_baseline() -> None:
     await domain.close()
 
 
-async def start_baseline(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, Any]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.hot_path", "--baseline", env=env,
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+async def start_baseline(
+    env: dict[str, str], log_path: Path
+) -> tuple[asyncio.subprocess.Process, Any]:
+    with log_path.open("wb") as log:  # its log lines go to a file, as the real server's
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.hot_path", "--baseline", env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=log,
+        )  # fmt: skip
     assert process.stdout is not None
     line = await asyncio.wait_for(process.stdout.readline(), 120)
     if not line:
@@ -189,6 +209,7 @@ async def profile(data_dir: Path, seconds: float) -> dict[str, Any]:
     samples taken while serving (start-up imports are left out)."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     raw = PROFILE.with_suffix(".collapsed")
+    raw.parent.mkdir(parents=True, exist_ok=True)
     launcher = (
         py_spy, "record", "--rate", "100", "--nonblocking", "--format", "raw",
         "--output", str(raw), "--",
@@ -266,7 +287,7 @@ async def run(requests: int, rounds: int, profile_seconds: int) -> dict[str, Any
         sessions: list[aiohttp.ClientSession] = []
         baseline: asyncio.subprocess.Process | None = None
         try:
-            baseline, addresses = await start_baseline(env)
+            baseline, addresses = await start_baseline(env, data_dir / "baseline.log")
             addresses["real"] = {"grpc": server.grpc, "http": server.http}
             token = await access_token(server.grpc)
             calls: dict[str, Call] = {}

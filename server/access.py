@@ -66,6 +66,7 @@ RPC_ACCESS: Mapping[str, Access] = {
     _INDEXING + "DeleteGeneration": Access.SERVICE,
     _INDEXING + "DeleteDocumentPassages": Access.SERVICE,
     _INDEXING + "DeleteOwnerPassages": Access.SERVICE,
+    _INDEXING + "EmbedTexts": Access.SERVICE,
 }
 
 

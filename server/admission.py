@@ -22,16 +22,13 @@ sends headers and never its request holds a slot until it cancels or its connect
 """
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-from google.rpc import status_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from server.errors import rich_status, to_grpc_status
-from server.interceptors import Context, Handler
+from server.errors import rich_status
 from services.errors import ResourceExhausted
 
 CALLS = "calls"
@@ -62,6 +59,7 @@ def budget_of(method: str) -> str | None:
 
 @dataclass
 class Budget:
+    name: str
     limit: int
     in_flight: int = 0
 
@@ -72,21 +70,21 @@ class Budget:
         self.in_flight -= 1
 
 
-class AdmissionInterceptor(grpc.aio.ServerInterceptor):
-    """Admits a call while its budget has room; otherwise answers it with OVERLOADED
-    without parsing its request, counted in `agentmesh_rpcs_shed_total{budget}`."""
+class Admission:
+    """Admits a call while its budget has room; otherwise the call pipeline answers it
+    with OVERLOADED without parsing its request (`refusing`), counted in
+    `agentmesh_rpcs_shed_total{budget}`."""
 
     def __init__(
         self, limits: Mapping[str, int], retry_after: float, registry: CollectorRegistry
     ) -> None:
-        self._budgets = {name: Budget(limit) for name, limit in limits.items()}
-        self._refusals: dict[str, Handler] = {}  # by method, built on its first call
+        self._budgets = {name: Budget(name, limit) for name, limit in limits.items()}
         overloaded = ResourceExhausted(
             "the server is overloaded; try again shortly",
             retry_after=retry_after,
             reason="OVERLOADED",
         )
-        self._refusal = rich_status(overloaded)
+        self.refusal = rich_status(overloaded)
         self._shed = Counter(
             "agentmesh_rpcs_shed",
             "RPCs refused with OVERLOADED because their budget (calls, runs) was full.",
@@ -99,56 +97,25 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             ["budget"],
             registry=registry,
         )
+        self._shed_by_budget = {name: self._shed.labels(name) for name in self._budgets}
         for name, budget in self._budgets.items():
-            self._shed.labels(name)  # present from the first scrape, at 0
             in_flight.labels(name).set_function(budget.count)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        method = handler_call_details.method
+    def budget(self, method: str) -> Budget | None:
+        """The budget `method` counts against; None for the exempt ones."""
         name = budget_of(method)
-        task = asyncio.current_task()  # the call's own task, which runs the lookup
-        if name is None or task is None:
-            return await continuation(handler_call_details)
-        budget = self._budgets[name]
-        if budget.in_flight >= budget.limit and method in self._refusals:
-            # The cheap way out, without building the handler chain inside.
-            self._shed.labels(name).inc()
-            return self._refusals[method]
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        if method not in self._refusals:
-            self._refusals[method] = refusing(handler, self._refusal)
+        return None if name is None else self._budgets[name]
+
+    def admit(self, budget: Budget | None) -> bool:
+        """Whether a call on `budget` may run now; called from the lookup of its handler,
+        which runs in the call's own task: an admitted call holds its slot until that task
+        ends, however it ends."""
+        task = asyncio.current_task()
+        if budget is None or task is None:
+            return True
         if budget.in_flight >= budget.limit:
-            self._shed.labels(name).inc()
-            return self._refusals[method]
+            self._shed_by_budget[budget.name].inc()
+            return False
         budget.in_flight += 1
         task.add_done_callback(budget.release)
-        return handler
-
-
-def _unread(raw: bytes) -> None:
-    """The request of a refused call: never parsed."""
-
-
-def refusing(handler: Handler, status: status_pb2.Status) -> Handler:
-    """A handler of the same kind as `handler` that ends every call with `status`."""
-    converted = to_grpc_status(status)  # once, not for every refused call
-
-    async def refuse(request: Any, context: Context) -> None:
-        await context.abort(converted.code, converted.details, converted.trailing_metadata)
-
-    if handler.request_streaming and handler.response_streaming:
-        factory: Any = grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        factory = grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        factory = grpc.unary_stream_rpc_method_handler
-    else:
-        factory = grpc.unary_unary_rpc_method_handler
-    refused: Handler = factory(refuse, _unread, handler.response_serializer)
-    return refused
+        return True

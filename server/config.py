@@ -174,13 +174,14 @@ class Settings(BaseSettings):
     ingest_sweep_seconds: float = Field(default=15.0, gt=0)
     """How often workers look for the jobs of dead workers and documents without a job."""
     index_token: SecretStr | None = None
-    """The service credential `agentmesh worker` presents to the process that owns the
-    embedded vector index; unset: a random one created once in DATA_DIR/index-token, which
-    workers sharing DATA_DIR read."""
+    """The service credential `agentmesh worker` and processes without `knowledge` present
+    to the process that owns the vector index; unset: a random one created once in
+    DATA_DIR/index-token, which processes sharing DATA_DIR read."""
     index_target: str | None = None
     """host:port of the process serving `knowledge` (the index owner), for `agentmesh worker`
     beside an embedded index (unset: 127.0.0.1:GRPC_PORT) and for a process serving `users`
-    without `knowledge` (it removes a deleted account's passages there)."""
+    or `agent` without `knowledge` (it removes a deleted account's passages there; the
+    agent's intent classifier embeds questions with its model)."""
     pdf_timeout_seconds: float = Field(default=60.0, gt=0)
     """Wall-time limit of the child process that parses one PDF."""
     pdf_memory_mb: int = Field(default=1024, gt=0)
@@ -387,10 +388,11 @@ class Settings(BaseSettings):
         if "knowledge" not in self.services:
             if "agent" in self.services and not self.knowledge_target:
                 raise ValueError("serving agent without knowledge needs KNOWLEDGE_TARGET")
-            if "users" in self.services and not self.index_target:
-                raise ValueError(
-                    "serving users without knowledge needs INDEX_TARGET (the index owner)"
-                )
+            for service in ("agent", "users"):
+                if service in self.services and not self.index_target:
+                    raise ValueError(
+                        f"serving {service} without knowledge needs INDEX_TARGET (the index owner)"
+                    )
         return self
 
     @property

@@ -24,7 +24,7 @@ from server.config import Settings
 from server.llm_sidecar import LocalLlmSidecar, packaged_model
 from services.agent.context import AgentDeps
 from services.agent.conversations import ConversationStore
-from services.agent.intents import IntentExamples
+from services.agent.intents import IntentExamples, TextEncoder
 from services.agent.llm import ChatModel, LlmSettings
 from services.agent.prompts import PromptManager
 from services.agent.run_log import InProcessRunLog
@@ -83,13 +83,15 @@ class Peers:
 
     knowledge: KnowledgeBase | None = None  # searches, as the end user
     index: PassageIndex | None = None  # the index owner's writes, as the service
+    encoder: TextEncoder | None = None  # the index owner's model, as the service
     close: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass
 class Domain:
     """The domain services and the resources they hold. The knowledge base and the agent
-    exist only in a process that serves them (the heavy ones: the vector index, models)."""
+    exist only in a process that serves them; the heavy ones, the vector index and the
+    embedding model (torch), only with the knowledge base."""
 
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
@@ -101,7 +103,7 @@ class Domain:
     users: UserService
     knowledge_service: KnowledgeService | None
     agent_service: AgentService | None
-    embedder: Embedder | None  # the knowledge base's, or the agent's own without one
+    embedder: Embedder | None  # the knowledge base's; None without it
     feedback: FeedbackService
     events: EventRecorder
     usage: UsageService
@@ -153,8 +155,6 @@ class Domain:
         await self.outbound.close()
         if self.knowledge_service is not None:
             await self.knowledge_service.stop()  # closes the embedder too
-        elif self.embedder is not None:
-            self.embedder.close()
         if self.peers.close is not None:
             await self.peers.close()
         await self.events.stop()  # after everything that records events
@@ -272,15 +272,15 @@ def build_tracer(settings: Settings) -> Tracer:
 def build_agent(
     settings: Settings,
     sessions: async_sessionmaker[AsyncSession],
-    embedder: Embedder,
+    encoder: TextEncoder,
     knowledge: KnowledgeBase,
     outbound: OutboundHttp,
     events: EventRecorder,
     quotas: QuotaService,
     metrics: Metrics,
 ) -> AgentService:
-    """The agent: prompts, tools, the embedded intent examples, the LLM client (none in
-    extractive mode) and the graph."""
+    """The agent: prompts, tools, the intent examples (embedded through `encoder` when
+    first needed), the LLM client (none in extractive mode) and the graph."""
     prompts = PromptManager(settings.prompts_dir, auto_reload=settings.prompts_auto_reload)
     provider = settings.resolved_llm_provider
     # The local provider's client is made when its sidecar has started (Domain.start).
@@ -288,8 +288,7 @@ def build_agent(
     deps = AgentDeps(
         prompts=prompts,
         registry=ToolRegistry(build_tools(settings, knowledge, outbound), prompts),
-        embedder=embedder,
-        intents=IntentExamples.build(prompts, embedder),
+        intents=IntentExamples.load(prompts, encoder),
         llm=llm,
         store=ConversationStore(sessions),
         settings=configured.agent_settings(settings),
@@ -401,8 +400,9 @@ def build_quotas(settings: Settings, redis: Redis | None, metrics: Metrics) -> Q
 
 
 def shared_queries(settings: Settings, redis: Redis | None) -> Cache | None:
-    """Query embeddings shared by the processes on one Redis: the agent's and the
-    knowledge base's, when they run apart, embed a question once between them."""
+    """Query embeddings shared by the processes on one Redis: replicas of the knowledge
+    base embed a question once between them (the one an agent process asked to embed it,
+    to classify it, and the one its search reached through Envoy)."""
     return RedisCache(redis, f"{settings.redis_key_prefix}qemb:") if redis else None
 
 
@@ -421,7 +421,8 @@ def build_domain(
 ) -> Domain:
     """The domain of a process serving SERVICES; their metrics go to `registry` (none: a
     private one). `peers` reach what the process needs but does not serve: the knowledge
-    base for the agent's tool, the index owner for a deleted account's passages."""
+    base for the agent's tool, the index owner for a deleted account's passages and for
+    the agent's embeddings."""
     served = set(settings.services)
     peers = peers or Peers()
     metrics = Metrics(registry)
@@ -436,23 +437,28 @@ def build_domain(
     limiter_redis = connect_limiter_redis(settings)
     # Read on every authenticated call: the hot path's client, with its tight timeouts.
     states = build_auth_states(settings, sessions, tokens, limiter_redis)
+    # The model (and torch) only where the knowledge base is: an agent apart from it
+    # embeds through the knowledge process (peers.encoder).
     embedder = (
         Embedder.load(configured.embedder_settings(settings), shared_queries(settings, redis))
-        if served & {"knowledge", "agent"}
+        if "knowledge" in served
         else None
     )
     knowledge = (
         build_knowledge(settings, sessions, embedder, events, metrics)
-        if embedder is not None and "knowledge" in served
+        if embedder is not None
         else None
     )
     outbound = OutboundHttp(settings.outbound_allowed_networks)
     quotas = build_quotas(settings, redis, metrics)
     agent = None
-    if embedder is not None and "agent" in served:
+    if "agent" in served:
         searched = knowledge or _required(peers.knowledge, "KNOWLEDGE_TARGET")
+        encoder: TextEncoder = (
+            embedder if embedder is not None else _required(peers.encoder, "INDEX_TARGET")
+        )
         agent = build_agent(
-            settings, sessions, embedder, searched, outbound, events, quotas, metrics
+            settings, sessions, encoder, searched, outbound, events, quotas, metrics
         )
     purge = knowledge.purge_owner if knowledge else None
     if "users" in served and purge is None:

@@ -24,18 +24,20 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from server.admission import CALLS, RUNS, AdmissionInterceptor
+from server.admission import CALLS, RUNS, Admission
+from server.authentication import Authentication
 from server.config import Settings
 from server.domain import Domain, build_domain
 from server.envoy import envoy_sidecar
 from server.health import ServiceHealth
-from server.interceptors import AuthInterceptor, ErrorInterceptor, RequestLogInterceptor
+from server.interceptors import CallPipeline, Stages
 from server.logs import configure_logging
 from server.ops_http import OpsServer
 from server.peers import connect_peers
-from server.rate_limits import RateLimitInterceptor, RateLimits
-from server.request_checks import ReceiveLimits, RequestCheckInterceptor, UnknownMethodInterceptor
-from server.rpc_metrics import RpcMetricsInterceptor
+from server.rate_limits import RateLimitGate, RateLimits
+from server.request_checks import ReceiveLimits
+from server.request_log import RequestLog
+from server.rpc_metrics import RpcMetrics
 from server.runtime_metrics import (
     CountersCollector,
     HitCounts,
@@ -100,9 +102,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def admission(settings: Settings, registry: CollectorRegistry) -> AdmissionInterceptor:
+def admission(settings: Settings, registry: CollectorRegistry) -> Admission:
     limits = {CALLS: settings.max_concurrent_rpcs, RUNS: settings.max_concurrent_runs}
-    return AdmissionInterceptor(limits, settings.overload_retry_after_seconds, registry)
+    return Admission(limits, settings.overload_retry_after_seconds, registry)
 
 
 def rate_limits(settings: Settings) -> RateLimits:
@@ -120,54 +122,24 @@ def rate_limits(settings: Settings) -> RateLimits:
 def interceptors(
     settings: Settings, domain: Domain, registry: CollectorRegistry
 ) -> list[grpc.aio.ServerInterceptor]:
-    """The interceptor chain; grpc.aio runs it in list order, the first one outermost.
-
-    1. Unknown methods, outermost: UNIMPLEMENTED with an ErrorInfo, and nothing inside sees
-       them, so a made-up method name never becomes a metric label or a usage event.
-    2. Metrics: every call is counted and timed, including the ones that the interceptors
-       inside refuse (shed calls too), and the time includes their cost.
-    3. Admission (load shedding): a call over its budget of calls in flight is refused with
-       OVERLOADED (and RetryInfo) before the log: under overload a refusal costs no log
-       line and no usage event (the metrics and agentmesh_rpcs_shed_total count it).
-       Health checks and reflection are exempt.
-    4. Request id and log: every admitted call, refused or not, gets a request id, a log
-       line and its `rpc` usage event with the final status code.
-    5. Request checks: a request over its method's size limit is RESOURCE_EXHAUSTED before
-       it is parsed; one that does not parse, or carries a NUL character in any string, is
-       INVALID_ARGUMENT; both before anything reads it, with or without a token.
-    6. Auth: the principal goes into a ContextVar; the allow-list passes health,
-       reflection and the credential RPCs through. A token must also belong to an account
-       that still exists, is enabled and has not signed that session out (its auth state,
-       one cache read). A call it refuses is first charged to its client address's rate
-       limit (the rate limiter's `charge_refused`), so a flood of bad tokens is limited too.
-    7. Rate limit (when enabled): after auth, so per-user windows know the user;
-       anonymous calls are limited by client address, Login also by account.
-    8. Error mapping, innermost: a handler's DomainError becomes its status and details
-       before anything outside sees the call end; anything else becomes INTERNAL.
-    """
+    """The server's one interceptor, the call pipeline; its stages and their order are
+    documented in server/interceptors.py."""
     rpc_log = logging.getLogger("agentmesh.rpc")
-    limiter = (
-        RateLimitInterceptor(domain.limiter, rate_limits(settings), domain.events)
+    limits = (
+        RateLimitGate(domain.limiter, rate_limits(settings), domain.events)
         if settings.rate_limit_enabled
         else None
     )
-    chain: list[grpc.aio.ServerInterceptor] = [
-        UnknownMethodInterceptor(),
-        RpcMetricsInterceptor(registry),
-        admission(settings, registry),
-        RequestLogInterceptor(rpc_log, domain.events),
-        RequestCheckInterceptor(receive_limits(settings)),
-        AuthInterceptor(
-            domain.tokens,
-            domain.auth_states,
-            domain.service_token,
-            on_refused=limiter.charge_refused if limiter is not None else None,
-        ),
-    ]
-    if limiter is not None:
-        chain.append(limiter)
-    chain.append(ErrorInterceptor(rpc_log))
-    return chain
+    stages = Stages(
+        metrics=RpcMetrics(registry),
+        admission=admission(settings, registry),
+        log=RequestLog(rpc_log, domain.events),
+        receive_limits=receive_limits(settings),
+        auth=Authentication(domain.tokens, domain.auth_states, domain.service_token),
+        limits=limits,
+        errors=rpc_log,
+    )
+    return [CallPipeline(stages)]
 
 
 def build_monitor(

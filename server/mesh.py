@@ -4,7 +4,9 @@ On PostgreSQL and Redis (DATABASE_URL and REDIS_URL from the environment, as for
 
   knowledge    `agentmesh serve --services knowledge`: the index owner (embedded Qdrant)
   front-N      `agentmesh serve --services auth,users,agent,feedback,analytics`, REPLICAS
-               of them; the agent's knowledge-base tool searches through Envoy, as the user
+               of them; the agent's knowledge-base tool searches through Envoy, as the user,
+               and its intent classifier embeds with the index owner's model (INDEX_TARGET,
+               the service credential in DATA_DIR): no model, no torch in these processes
   worker-N     `agentmesh worker`: ingestion jobs from the PostgreSQL queue, writing
                through the index owner
   envoy        the mesh's front door on HTTP_PORT (REST/JSON and gRPC): one cluster per
@@ -46,7 +48,7 @@ from server.parent_death import terminate_with_parent
 log = logging.getLogger("agentmesh.mesh")
 
 FRONT_SERVICES = ("auth", "users", "agent", "feedback", "analytics")
-START_TIMEOUT = 300.0  # every process loads the embedding model at once on a small machine
+START_TIMEOUT = 300.0  # the knowledge process and workers load the embedding model at once
 HEALTH_POLL = 0.5
 
 

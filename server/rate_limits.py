@@ -1,4 +1,4 @@
-"""The rate-limiting interceptor: sliding windows per user and per client IP, stricter
+"""Rate limits: sliding windows per user and per client IP, stricter
 ones for the credential RPCs, decided by the configured limiter (Redis or in-process).
 
 - Ordinary calls count against their client IP's window and, once authenticated, their
@@ -7,9 +7,9 @@ ones for the credential RPCs, decided by the configured limiter (Redis or in-pro
   a much smaller window per IP; Login also against its account's window (keyed by a hash
   of the canonical email, never the email) and ChangePassword against its caller's, so
   guessing one account's password from many addresses is throttled too.
-- A call the auth interceptor refuses (no, an invalid or an expired token; a revoked
-  session; a method the caller may not use) never reaches this interceptor: the auth
-  interceptor hands it to `charge_refused` first, which counts it against its IP's window,
+- A call that authentication refuses (no, an invalid or an expired token; a revoked
+  session; a method the caller may not use) is not admitted here: the call pipeline hands
+  it to `charge_refused` first, which counts it against its IP's window,
   so a flood of bad tokens ends in RESOURCE_EXHAUSTED like any other.
 - When the limiter cannot decide (Redis down or slower than its timeout), credential RPCs
   follow `credentials_fail_open` (default: refused, so Redis being down does not open
@@ -24,26 +24,12 @@ trusted proxy itself, as Envoy appends the address it saw.
 
 import hashlib
 import ipaddress
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
-
-import grpc
+from typing import Any
 
 from server.errors import rich_status
-from server.interceptors import (
-    Behavior,
-    Context,
-    Handler,
-    StreamCall,
-    UnaryCall,
-    WrappingInterceptor,
-    abort,
-    call_behavior,
-    metadata_value,
-    wrap_handler,
-)
-from server.request_context import current_request
+from server.handlers import Context, abort, metadata_value
+from server.request_context import RequestInfo
 from services.auth.validation import canonical_email
 from services.errors import QuotaViolation, ResourceExhausted
 from services.limits import Decision, RateLimiter
@@ -123,9 +109,10 @@ class WindowCheck:
     scope: str
 
 
-class RateLimitInterceptor(WrappingInterceptor):
+class RateLimitGate:
     """Refuses a call over any of its limits with RESOURCE_EXHAUSTED (HTTP 429 through
-    Envoy), RetryInfo and a QuotaFailure naming the limit."""
+    Envoy), RetryInfo and a QuotaFailure naming the limit. The call pipeline runs it after
+    authentication (server/interceptors.py)."""
 
     def __init__(self, limiter: RateLimiter, limits: RateLimits, events: EventRecorder) -> None:
         self._limiter = limiter
@@ -133,44 +120,23 @@ class RateLimitInterceptor(WrappingInterceptor):
         self._events = events
         self._addresses = ClientAddress(limits.trusted_proxies)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method != LOGIN or handler.request_streaming:
-            return None if handler is None else wrap_handler(handler, method, self)
-        # Login's account window is keyed by the request's email: the only method whose
-        # request this interceptor reads.
-        login = cast(Behavior, handler.unary_unary)
+    @staticmethod
+    def limits(method: str) -> bool:
+        """Whether calls of `method` are limited at all."""
+        return not method.startswith(UNLIMITED_PREFIXES)
 
-        async def limited_login(request: Any, context: Context) -> Any:
-            email = str(getattr(request, "email", "") or "")
-            await self._admit(context, method, account=email.strip() and account_key(email))
-            return await call_behavior(login, request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            limited_login,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+    def _client_ip(self, context: Context, info: RequestInfo) -> str:
+        ip = self._addresses.of(
+            info.peer or context.peer(), metadata_value(context, "x-forwarded-for")
         )
-
-    def _client_ip(self, context: Context) -> str:
-        info = current_request.get()
-        peer = info.peer if info is not None and info.peer else context.peer()
-        ip = self._addresses.of(peer, metadata_value(context, "x-forwarded-for"))
-        if info is not None:
-            info.client_ip = ip
+        info.client_ip = ip
         return ip
 
-    def _checks(self, context: Context, method: str, account: str) -> list[WindowCheck]:
+    def _checks(self, context: Context, info: RequestInfo, account: str) -> list[WindowCheck]:
         """Every window this call counts against (`account`: Login's account key)."""
-        info = current_request.get()
-        ip = self._client_ip(context)
-        limits = self._limits
-        user = info.principal.user_id if info is not None and info.principal else None
+        ip = self._client_ip(context, info)
+        limits, method = self._limits, info.rpc
+        user = info.principal.user_id if info.principal else None
         if method in CREDENTIAL_RPCS:
             checks = [
                 WindowCheck(f"auth-ip:{ip}", limits.credentials_per_ip, f"ip:{ip}", "credentials")
@@ -186,24 +152,32 @@ class RateLimitInterceptor(WrappingInterceptor):
             checks.append(WindowCheck(f"user:{user}", limits.per_user, f"user:{user}", "user"))
         return checks
 
-    async def _admit(self, context: Context, method: str, account: str = "") -> None:
-        if method.startswith(UNLIMITED_PREFIXES):
-            return
-        checks = self._checks(context, method, account)
-        credentials = method in CREDENTIAL_RPCS
+    async def admit(self, context: Context, info: RequestInfo, request: Any) -> None:
+        """Count the call against its windows; abort it when one of them is full. Login's
+        account window is keyed by its request's email: the only request read here."""
+        account = ""
+        if info.rpc == LOGIN:
+            email = str(getattr(request, "email", "") or "")
+            account = account_key(email) if email.strip() else ""
+        checks = self._checks(context, info, account)
+        credentials = info.rpc in CREDENTIAL_RPCS
         await self._decide(
-            context, method, checks, self._limits.credentials_fail_open if credentials else None
+            context, info, checks, self._limits.credentials_fail_open if credentials else None
         )
 
-    async def charge_refused(self, context: Context, method: str) -> None:
-        """Count a call the auth interceptor refuses against its client IP's window, and
+    async def charge_refused(self, context: Context, info: RequestInfo) -> None:
+        """Count a call that authentication refuses against its client IP's window, and
         end it with RESOURCE_EXHAUSTED instead when that window is full."""
-        ip = self._client_ip(context)
+        ip = self._client_ip(context, info)
         checks = [WindowCheck(f"ip:{ip}", self._limits.per_ip, f"ip:{ip}", "ip")]
-        await self._decide(context, method, checks, None)
+        await self._decide(context, info, checks, None)
 
     async def _decide(
-        self, context: Context, method: str, checks: list[WindowCheck], fail_open: bool | None
+        self,
+        context: Context,
+        info: RequestInfo,
+        checks: list[WindowCheck],
+        fail_open: bool | None,
     ) -> None:
         """Abort the call unless every window in `checks` admits it (`fail_open`: the mode
         when the limiter cannot decide; None is the limiter's own)."""
@@ -215,11 +189,10 @@ class RateLimitInterceptor(WrappingInterceptor):
         if decision.allowed:
             return
         refused = checks[max(refused_at, 0)]
-        info = current_request.get()
         self._events.record(
             EventKind.RATE_LIMITED,
-            user_id=info.principal.user_id if info and info.principal else None,
-            rpc=method,
+            user_id=info.principal.user_id if info.principal else None,
+            rpc=info.rpc,
             code="RESOURCE_EXHAUSTED",
             success=False,
             data={"limit": refused.scope},
@@ -240,12 +213,3 @@ class RateLimitInterceptor(WrappingInterceptor):
             violations=[QuotaViolation(refused.subject, f"{limit} calls per {window:g} s")],
             reason="RATE_LIMITED",
         )
-
-    async def unary(self, call: UnaryCall, context: Context, method: str) -> Any:
-        await self._admit(context, method)
-        return await call()
-
-    async def stream(self, call: StreamCall, context: Context, method: str) -> Any:
-        await self._admit(context, method)
-        async for item in call():
-            yield item

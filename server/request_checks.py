@@ -14,28 +14,22 @@
   on may carry one (PostgreSQL refuses it; C strings end at it).
 
 Client-streaming methods (only server reflection has one) get the same checks on each
-message. `UnknownMethodInterceptor` answers a method no service has with UNIMPLEMENTED and
-an ErrorInfo, in place of grpc's bare "Method not found!".
+message. The call pipeline (server/interceptors.py) runs them; it also answers a method no
+service has with UNKNOWN_METHOD (UNIMPLEMENTED with an ErrorInfo), in place of grpc's bare
+"Method not found!".
 """
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
+from google.rpc import status_pb2
 
 from server.errors import plain_status, rich_status
-from server.interceptors import (
-    Behavior,
-    Context,
-    Handler,
-    WrappedHandlers,
-    abort,
-    call_behavior,
-    iterate_behavior,
-)
+from server.handlers import Context, abort
 from services.errors import FieldViolation, InvalidArgument, ResourceExhausted
 
 MALFORMED = plain_status(
@@ -138,105 +132,20 @@ def too_large(request: TooLarge) -> ResourceExhausted:
     )
 
 
-async def check(request: Any, context: Context) -> None:
-    """Abort the call when its request is too large, malformed or carries a NUL character."""
+def problem(request: Any) -> status_pb2.Status | None:
+    """Why `request` is refused (too large, malformed, a NUL character), or None."""
     if isinstance(request, TooLarge):
-        await abort(context, rich_status(too_large(request)))
+        return rich_status(too_large(request))
     if isinstance(request, Malformed):
-        await abort(context, MALFORMED)
+        return MALFORMED
     if isinstance(request, Message) and (violations := nul_violations(request)):
-        await abort(context, rich_status(InvalidArgument(violations, reason="NUL_CHARACTER")))
+        return rich_status(InvalidArgument(violations, reason="NUL_CHARACTER"))
+    return None
 
 
 async def checked_requests(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
     """The messages of a client stream, each checked before the handler reads it."""
     async for request in requests:
-        await check(request, context)
+        if (refused := problem(request)) is not None:
+            await abort(context, refused)
         yield request
-
-
-class RequestCheckInterceptor(grpc.aio.ServerInterceptor):
-    """Runs `check` on every request message of every method before its handler, with
-    the receive limit of `limits` for the method."""
-
-    def __init__(self, limits: ReceiveLimits) -> None:
-        self._limits = limits
-        self._handlers = WrappedHandlers()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        return self._handlers.get(method, handler, lambda h: self._checking(h, method))
-
-    def _checking(self, handler: Handler, method: str) -> Handler:
-        parse = tolerant(handler.request_deserializer, self._limits.of(method))
-        if handler.request_streaming:
-            return _checked_client_stream(handler, parse)
-        if handler.response_streaming:
-            streamed = cast(Behavior, handler.unary_stream)
-
-            async def checked_stream(request: Any, context: Context) -> AsyncIterator[Any]:
-                await check(request, context)
-                async for item in iterate_behavior(streamed, request, context):
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(
-                checked_stream, parse, handler.response_serializer
-            )
-        unary = cast(Behavior, handler.unary_unary)
-
-        async def checked(request: Any, context: Context) -> Any:
-            await check(request, context)
-            return await call_behavior(unary, request, context)
-
-        return grpc.unary_unary_rpc_method_handler(checked, parse, handler.response_serializer)
-
-
-def _checked_client_stream(handler: Handler, parse: Callable[[bytes], Any] | None) -> Handler:
-    if handler.response_streaming:
-        bidi = cast(Behavior, handler.stream_stream)
-
-        async def checked_bidi(
-            requests: AsyncIterator[Any], context: Context
-        ) -> AsyncIterator[Any]:
-            async for item in iterate_behavior(bidi, checked_requests(requests, context), context):
-                yield item
-
-        return grpc.stream_stream_rpc_method_handler(
-            checked_bidi, parse, handler.response_serializer
-        )
-    unary = cast(Behavior, handler.stream_unary)
-
-    async def checked_unary(requests: AsyncIterator[Any], context: Context) -> Any:
-        return await call_behavior(unary, checked_requests(requests, context), context)
-
-    return grpc.stream_unary_rpc_method_handler(checked_unary, parse, handler.response_serializer)
-
-
-class UnknownMethodInterceptor(grpc.aio.ServerInterceptor):
-    """UNIMPLEMENTED with an ErrorInfo (METHOD_NOT_FOUND) for a method no service has.
-
-    Outermost in the chain: the interceptors inside never see the call, so a made-up
-    method name never becomes a metric label or a log line's rpc.
-    """
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is not None:
-            return handler
-        # Any kind of call ends the same way, and nothing it sends is read or parsed.
-        return grpc.stream_stream_rpc_method_handler(_unknown_method)
-
-
-async def _unknown_method(requests: Any, context: Context) -> None:
-    await abort(context, UNKNOWN_METHOD)

@@ -96,11 +96,12 @@ SERVICE_NAMES = [service.name for service in SERVICES]
 SERVICE_KEYS = [service.key for service in SERVICES]
 
 # Internal: ingestion workers write into the vector index of the process that owns the
-# embedded engine. Not in Envoy's routes, the health report or the public contract.
+# embedded engine, and an agent process without the knowledge base embeds with its model.
+# Not in Envoy's routes, the health report or the public contract.
 INDEXING = ServedService(
     "indexing",
     _name(indexing_pb.DESCRIPTOR, "IndexingService"),
     lambda d, s: indexing_grpc.add_IndexingServiceServicer_to_server(
-        IndexingServicer(d.knowledge.index, d.knowledge.embedder.dimension), s
+        IndexingServicer(d.knowledge.index, d.knowledge.embedder), s
     ),
 )

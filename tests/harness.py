@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 from agentmesh.agent.v1 import agent_service_pb2_grpc as agent_grpc
 from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
@@ -16,6 +17,7 @@ from agentmesh.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from agentmesh.auth.v1 import user_service_pb2_grpc as users_grpc
 from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as kb_grpc
 from grpc_health.v1 import health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import Settings
 from server.envoy import EnvoySidecar, envoy_config
@@ -152,3 +154,19 @@ def envoy_for(
     )
     config = envoy_config(settings, grpc_port=app.grpc_port, ops_port=app.ops.port)
     return EnvoySidecar(settings.resolved_envoy_binary, config, workdir)
+
+
+async def rpc_count(app: Application, sample_name: str, method: str) -> float:
+    """The application's own /metrics: the sum of `sample_name` (grpc_server_started_total,
+    grpc_server_handled_total, ...) over the samples of RPC `method` (its short name)."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{app.ops.port}/metrics") as response,
+    ):
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == sample_name and sample.labels.get("grpc_method") == method
+    )

@@ -293,6 +293,9 @@ ROWS: dict[str, Row] = {
     _INDEXING + "DeleteOwnerPassages": Row(
         request(_INDEXING + "DeleteOwnerPassages", owner_id=lambda v: v.user_id)
     ),
+    _INDEXING + "EmbedTexts": Row(
+        request(_INDEXING + "EmbedTexts", texts=["hello"], kind=indexing_pb.EMBEDDING_KIND_QUERY)
+    ),
 }
 
 

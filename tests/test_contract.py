@@ -143,6 +143,8 @@ REQUIRED_FIELDS = {
     "agentmesh.indexing.v1.DeleteGenerationRequest": {"document_id", "generation"},
     "agentmesh.indexing.v1.DeleteDocumentPassagesRequest": {"document_id"},
     "agentmesh.indexing.v1.DeleteOwnerPassagesRequest": {"owner_id"},
+    # server/servicers/indexing.py _texts_to_embed(): 1 to 128 texts, kind "is required".
+    "agentmesh.indexing.v1.EmbedTextsRequest": {"texts", "kind"},
     # services/agent/text.py clean_query(): "must not be empty".
     "agentmesh.agent.v1.QueryRequest": {"query"},
     "agentmesh.agent.v1.StreamQueryRequest": {"query"},

@@ -23,7 +23,6 @@ from agentmesh.auth.v1 import user_service_pb2 as users_pb
 from agentmesh.knowledge.v1 import knowledge_service_pb2 as kb_pb
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import SERVICE_KEYS, Settings
 from server.envoy import (
@@ -39,7 +38,7 @@ from server.envoy import (
 )
 from server.envoy_mesh import mesh_envoy_config
 from server.main import Application
-from tests.harness import Account, Stubs, new_user
+from tests.harness import Account, Stubs, new_user, rpc_count
 from tests.rpc_errors import field_violations
 
 JSON = dict[str, Any]
@@ -171,17 +170,7 @@ def refused_at_once(answer: Answer, message: str = "") -> None:
 
 async def started(app: Application, method: str) -> float:
     """Calls of `method` that reached the server, by its own /metrics."""
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(f"http://127.0.0.1:{app.ops.port}/metrics") as response,
-    ):
-        text = await response.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "grpc_server_started_total" and sample.labels["grpc_method"] == method
-    )
+    return await rpc_count(app, "grpc_server_started_total", method)
 
 
 async def envoy_stat(envoy: EnvoySidecar, name: str) -> int:

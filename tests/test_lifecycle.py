@@ -55,11 +55,15 @@ class Served:
     logs: list[dict[str, Any]] = field(default_factory=list)
     addresses: dict[str, str] = field(default_factory=dict)
 
-    async def wait_for_log(self, message: str, timeout: float = 30) -> dict[str, Any]:
+    async def wait_for_log(
+        self, message: str, timeout: float = 30, **fields: Any
+    ) -> dict[str, Any]:
+        """The first log line with `message` and `fields`, once it is written (a listener
+        thread writes the lines: one may come after the answer it logs)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for line in self.logs:
-                if line.get("message") == message:
+                if line.get("message") == message and fields.items() <= line.items():
                     return line
             await asyncio.sleep(0.05)
         raise AssertionError(
@@ -203,11 +207,10 @@ async def test_serve_logs_health_and_graceful_shutdown(served: Served, tmp_path:
             },
         ) as response:
             assert response.status == 200
-        line = await served.wait_for_log("rpc finished")
-        rpc_line = next(entry for entry in served.logs if entry.get("request_id") == "lifecycle-1")
+        rpc_line = await served.wait_for_log("rpc finished", request_id="lifecycle-1")
         assert rpc_line["rpc"] == "/agentmesh.auth.v1.UserService/GetCurrentUser"
         assert rpc_line["code"] == "OK" and rpc_line["user_id"] == admin.user_id
-        assert rpc_line["latency_ms"] > 0 and line["level"] == "INFO"
+        assert rpc_line["latency_ms"] > 0 and rpc_line["level"] == "INFO"
 
         watch = stubs.health.Watch(health_pb2.HealthCheckRequest(service=""))
         first = await watch.read()

@@ -32,7 +32,7 @@ from tests.limited import REDIS_URL, redis_up
 
 pytestmark = pytest.mark.slow
 
-START_TIMEOUT = 420.0  # four processes load the embedding model at once on two cores
+START_TIMEOUT = 420.0  # the knowledge process and a worker load the model at once on two cores
 PASSWORD = "mesh passphrase 42"
 
 
@@ -222,6 +222,27 @@ async def test_a_dropped_stream_is_resumed_through_the_mesh(
     stranger = await account(http, "stranger")
     async with http.post(attach, json={"after_seq": 0}, headers=stranger) as response:
         assert "RUN_NOT_FOUND" in await response.text()
+
+
+async def test_only_the_knowledge_process_and_workers_load_the_model(
+    mesh: RunningMesh, http: aiohttp.ClientSession
+) -> None:
+    """The fronts serve the agent without torch: its intent classifier embeds through the
+    knowledge process (INDEX_TARGET), on the fast path."""
+    headers = await account(http, "classified")
+    query = {"query": "hello there!"}
+    async with http.post("/v1/agent/query:stream", json=query, headers=headers) as sse:
+        steps = [event["step"] async for event in sse_events(sse) if "step" in event]
+    [detail] = [
+        step["detail"]
+        for step in steps
+        if step["step"] == "STEP_CLASSIFY_INTENT" and step["status"] == "STEP_STATUS_COMPLETED"
+    ]
+    assert detail.startswith("greeting (embedding, similarity "), detail
+    for member in mesh.manifest["processes"]:
+        maps = await asyncio.to_thread(Path(f"/proc/{member['pid']}/maps").read_text)
+        holds_model = member["name"] == "knowledge" or member["name"].startswith("worker")
+        assert ("libtorch" in maps) == holds_model, member["name"]
 
 
 async def test_killing_a_replica_loses_almost_nothing(

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from agentmesh.agent.v1 import agent_pb2
+from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
 from agentmesh.knowledge.v1 import knowledge_service_pb2 as kb
 from grpc_health.v1 import health_pb2
@@ -141,8 +142,9 @@ async def test_a_deleted_accounts_passages_go_from_the_other_processs_index(
 async def test_a_question_is_embedded_once_between_the_processes(
     database: Database, tmp_path: Path
 ) -> None:
-    """With Redis, the agent's process shares the question's embedding (made to classify
-    it) with the knowledge process, whose search for the same text does not embed it again."""
+    """The agent's process has no model: the knowledge process embeds the question for it
+    (to classify it), and its search for the same text finds that embedding in its cache
+    instead of computing it again. With Redis, the embedding is shared there too."""
     await redis_up()
     prefix = f"split-{uuid.uuid4().hex[:8]}:"
     async with split_apps(database, tmp_path, redis_url=REDIS_URL, redis_key_prefix=prefix) as (
@@ -155,15 +157,15 @@ async def test_a_question_is_embedded_once_between_the_processes(
         await ingest(kb_stubs, owner, "kestrel.txt", REACTOR)
         embedder = knowledge.domain.embedder
         assert embedder is not None and embedder.shared_cache is not None
-        computed, shared_hits = embedder.misses, embedder.shared_cache.hits
+        assert front.domain.embedder is None
+        computed, found = embedder.misses, embedder.hits
+        shared_misses = embedder.shared_cache.misses
         question = f"How is the Kestrel reactor cooled, case {uuid.uuid4().hex[:6]}?"
         events = await stream(front_stubs, owner, question)
         assert of_kind(events, "citation")
-        assert embedder.shared_cache.hits == shared_hits + 1  # found what the agent embedded
-        assert embedder.misses == computed + 1  # missed only its own LRU cache
-        front_embedder = front.domain.embedder
-        assert front_embedder is not None and front_embedder.shared_cache is not None
-        assert front_embedder.shared_cache.misses >= 1  # the agent embedded it first
+        assert embedder.misses == computed + 1  # embedded once, for the classifier
+        assert embedder.hits == found + 1  # the search found it
+        assert embedder.shared_cache.misses == shared_misses + 1  # and stored it there
 
 
 async def test_an_unreachable_knowledge_base_fails_the_tool_not_the_run(
@@ -180,6 +182,13 @@ async def test_an_unreachable_knowledge_base_fails_the_tool_not_the_run(
     ) as (_, stubs):
         user = await new_user(stubs)
         events = await stream(stubs, user, QUESTION)
+    # Nor can the question be embedded there: the intent is the default one.
+    [classified] = [
+        s.detail
+        for s in of_kind(events, "step")
+        if s.step == agent_pb.STEP_CLASSIFY_INTENT and s.detail
+    ]
+    assert classified == "general (default, encoder unavailable)"
     results = {r.tool_name: r for r in of_kind(events, "tool_result")}
     failed = results["knowledge_base_search"]
     assert failed.outcome == agent_pb2.TOOL_OUTCOME_ERROR
@@ -191,6 +200,10 @@ async def test_an_unreachable_knowledge_base_fails_the_tool_not_the_run(
 def test_a_process_is_told_what_it_lacks() -> None:
     with pytest.raises(ValueError, match="KNOWLEDGE_TARGET"):
         settings_for("sqlite+aiosqlite://", Path("unused"), services=["agent"])
+    with pytest.raises(ValueError, match="serving agent without knowledge needs INDEX_TARGET"):
+        settings_for(
+            "sqlite+aiosqlite://", Path("unused"), services=["agent"], knowledge_target="x:1"
+        )
     with pytest.raises(ValueError, match="INDEX_TARGET"):
         settings_for("sqlite+aiosqlite://", Path("unused"), services=["users"])
     with pytest.raises(ValueError, match="services"):

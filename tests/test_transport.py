@@ -25,11 +25,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.admission import CALLS, RUNS, AdmissionInterceptor
+from server.admission import CALLS, RUNS
 from server.channels import MAX_ATTEMPTS, channel_options, connect, service_config
 from server.config import ROOT
 from server.envoy_mesh import service_methods
-from server.main import Application
+from server.main import Application, interceptors
 from tests.fake_llm import FakeLlm, Script
 from tests.harness import PASSWORD, Account, Stubs, new_user, running_app, unique_email
 from tests.rpc_errors import error_info, retry_delay
@@ -203,11 +203,19 @@ async def test_shedding_metrics_exist_from_the_first_scrape(app: Application) ->
         assert ("agentmesh_rpcs_in_flight", (("budget", budget),)) in samples
 
 
-async def test_calls_over_the_budget_fail_at_once_and_slots_come_back() -> None:
-    """The interceptor alone on a server whose one method waits for the test: a unary
-    handler held open as long as needed, which the services cannot offer."""
+async def test_calls_over_the_budget_fail_at_once_and_slots_come_back(
+    app: Application, stubs: Stubs
+) -> None:
+    """The production call pipeline, with room for two calls, on a server whose one method
+    waits for the test: a unary handler held open as long as needed, which the services
+    cannot offer. It is served under GetCurrentUser's name, so the pipeline treats it as it
+    treats that method (a token is needed)."""
     registry = CollectorRegistry()
-    admission = AdmissionInterceptor({CALLS: 2, RUNS: 1}, retry_after=0.5, registry=registry)
+    limits = {"max_concurrent_rpcs": 2, "max_concurrent_runs": 1}
+    settings = app.settings.model_copy(
+        update={**limits, "overload_retry_after_seconds": 0.5, "rate_limit_enabled": False}
+    )
+    account = await new_user(stubs, "held")
     opened = asyncio.Event()
     entered: asyncio.Queue[None] = asyncio.Queue()
 
@@ -219,10 +227,13 @@ async def test_calls_over_the_budget_fail_at_once_and_slots_come_back() -> None:
     def in_flight() -> float | None:
         return registry.get_sample_value("agentmesh_rpcs_in_flight", {"budget": CALLS})
 
-    server = grpc.aio.server(interceptors=[admission])
-    handlers: dict[str, Any] = {"Wait": grpc.unary_unary_rpc_method_handler(wait)}
+    def shed() -> float | None:
+        return registry.get_sample_value("agentmesh_rpcs_shed_total", {"budget": CALLS})
+
+    server = grpc.aio.server(interceptors=interceptors(settings, app.domain, registry))
+    handlers: dict[str, Any] = {"GetCurrentUser": grpc.unary_unary_rpc_method_handler(wait)}
     server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("agentmesh.test.v1.Slow", handlers)]
+        [grpc.method_handlers_generic_handler("agentmesh.auth.v1.UserService", handlers)]
     )
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -230,7 +241,11 @@ async def test_calls_over_the_budget_fail_at_once_and_slots_come_back() -> None:
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as opened_channel:
             channel: Any = opened_channel
-            slow = channel.unary_unary("/agentmesh.test.v1.Slow/Wait")
+            held_call = channel.unary_unary("/agentmesh.auth.v1.UserService/GetCurrentUser")
+
+            def slow(request: bytes, timeout: float) -> Any:
+                return held_call(request, timeout=timeout, metadata=account.metadata)
+
             held = [asyncio.ensure_future(slow(b"", timeout=60)) for _ in range(2)]
             for _ in held:
                 await entered.get()
@@ -241,8 +256,13 @@ async def test_calls_over_the_budget_fail_at_once_and_slots_come_back() -> None:
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert error_info(caught.value).reason == "OVERLOADED"
             assert retry_delay(caught.value) == 0.5
-            assert registry.get_sample_value("agentmesh_rpcs_shed_total", {"budget": CALLS}) == 1
+            assert shed() == 1
             assert in_flight() == 2
+            # The shed call is counted with its code like any other.
+            handled = {"grpc_service": "agentmesh.auth.v1.UserService"}
+            handled |= {"grpc_method": "GetCurrentUser", "grpc_type": "unary"}
+            handled["grpc_code"] = "RESOURCE_EXHAUSTED"
+            assert registry.get_sample_value("grpc_server_handled_total", handled) == 1
             probe = health_pb2_grpc.HealthStub(channel)
             assert (await probe.Check(health_pb2.HealthCheckRequest())).status == SERVING
 

@@ -12,7 +12,6 @@ from services.agent.prompts import PromptManager
 from services.agent.tools.registry import ToolRegistry
 from services.agent.tracing import RunTrace
 from services.auth.principal import Principal
-from services.knowledge.embeddings import Embedder
 from services.metrics import Metrics
 from services.quotas.service import QuotaService
 from services.usage_events.recorder import EventRecorder
@@ -43,11 +42,9 @@ class AgentDeps:
     registry: ToolRegistry
     """The configured tools, and which of them each intent may use."""
 
-    embedder: Embedder
-    """The knowledge base's embedding model (the intent classifier embeds with it too)."""
-
     intents: IntentExamples
-    """The example question of each intent, embedded: the fast intent classifier."""
+    """The example questions of each intent and what embeds them: the fast intent
+    classifier."""
 
     llm: ChatModel | None
     """The chat model; None answers extractively (no LLM configured, or not started yet)."""

@@ -54,12 +54,18 @@ def _tokens(text: str) -> int:
 
 @step(Step.CLASSIFY_INTENT)
 async def classify_intent(state: State, runtime: AgentRuntime) -> Done:
-    """The question's intent: the nearest example's, or the model's when that one is unsure."""
+    """The question's intent: the nearest example's, or the model's when that one is unsure
+    or cannot compare (its encoder is another process, unreachable); without either,
+    general (the knowledge base and the web)."""
     deps = runtime.context.deps
-    guess = await deps.intents.guess(deps.embedder, state.query)
-    intent, how = guess.intent, "embedding"
+    guess = await deps.intents.guess(state.query)
+    if guess is None:
+        intent, how, similarity = Intent.GENERAL, "default", "encoder unavailable"
+    else:
+        intent, how, similarity = guess.intent, "embedding", f"similarity {guess.confidence:.2f}"
     update: dict[str, Any] = {}
-    if deps.llm is not None and guess.confidence < deps.settings.intent_confidence:
+    unsure = guess is None or guess.confidence < deps.settings.intent_confidence
+    if deps.llm is not None and unsure:
         reply = await ask_llm(runtime, _ask_intent(deps, deps.llm, state))
         if reply is None:
             update["llm_down"] = True
@@ -70,7 +76,7 @@ async def classify_intent(state: State, runtime: AgentRuntime) -> Done:
                 intent, how = chosen, "llm"
     if intent is Intent.FOLLOW_UP and not state.history:
         intent = Intent.GENERAL  # nothing earlier to follow up on
-    detail = f"{intent.value} ({how}, similarity {guess.confidence:.2f})"
+    detail = f"{intent.value} ({how}, {similarity})"
     return Done({**update, "intent": intent}, detail, intent=intent.value)
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,agentmesh/indexing/v1/indexing_service.proto\x12\x15\x61gentmesh.indexing.v1\x1a\x1fgoogle/api/field_behavior.proto\"\xd8\x01\n\x0eIndexedPassage\x12\x14\n\x05index\x18\x01 \x01(\x05R\x05index\x12\x12\n\x04text\x18\x02 \x01(\tR\x04text\x12\x14\n\x05start\x18\x03 \x01(\x05R\x05start\x12\x10\n\x03\x65nd\x18\x04 \x01(\x05R\x03\x65nd\x12\x12\n\x04page\x18\x05 \x01(\x05R\x04page\x12\x14\n\x05\x64\x65nse\x18\x06 \x03(\x02R\x05\x64\x65nse\x12%\n\x0esparse_indices\x18\x07 \x03(\rR\rsparseIndices\x12#\n\rsparse_values\x18\x08 \x03(\x02R\x0csparseValues\"\xe0\x01\n\x15UpsertPassagesRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\x12$\n\ngeneration\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\ngeneration\x12\x1f\n\x08owner_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02R\x07ownerId\x12\x16\n\x06shared\x18\x04 \x01(\x08R\x06shared\x12\x41\n\x08passages\x18\x05 \x03(\x0b\x32%.agentmesh.indexing.v1.IndexedPassageR\x08passages\"\x18\n\x16UpsertPassagesResponse\"f\n\x17\x44\x65leteGenerationRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\x12$\n\ngeneration\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\ngeneration\"\x1a\n\x18\x44\x65leteGenerationResponse\"u\n\x1d\x44\x65leteDocumentPassagesRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\x12-\n\x0fkeep_generation\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\x0ekeepGeneration\" \n\x1e\x44\x65leteDocumentPassagesResponse\"=\n\x1a\x44\x65leteOwnerPassagesRequest\x12\x1f\n\x08owner_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x07ownerId\"\x1d\n\x1b\x44\x65leteOwnerPassagesResponse2\xfb\x03\n\x0fIndexingService\x12m\n\x0eUpsertPassages\x12,.agentmesh.indexing.v1.UpsertPassagesRequest\x1a-.agentmesh.indexing.v1.UpsertPassagesResponse\x12s\n\x10\x44\x65leteGeneration\x12..agentmesh.indexing.v1.DeleteGenerationRequest\x1a/.agentmesh.indexing.v1.DeleteGenerationResponse\x12\x85\x01\n\x16\x44\x65leteDocumentPassages\x12\x34.agentmesh.indexing.v1.DeleteDocumentPassagesRequest\x1a\x35.agentmesh.indexing.v1.DeleteDocumentPassagesResponse\x12|\n\x13\x44\x65leteOwnerPassages\x12\x31.agentmesh.indexing.v1.DeleteOwnerPassagesRequest\x1a\x32.agentmesh.indexing.v1.DeleteOwnerPassagesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,agentmesh/indexing/v1/indexing_service.proto\x12\x15\x61gentmesh.indexing.v1\x1a\x1fgoogle/api/field_behavior.proto\"\xd8\x01\n\x0eIndexedPassage\x12\x14\n\x05index\x18\x01 \x01(\x05R\x05index\x12\x12\n\x04text\x18\x02 \x01(\tR\x04text\x12\x14\n\x05start\x18\x03 \x01(\x05R\x05start\x12\x10\n\x03\x65nd\x18\x04 \x01(\x05R\x03\x65nd\x12\x12\n\x04page\x18\x05 \x01(\x05R\x04page\x12\x14\n\x05\x64\x65nse\x18\x06 \x03(\x02R\x05\x64\x65nse\x12%\n\x0esparse_indices\x18\x07 \x03(\rR\rsparseIndices\x12#\n\rsparse_values\x18\x08 \x03(\x02R\x0csparseValues\"\xe0\x01\n\x15UpsertPassagesRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\x12$\n\ngeneration\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\ngeneration\x12\x1f\n\x08owner_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02R\x07ownerId\x12\x16\n\x06shared\x18\x04 \x01(\x08R\x06shared\x12\x41\n\x08passages\x18\x05 \x03(\x0b\x32%.agentmesh.indexing.v1.IndexedPassageR\x08passages\"\x18\n\x16UpsertPassagesResponse\"f\n\x17\x44\x65leteGenerationRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\x12$\n\ngeneration\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\ngeneration\"\x1a\n\x18\x44\x65leteGenerationResponse\"u\n\x1d\x44\x65leteDocumentPassagesRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\x12-\n\x0fkeep_generation\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\x0ekeepGeneration\" \n\x1e\x44\x65leteDocumentPassagesResponse\"=\n\x1a\x44\x65leteOwnerPassagesRequest\x12\x1f\n\x08owner_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x07ownerId\"\x1d\n\x1b\x44\x65leteOwnerPassagesResponse\"o\n\x11\x45mbedTextsRequest\x12\x1a\n\x05texts\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02R\x05texts\x12>\n\x04kind\x18\x02 \x01(\x0e\x32$.agentmesh.indexing.v1.EmbeddingKindB\x04\xe2\x41\x01\x02R\x04kind\"#\n\tEmbedding\x12\x16\n\x06values\x18\x01 \x03(\x02R\x06values\"V\n\x12\x45mbedTextsResponse\x12@\n\nembeddings\x18\x01 \x03(\x0b\x32 .agentmesh.indexing.v1.EmbeddingR\nembeddings*e\n\rEmbeddingKind\x12\x1e\n\x1a\x45MBEDDING_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45MBEDDING_KIND_QUERY\x10\x01\x12\x1a\n\x16\x45MBEDDING_KIND_PASSAGE\x10\x02\x32\xe3\x04\n\x0fIndexingService\x12m\n\x0eUpsertPassages\x12,.agentmesh.indexing.v1.UpsertPassagesRequest\x1a-.agentmesh.indexing.v1.UpsertPassagesResponse\x12s\n\x10\x44\x65leteGeneration\x12..agentmesh.indexing.v1.DeleteGenerationRequest\x1a/.agentmesh.indexing.v1.DeleteGenerationResponse\x12\x85\x01\n\x16\x44\x65leteDocumentPassages\x12\x34.agentmesh.indexing.v1.DeleteDocumentPassagesRequest\x1a\x35.agentmesh.indexing.v1.DeleteDocumentPassagesResponse\x12|\n\x13\x44\x65leteOwnerPassages\x12\x31.agentmesh.indexing.v1.DeleteOwnerPassagesRequest\x1a\x32.agentmesh.indexing.v1.DeleteOwnerPassagesResponse\x12\x66\n\nEmbedTexts\x12(.agentmesh.indexing.v1.EmbedTextsRequest\x1a).agentmesh.indexing.v1.EmbedTextsResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,6 +48,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEDOCUMENTPASSAGESREQUEST'].fields_by_name['keep_generation']._serialized_options = b'\342A\001\001'
   _globals['_DELETEOWNERPASSAGESREQUEST'].fields_by_name['owner_id']._loaded_options = None
   _globals['_DELETEOWNERPASSAGESREQUEST'].fields_by_name['owner_id']._serialized_options = b'\342A\001\002'
+  _globals['_EMBEDTEXTSREQUEST'].fields_by_name['texts']._loaded_options = None
+  _globals['_EMBEDTEXTSREQUEST'].fields_by_name['texts']._serialized_options = b'\342A\001\002'
+  _globals['_EMBEDTEXTSREQUEST'].fields_by_name['kind']._loaded_options = None
+  _globals['_EMBEDTEXTSREQUEST'].fields_by_name['kind']._serialized_options = b'\342A\001\002'
+  _globals['_INDEXINGSERVICE'].methods_by_name['EmbedTexts']._loaded_options = None
+  _globals['_INDEXINGSERVICE'].methods_by_name['EmbedTexts']._serialized_options = b'\220\002\001'
+  _globals['_EMBEDDINGKIND']._serialized_start=1193
+  _globals['_EMBEDDINGKIND']._serialized_end=1294
   _globals['_INDEXEDPASSAGE']._serialized_start=105
   _globals['_INDEXEDPASSAGE']._serialized_end=321
   _globals['_UPSERTPASSAGESREQUEST']._serialized_start=324
@@ -66,6 +74,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEOWNERPASSAGESREQUEST']._serialized_end=922
   _globals['_DELETEOWNERPASSAGESRESPONSE']._serialized_start=924
   _globals['_DELETEOWNERPASSAGESRESPONSE']._serialized_end=953
-  _globals['_INDEXINGSERVICE']._serialized_start=956
-  _globals['_INDEXINGSERVICE']._serialized_end=1463
+  _globals['_EMBEDTEXTSREQUEST']._serialized_start=955
+  _globals['_EMBEDTEXTSREQUEST']._serialized_end=1066
+  _globals['_EMBEDDING']._serialized_start=1068
+  _globals['_EMBEDDING']._serialized_end=1103
+  _globals['_EMBEDTEXTSRESPONSE']._serialized_start=1105
+  _globals['_EMBEDTEXTSRESPONSE']._serialized_end=1191
+  _globals['_INDEXINGSERVICE']._serialized_start=1297
+  _globals['_INDEXINGSERVICE']._serialized_end=1908
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -17,6 +18,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _EmbeddingKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EmbeddingKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EmbeddingKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EMBEDDING_KIND_UNSPECIFIED: _EmbeddingKind.ValueType  # 0
+    """Not set: refused."""
+    EMBEDDING_KIND_QUERY: _EmbeddingKind.ValueType  # 1
+    """Questions: embedded one by one beside searches, through the query cache."""
+    EMBEDDING_KIND_PASSAGE: _EmbeddingKind.ValueType  # 2
+    """Passages: embedded together, batched with ingestion's passages."""
+
+class EmbeddingKind(_EmbeddingKind, metaclass=_EmbeddingKindEnumTypeWrapper):
+    """EmbeddingKind is what the texts to embed are, which decides how they are scheduled."""
+
+EMBEDDING_KIND_UNSPECIFIED: EmbeddingKind.ValueType  # 0
+"""Not set: refused."""
+EMBEDDING_KIND_QUERY: EmbeddingKind.ValueType  # 1
+"""Questions: embedded one by one beside searches, through the query cache."""
+EMBEDDING_KIND_PASSAGE: EmbeddingKind.ValueType  # 2
+"""Passages: embedded together, batched with ingestion's passages."""
+Global___EmbeddingKind: _TypeAlias = EmbeddingKind  # noqa: Y015
 
 @_typing.final
 class IndexedPassage(_message.Message):
@@ -255,3 +280,79 @@ class DeleteOwnerPassagesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteOwnerPassagesResponse: _TypeAlias = DeleteOwnerPassagesResponse  # noqa: Y015
+
+@_typing.final
+class EmbedTextsRequest(_message.Message):
+    """EmbedTextsRequest is the input of EmbedTexts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXTS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    kind: Global___EmbeddingKind.ValueType
+    """What the texts are."""
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The texts to embed, 1 to 128 of them, each 1 to 32768 characters long."""
+
+    def __init__(
+        self,
+        *,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
+        kind: Global___EmbeddingKind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "texts", b"texts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedTextsRequest: _TypeAlias = EmbedTextsRequest  # noqa: Y015
+
+@_typing.final
+class Embedding(_message.Message):
+    """Embedding is the dense embedding of one text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The unit-length vector, of the model's dimension."""
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Embedding: _TypeAlias = Embedding  # noqa: Y015
+
+@_typing.final
+class EmbedTextsResponse(_message.Message):
+    """EmbedTextsResponse is the output of EmbedTexts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
+        """One embedding per text, in the order of the request's texts."""
+
+    def __init__(
+        self,
+        *,
+        embeddings: _abc.Iterable[Global___Embedding] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedTextsResponse: _TypeAlias = EmbedTextsResponse  # noqa: Y015

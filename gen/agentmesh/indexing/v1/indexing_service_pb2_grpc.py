@@ -28,8 +28,10 @@ if _version_not_supported:
 class IndexingServiceStub:
     """IndexingService is internal: ingestion workers (`agentmesh worker`) hand the passages
     they parsed and embedded to the process that owns the embedded vector index, its only
-    writer. Callers present the service credential (`authorization: Bearer <INDEX_TOKEN>`),
-    never a user's token; Envoy does not route it, and it has no REST mapping.
+    writer, and a process serving the agent without the knowledge base embeds text with
+    that process's model. Callers present the service credential
+    (`authorization: Bearer <INDEX_TOKEN>`), never a user's token; Envoy does not route it,
+    and it has no REST mapping.
 
     Every RPC returns UNAUTHENTICATED without the service credential.
     """
@@ -60,13 +62,20 @@ class IndexingServiceStub:
                 request_serializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteOwnerPassagesRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteOwnerPassagesResponse.FromString,
                 _registered_method=True)
+        self.EmbedTexts = channel.unary_unary(
+                '/agentmesh.indexing.v1.IndexingService/EmbedTexts',
+                request_serializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.EmbedTextsRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.EmbedTextsResponse.FromString,
+                _registered_method=True)
 
 
 class IndexingServiceServicer:
     """IndexingService is internal: ingestion workers (`agentmesh worker`) hand the passages
     they parsed and embedded to the process that owns the embedded vector index, its only
-    writer. Callers present the service credential (`authorization: Bearer <INDEX_TOKEN>`),
-    never a user's token; Envoy does not route it, and it has no REST mapping.
+    writer, and a process serving the agent without the knowledge base embeds text with
+    that process's model. Callers present the service credential
+    (`authorization: Bearer <INDEX_TOKEN>`), never a user's token; Envoy does not route it,
+    and it has no REST mapping.
 
     Every RPC returns UNAUTHENTICATED without the service credential.
     """
@@ -112,6 +121,19 @@ class IndexingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EmbedTexts(self, request, context):
+        """EmbedTexts returns the dense embeddings of texts, computed by this process's embedding
+        model: the agent's intent classifier, in a process without the knowledge base (and so
+        without a model of its own), embeds its example questions and each question here.
+        Queries go through the model's query cache, which the knowledge base's searches share.
+
+        Returns INVALID_ARGUMENT if the kind is unspecified, there are no texts or more than
+        128, or a text is empty or longer than 32768 characters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IndexingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -135,6 +157,11 @@ def add_IndexingServiceServicer_to_server(servicer, server):
                     request_deserializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteOwnerPassagesRequest.FromString,
                     response_serializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteOwnerPassagesResponse.SerializeToString,
             ),
+            'EmbedTexts': grpc.unary_unary_rpc_method_handler(
+                    servicer.EmbedTexts,
+                    request_deserializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.EmbedTextsRequest.FromString,
+                    response_serializer=agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.EmbedTextsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'agentmesh.indexing.v1.IndexingService', rpc_method_handlers)
@@ -146,8 +173,10 @@ def add_IndexingServiceServicer_to_server(servicer, server):
 class IndexingService:
     """IndexingService is internal: ingestion workers (`agentmesh worker`) hand the passages
     they parsed and embedded to the process that owns the embedded vector index, its only
-    writer. Callers present the service credential (`authorization: Bearer <INDEX_TOKEN>`),
-    never a user's token; Envoy does not route it, and it has no REST mapping.
+    writer, and a process serving the agent without the knowledge base embeds text with
+    that process's model. Callers present the service credential
+    (`authorization: Bearer <INDEX_TOKEN>`), never a user's token; Envoy does not route it,
+    and it has no REST mapping.
 
     Every RPC returns UNAUTHENTICATED without the service credential.
     """
@@ -250,6 +279,33 @@ class IndexingService:
             '/agentmesh.indexing.v1.IndexingService/DeleteOwnerPassages',
             agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteOwnerPassagesRequest.SerializeToString,
             agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.DeleteOwnerPassagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedTexts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.indexing.v1.IndexingService/EmbedTexts',
+            agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.EmbedTextsRequest.SerializeToString,
+            agentmesh_dot_indexing_dot_v1_dot_indexing__service__pb2.EmbedTextsResponse.FromString,
             options,
             channel_credentials,
             insecure,

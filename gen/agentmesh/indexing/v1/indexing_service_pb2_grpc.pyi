@@ -29,8 +29,10 @@ GRPC_VERSION: str
 class IndexingServiceStub:
     """IndexingService is internal: ingestion workers (`agentmesh worker`) hand the passages
     they parsed and embedded to the process that owns the embedded vector index, its only
-    writer. Callers present the service credential (`authorization: Bearer <INDEX_TOKEN>`),
-    never a user's token; Envoy does not route it, and it has no REST mapping.
+    writer, and a process serving the agent without the knowledge base embeds text with
+    that process's model. Callers present the service credential
+    (`authorization: Bearer <INDEX_TOKEN>`), never a user's token; Envoy does not route it,
+    and it has no REST mapping.
 
     Every RPC returns UNAUTHENTICATED without the service credential.
     """
@@ -64,13 +66,24 @@ class IndexingServiceStub:
 
     Returns INVALID_ARGUMENT if the owner id is malformed.
     """
+    EmbedTexts: _grpc.UnaryUnaryMultiCallable[_indexing_service_pb2.EmbedTextsRequest, _indexing_service_pb2.EmbedTextsResponse]
+    """EmbedTexts returns the dense embeddings of texts, computed by this process's embedding
+    model: the agent's intent classifier, in a process without the knowledge base (and so
+    without a model of its own), embeds its example questions and each question here.
+    Queries go through the model's query cache, which the knowledge base's searches share.
+
+    Returns INVALID_ARGUMENT if the kind is unspecified, there are no texts or more than
+    128, or a text is empty or longer than 32768 characters.
+    """
 
 @_typing.type_check_only
 class IndexingServiceAsyncStub(IndexingServiceStub):
     """IndexingService is internal: ingestion workers (`agentmesh worker`) hand the passages
     they parsed and embedded to the process that owns the embedded vector index, its only
-    writer. Callers present the service credential (`authorization: Bearer <INDEX_TOKEN>`),
-    never a user's token; Envoy does not route it, and it has no REST mapping.
+    writer, and a process serving the agent without the knowledge base embeds text with
+    that process's model. Callers present the service credential
+    (`authorization: Bearer <INDEX_TOKEN>`), never a user's token; Envoy does not route it,
+    and it has no REST mapping.
 
     Every RPC returns UNAUTHENTICATED without the service credential.
     """
@@ -101,12 +114,23 @@ class IndexingServiceAsyncStub(IndexingServiceStub):
 
     Returns INVALID_ARGUMENT if the owner id is malformed.
     """
+    EmbedTexts: _aio.UnaryUnaryMultiCallable[_indexing_service_pb2.EmbedTextsRequest, _indexing_service_pb2.EmbedTextsResponse]  # type: ignore[assignment]
+    """EmbedTexts returns the dense embeddings of texts, computed by this process's embedding
+    model: the agent's intent classifier, in a process without the knowledge base (and so
+    without a model of its own), embeds its example questions and each question here.
+    Queries go through the model's query cache, which the knowledge base's searches share.
+
+    Returns INVALID_ARGUMENT if the kind is unspecified, there are no texts or more than
+    128, or a text is empty or longer than 32768 characters.
+    """
 
 class IndexingServiceServicer(metaclass=_abc_1.ABCMeta):
     """IndexingService is internal: ingestion workers (`agentmesh worker`) hand the passages
     they parsed and embedded to the process that owns the embedded vector index, its only
-    writer. Callers present the service credential (`authorization: Bearer <INDEX_TOKEN>`),
-    never a user's token; Envoy does not route it, and it has no REST mapping.
+    writer, and a process serving the agent without the knowledge base embeds text with
+    that process's model. Callers present the service credential
+    (`authorization: Bearer <INDEX_TOKEN>`), never a user's token; Envoy does not route it,
+    and it has no REST mapping.
 
     Every RPC returns UNAUTHENTICATED without the service credential.
     """
@@ -158,6 +182,21 @@ class IndexingServiceServicer(metaclass=_abc_1.ABCMeta):
         user service runs in another process than the index.
 
         Returns INVALID_ARGUMENT if the owner id is malformed.
+        """
+
+    @_abc_1.abstractmethod
+    def EmbedTexts(
+        self,
+        request: _indexing_service_pb2.EmbedTextsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_indexing_service_pb2.EmbedTextsResponse, _abc.Awaitable[_indexing_service_pb2.EmbedTextsResponse]]:
+        """EmbedTexts returns the dense embeddings of texts, computed by this process's embedding
+        model: the agent's intent classifier, in a process without the knowledge base (and so
+        without a model of its own), embeds its example questions and each question here.
+        Queries go through the model's query cache, which the knowledge base's searches share.
+
+        Returns INVALID_ARGUMENT if the kind is unspecified, there are no texts or more than
+        128, or a text is empty or longer than 32768 characters.
         """
 
 def add_IndexingServiceServicer_to_server(servicer: IndexingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
