@@ -135,7 +135,7 @@ async def test_request_ids_are_echoed(stubs: Stubs) -> None:
     assert uuid.UUID(hex=str(echoed))
 
     # Failed calls carry the id too, so a client can quote it: in the trailers, since a call
-    # refused before its answer sends no headers (see RequestLogInterceptor).
+    # refused before its answer sends no headers (see server/request_log.py).
     failed = stubs.users.GetCurrentUser(
         users_pb.GetCurrentUserRequest(), metadata=(("x-request-id", "failing-1"),)
     )
