@@ -120,7 +120,9 @@ async def serve_baseline() -> None:
         interceptors=interceptors(settings, domain, CollectorRegistry()),
         options=server_options(settings),
     )
-    users_grpc.add_UserServiceServicer_to_server(UserServicer(domain.users), servers["servicer"])
+    users_grpc.add_UserServiceServicer_to_server(
+        UserServicer(domain.users, domain.account_exports), servers["servicer"]
+    )
     addresses: dict[str, dict[str, str]] = {}
     sidecars = []
     for name, server in servers.items():

@@ -26,11 +26,13 @@ PUBLIC_SERVICES = frozenset(
 
 _AUTH = "/agentmesh.auth.v1.AuthService/"
 _USERS = "/agentmesh.auth.v1.UserService/"
+_API_KEYS = "/agentmesh.auth.v1.ApiKeyService/"
 _AGENT = "/agentmesh.agent.v1.AgentService/"
 _KB = "/agentmesh.knowledge.v1.KnowledgeBaseService/"
 _FEEDBACK = "/agentmesh.feedback.v1.FeedbackService/"
 _ANALYTICS = "/agentmesh.analytics.v1.AnalyticsService/"
 _INDEXING = "/agentmesh.indexing.v1.IndexingService/"
+_AUDIT = "/agentmesh.audit.v1.AuditService/"
 
 RPC_ACCESS: Mapping[str, Access] = {
     _AUTH + "Register": Access.PUBLIC,
@@ -38,12 +40,21 @@ RPC_ACCESS: Mapping[str, Access] = {
     _AUTH + "RefreshToken": Access.PUBLIC,
     _AUTH + "Logout": Access.USER,
     _AUTH + "ChangePassword": Access.USER,
+    _AUTH + "AcceptInvitation": Access.PUBLIC,
     _USERS + "GetCurrentUser": Access.USER,
     _USERS + "UpdateCurrentUser": Access.USER,
     _USERS + "ListUsers": Access.ADMIN,
     _USERS + "GetUser": Access.ADMIN,
     _USERS + "UpdateUser": Access.ADMIN,
     _USERS + "DeleteUser": Access.ADMIN,
+    _USERS + "CreateUser": Access.ADMIN,
+    _USERS + "DisableUser": Access.ADMIN,
+    _USERS + "EnableUser": Access.ADMIN,
+    _USERS + "ExportCurrentUser": Access.USER,
+    _USERS + "DeleteCurrentUser": Access.USER,
+    _API_KEYS + "CreateApiKey": Access.USER,
+    _API_KEYS + "ListApiKeys": Access.USER,
+    _API_KEYS + "RevokeApiKey": Access.USER,
     _AGENT + "Query": Access.USER,
     _AGENT + "StreamQuery": Access.USER,
     _AGENT + "AttachRun": Access.USER,
@@ -62,12 +73,63 @@ RPC_ACCESS: Mapping[str, Access] = {
     _ANALYTICS + "GetUsage": Access.USER,
     _ANALYTICS + "GetSystemStats": Access.ADMIN,
     _ANALYTICS + "GetUserStats": Access.ADMIN,
+    _AUDIT + "ListAuditEvents": Access.ADMIN,
     _INDEXING + "UpsertPassages": Access.SERVICE,
     _INDEXING + "DeleteGeneration": Access.SERVICE,
     _INDEXING + "DeleteDocumentPassages": Access.SERVICE,
     _INDEXING + "DeleteOwnerPassages": Access.SERVICE,
     _INDEXING + "EmbedTexts": Access.SERVICE,
 }
+
+
+class KeyUse(enum.Enum):
+    """What an API key may do with a method (an access token may do anything its role may)."""
+
+    READ = "read"  # changes nothing: every key, read-only ones too
+    WRITE = "write"  # changes something: keys that are not read-only
+    TOKEN_ONLY = "token_only"  # manages credentials: never with a key
+
+
+# The methods that change nothing, the only ones a read-only API key may call. A method
+# not listed is a write: forgetting one refuses read-only keys, never lets them write.
+READ_ONLY_RPCS = frozenset(
+    {
+        _USERS + "GetCurrentUser",
+        _USERS + "ListUsers",
+        _USERS + "GetUser",
+        _USERS + "ExportCurrentUser",
+        _API_KEYS + "ListApiKeys",
+        _AGENT + "AttachRun",
+        _AGENT + "ListConversations",
+        _AGENT + "GetConversation",
+        _KB + "ListDocuments",
+        _KB + "GetDocument",
+        _KB + "SearchKnowledgeBase",
+        _FEEDBACK + "ListFeedback",
+        _FEEDBACK + "GetFeedbackStats",
+        _ANALYTICS + "GetUsage",
+        _ANALYTICS + "GetSystemStats",
+        _ANALYTICS + "GetUserStats",
+        _AUDIT + "ListAuditEvents",
+    }
+)
+# The methods that manage credentials: a key cannot make or revoke keys (a leaked key
+# could otherwise outlive its own revocation), change the password or delete its account.
+TOKEN_ONLY_RPCS = frozenset(
+    {
+        _AUTH + "ChangePassword",
+        _USERS + "DeleteCurrentUser",  # the password proves a person is at the keyboard
+        _API_KEYS + "CreateApiKey",
+        _API_KEYS + "RevokeApiKey",
+    }
+)
+
+
+def key_use(method: str) -> KeyUse:
+    """What an API key may do with a full method name."""
+    if method in TOKEN_ONLY_RPCS:
+        return KeyUse.TOKEN_ONLY
+    return KeyUse.READ if method in READ_ONLY_RPCS else KeyUse.WRITE
 
 
 def access_for(method: str) -> Access | None:

@@ -25,7 +25,8 @@ from typing import Any
 import grpc
 from agentmesh.agent.v1 import agent_service_pb2
 from agentmesh.analytics.v1 import analytics_service_pb2
-from agentmesh.auth.v1 import auth_service_pb2, user_service_pb2
+from agentmesh.audit.v1 import audit_service_pb2
+from agentmesh.auth.v1 import api_key_service_pb2, auth_service_pb2, user_service_pb2
 from agentmesh.feedback.v1 import feedback_service_pb2
 from agentmesh.indexing.v1 import indexing_service_pb2
 from agentmesh.knowledge.v1 import knowledge_service_pb2
@@ -34,12 +35,14 @@ from google.protobuf.descriptor import FileDescriptor, MethodDescriptor
 from google.protobuf.descriptor_pb2 import MethodOptions
 
 FILES: tuple[FileDescriptor, ...] = (
+    api_key_service_pb2.DESCRIPTOR,
     auth_service_pb2.DESCRIPTOR,
     user_service_pb2.DESCRIPTOR,
     agent_service_pb2.DESCRIPTOR,
     knowledge_service_pb2.DESCRIPTOR,
     feedback_service_pb2.DESCRIPTOR,
     analytics_service_pb2.DESCRIPTOR,
+    audit_service_pb2.DESCRIPTOR,
     indexing_service_pb2.DESCRIPTOR,
 )
 # Methods that only read though their REST binding is not a GET (a search takes a body).

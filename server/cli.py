@@ -287,7 +287,7 @@ def parser() -> argparse.ArgumentParser:
         "--services",
         metavar="LIST",
         help="comma-separated services to serve (auth, users, agent, knowledge, feedback,"
-        " analytics); default AGENTMESH_SERVICES, or all",
+        " analytics, audit); default AGENTMESH_SERVICES, or all",
     )
     serve.set_defaults(run=_serve)
     mesh = commands.add_parser(

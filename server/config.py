@@ -17,14 +17,18 @@ from server.upstreams import check_upstreams, split_address
 ROOT = Path(__file__).resolve().parents[1]
 # The public gRPC services by the short names `serve --services` and the mesh use
 # (server/served.py pairs each with its servicer).
-ServiceKey = Literal["auth", "users", "agent", "knowledge", "feedback", "analytics"]
+ServiceKey = Literal[
+    "auth", "users", "api_keys", "agent", "knowledge", "feedback", "analytics", "audit"
+]
 SERVICE_KEYS: tuple[ServiceKey, ...] = (
     "auth",
     "users",
+    "api_keys",
     "agent",
     "knowledge",
     "feedback",
     "analytics",
+    "audit",
 )
 
 
@@ -52,7 +56,7 @@ class Settings(BaseSettings):
         default_factory=lambda: list(SERVICE_KEYS), min_length=1
     )
     """The gRPC services this process serves, comma-separated (`serve --services`): auth,
-    users, agent, knowledge, feedback, analytics; default all of them."""
+    users, api_keys, agent, knowledge, feedback, analytics, audit; default all of them."""
     knowledge_target: str | None = None
     """host:port of KnowledgeBaseService (Envoy's, in a mesh) for a process serving the agent
     but not `knowledge`: its tool searches there as the end user."""
@@ -141,6 +145,8 @@ class Settings(BaseSettings):
     """Lifetime of refresh tokens."""
     password_hash_workers: int = Field(default=2, gt=0)
     """Threads hashing passwords (argon2id, 19 MiB each)."""
+    invitation_ttl_hours: float = Field(default=72, gt=0)
+    """How long the invitation token of an account an administrator created stays valid."""
 
     admin_email: str = "admin@example.com"
     """Email of the administrator created on an empty database by `make run`."""
@@ -308,8 +314,9 @@ class Settings(BaseSettings):
     """Login calls for one account (from any address; keyed by a hash of its email) and
     ChangePassword calls of one user, per window."""
     rate_limit_credentials_fail_open: bool = False
-    """When Redis cannot decide for Register, Login, RefreshToken or ChangePassword: admit
-    the call (true) or refuse it with RESOURCE_EXHAUSTED, RATE_LIMITER_UNAVAILABLE (false)."""
+    """When Redis cannot decide for Register, Login, RefreshToken, ChangePassword or
+    AcceptInvitation: admit the call (true) or refuse it with RESOURCE_EXHAUSTED,
+    RATE_LIMITER_UNAVAILABLE (false)."""
     auth_state_cache_seconds: float = Field(default=30.0, ge=0)
     """How long a copy of an account's auth state (deleted or disabled, role, revoked
     sessions) is cached: in Redis when REDIS_URL is set, else in process. Changes are written
@@ -322,6 +329,9 @@ class Settings(BaseSettings):
     """How often buffered usage events are written; a crash loses at most this much."""
     events_buffer_capacity: int = Field(default=50_000, gt=0)
     """Usage events kept while the database is unreachable; beyond it the oldest are dropped."""
+    audit_retention_days: int = Field(default=365, ge=0)
+    """Days audit records are kept; older ones are deleted hourly by the process serving the
+    audit service. 0 keeps them forever."""
     stats_cache_seconds: float = Field(default=30.0, gt=0)
     """How long statistics of a range holding the present are cached (their staleness bound)."""
     stats_cache_closed_seconds: float = Field(default=3600.0, gt=0)

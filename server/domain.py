@@ -22,6 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from server import domain_settings as configured
 from server.config import Settings
 from server.llm_sidecar import LocalLlmSidecar, packaged_model
+from server.request_context import request_origin
+from services.accounts.export import AccountExports
 from services.agent.context import AgentDeps
 from services.agent.conversations import ConversationStore
 from services.agent.intents import IntentExamples, TextEncoder
@@ -42,7 +44,12 @@ from services.agent.tools.web_search import WebSearchTool
 from services.agent.tracing import NoopTracer, Tracer
 from services.analytics.stats import StatsService
 from services.analytics.usage import UsageService
+from services.audit.listing import AuditListing
+from services.audit.retention import AuditRetention
+from services.audit.trail import AuditTrail
+from services.auth.api_keys import ApiKeyService, KeyCredentials
 from services.auth.auth_state import AuthStates, InProcessStateCache, RedisStateCache
+from services.auth.invitations import Invitations
 from services.auth.passwords import PasswordHasher
 from services.auth.service import AuthService
 from services.auth.tokens import TokenCodec
@@ -101,11 +108,19 @@ class Domain:
     auth_states: AuthStates  # who may act as each account now, checked on every call
     auth: AuthService
     users: UserService
+    invitations: Invitations  # CreateUser's one-time tokens, redeemed by AcceptInvitation
+    account_exports: AccountExports  # everything held about a person, as one download
+    # API keys: managed, and checked on every call that presents one (with their last use).
+    api_keys: ApiKeyService
     knowledge_service: KnowledgeService | None
     agent_service: AgentService | None
     embedder: Embedder | None  # the knowledge base's; None without it
     feedback: FeedbackService
     events: EventRecorder
+    audit: AuditTrail
+    audit_listing: AuditListing
+    # Deletes records past AUDIT_RETENTION_DAYS; only in a process serving the audit service.
+    audit_retention: AuditRetention | None
     usage: UsageService
     stats: StatsService
     outbound: OutboundHttp
@@ -134,6 +149,9 @@ class Domain:
 
     async def start(self) -> None:
         await self.events.start()
+        await self.api_keys.credentials.start()
+        if self.audit_retention is not None:
+            await self.audit_retention.start()
         if self.knowledge_service is not None:
             await self.knowledge_service.start()
         if self.local_llm is not None and self.local_llm_settings is not None:
@@ -158,6 +176,9 @@ class Domain:
         if self.peers.close is not None:
             await self.peers.close()
         await self.events.stop()  # after everything that records events
+        await self.api_keys.credentials.stop()
+        if self.audit_retention is not None:
+            await self.audit_retention.stop()
         for redis in (self.redis, self.limiter_redis):
             if redis is not None:
                 await redis.aclose()
@@ -171,6 +192,7 @@ def build_knowledge(
     embedder: Embedder,
     events: EventRecorder,
     metrics: Metrics,
+    audit: AuditTrail | None = None,
 ) -> KnowledgeService:
     """The knowledge base: Qdrant, ingestion workers, the optional cross-encoder."""
     store = connect_vector_store(
@@ -199,6 +221,7 @@ def build_knowledge(
         events,
         metrics,
         reranker,
+        audit=audit,
     )
 
 
@@ -433,6 +456,7 @@ def build_domain(
     events = EventRecorder(
         sessions, configured.recorder_settings(settings), observer=metrics.observe_event
     )
+    audit = AuditTrail(sessions, where=request_origin)
     redis = connect_redis(settings)
     limiter_redis = connect_limiter_redis(settings)
     # Read on every authenticated call: the hot path's client, with its tight timeouts.
@@ -445,7 +469,7 @@ def build_domain(
         else None
     )
     knowledge = (
-        build_knowledge(settings, sessions, embedder, events, metrics)
+        build_knowledge(settings, sessions, embedder, events, metrics, audit)
         if embedder is not None
         else None
     )
@@ -470,6 +494,11 @@ def build_domain(
             threads=settings.local_llm_threads,
             workdir=settings.data_dir / "llm",
         )
+    hasher = PasswordHasher(executor)
+    auth = AuthService(sessions, hasher, tokens, events, states, audit)
+    invitations = Invitations(
+        sessions, hasher, auth, audit, ttl=timedelta(hours=settings.invitation_ttl_hours)
+    )
     return Domain(
         engine=engine,
         sessions=sessions,
@@ -477,13 +506,28 @@ def build_domain(
         tokens=tokens,
         service_token=configured.index_token(settings),
         auth_states=states,
-        auth=AuthService(sessions, PasswordHasher(executor), tokens, events, states),
-        users=UserService(sessions, states, on_deleted=purge),
+        auth=auth,
+        users=UserService(
+            sessions,
+            states,
+            hasher=hasher,
+            invitations=invitations,
+            audit=audit,
+            on_deleted=purge,
+        ),
+        invitations=invitations,
+        account_exports=AccountExports(sessions, audit),
+        api_keys=ApiKeyService(sessions, states, audit, KeyCredentials(sessions, states)),
         knowledge_service=knowledge,
         agent_service=agent,
         embedder=embedder,
         feedback=FeedbackService(sessions, events),
         events=events,
+        audit=audit,
+        audit_listing=AuditListing(sessions),
+        audit_retention=(
+            AuditRetention(sessions, settings.audit_retention_days) if "audit" in served else None
+        ),
         usage=UsageService(sessions, quotas, settings.storage_quota_bytes),
         stats=build_stats(settings, sessions, redis),
         limiter=build_limiter(settings, limiter_redis),

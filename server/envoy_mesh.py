@@ -38,10 +38,12 @@ from server.upstreams import check_upstreams, split_address
 FULL_NAMES: dict[str, str] = {
     "auth": "agentmesh.auth.v1.AuthService",
     "users": "agentmesh.auth.v1.UserService",
+    "api_keys": "agentmesh.auth.v1.ApiKeyService",
     "agent": "agentmesh.agent.v1.AgentService",
     "knowledge": "agentmesh.knowledge.v1.KnowledgeBaseService",
     "feedback": "agentmesh.feedback.v1.FeedbackService",
     "analytics": "agentmesh.analytics.v1.AnalyticsService",
+    "audit": "agentmesh.audit.v1.AuditService",
 }
 KEYS = {name: key for key, name in FULL_NAMES.items()}
 # Whose cluster takes reflection, grpc.health.v1 and paths of no service.

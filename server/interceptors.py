@@ -16,10 +16,12 @@ The stages, in order (each in its own module; the chain is built in `server/main
    character in any string, is INVALID_ARGUMENT; both before anything reads it, with or
    without a token.
 6. Authentication (server/authentication.py): the principal goes into the request context;
-   the access table passes health, reflection and the credential RPCs through. A token
-   must also belong to an account that still exists, is enabled and has not signed that
-   session out. A call it refuses is first charged to its client address's rate limit, so a
-   flood of bad tokens is limited too.
+   the access table passes health, reflection and the credential RPCs through. A token or
+   API key must also belong to an account that still exists and is enabled (a token's
+   session not signed out, a key not revoked or expired), and a key's use of the method
+   is checked (read-only keys only read; no key manages credentials). A call it refuses
+   is first charged to its client address's rate limit, so a flood of bad tokens is
+   limited too.
 7. Rate limits (server/rate_limits.py, when enabled): after authentication, so per-user
    windows know the user; anonymous calls are limited by client address, Login also by
    account.
@@ -46,7 +48,7 @@ from typing import Any, cast
 
 import grpc
 
-from server.access import Access, access_for
+from server.access import Access, KeyUse, access_for, key_use
 from server.admission import Admission, Budget
 from server.authentication import Authentication
 from server.errors import INTERNAL, UNIMPLEMENTED, rich_status, to_grpc_status
@@ -92,6 +94,7 @@ class MethodPlan:
     metrics: MethodMetrics
     budget: Budget | None
     access: Access | None
+    key_use: KeyUse  # what an API key may do with it
     limits: RateLimitGate | None  # None: not rate limited
     client_stream: bool
 
@@ -133,6 +136,7 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             metrics=stages.metrics.of(method, kind),
             budget=stages.admission.budget(method),
             access=access_for(method),
+            key_use=key_use(method),
             limits=stages.limits if stages.limits and stages.limits.limits(method) else None,
             client_stream=handler.request_streaming,
         )
@@ -171,7 +175,7 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         if plan.access is not Access.PUBLIC:
             authorization = metadata_value(context, "authorization")
         try:
-            principal = await stages.auth.principal(plan.access, authorization)
+            principal = await stages.auth.principal(plan.access, authorization, plan.key_use)
         except DomainError:
             if stages.limits is not None:
                 await stages.limits.charge_refused(context, info)  # aborts over the limit

@@ -135,7 +135,9 @@ def interceptors(
         admission=admission(settings, registry),
         log=RequestLog(rpc_log, domain.events),
         receive_limits=receive_limits(settings),
-        auth=Authentication(domain.tokens, domain.auth_states, domain.service_token),
+        auth=Authentication(
+            domain.tokens, domain.auth_states, domain.service_token, domain.api_keys.credentials
+        ),
         limits=limits,
         errors=rpc_log,
     )
@@ -153,7 +155,7 @@ def build_monitor(
         caches["query_embeddings"] = domain.embedder
         if (shared := domain.embedder.shared_cache) is not None:
             caches["query_embeddings_shared"] = shared
-    registry.register(CountersCollector(caches, domain.events, domain.limiter))
+    registry.register(CountersCollector(caches, domain.events, domain.limiter, domain.audit))
     probes: dict[str, Probe] = {"database": functools.partial(ping, domain.engine)}
     if domain.redis is not None:
         probes["redis"] = domain.redis.ping

@@ -47,7 +47,7 @@ from server.parent_death import terminate_with_parent
 
 log = logging.getLogger("agentmesh.mesh")
 
-FRONT_SERVICES = ("auth", "users", "agent", "feedback", "analytics")
+FRONT_SERVICES = ("auth", "users", "api_keys", "agent", "feedback", "analytics", "audit")
 START_TIMEOUT = 300.0  # the knowledge process and workers load the embedding model at once
 HEALTH_POLL = 0.5
 

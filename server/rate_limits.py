@@ -3,10 +3,11 @@ ones for the credential RPCs, decided by the configured limiter (Redis or in-pro
 
 - Ordinary calls count against their client IP's window and, once authenticated, their
   user's.
-- The credential RPCs (Register, Login, RefreshToken, ChangePassword) count instead against
-  a much smaller window per IP; Login also against its account's window (keyed by a hash
-  of the canonical email, never the email) and ChangePassword against its caller's, so
-  guessing one account's password from many addresses is throttled too.
+- The credential RPCs (Register, Login, RefreshToken, ChangePassword, AcceptInvitation)
+  count instead against a much smaller window per IP; Login also against its account's
+  window (keyed by a hash of the canonical email, never the email) and ChangePassword
+  against its caller's, so guessing one account's password from many addresses is
+  throttled too.
 - A call that authentication refuses (no, an invalid or an expired token; a revoked
   session; a method the caller may not use) is not admitted here: the call pipeline hands
   it to `charge_refused` first, which counts it against its IP's window,
@@ -39,7 +40,9 @@ _AUTH = "/agentmesh.auth.v1.AuthService/"
 LOGIN = _AUTH + "Login"
 CHANGE_PASSWORD = _AUTH + "ChangePassword"
 # Guessing passwords and minting tokens get their own, much smaller budget per IP.
-CREDENTIAL_RPCS = frozenset({_AUTH + "Register", LOGIN, _AUTH + "RefreshToken", CHANGE_PASSWORD})
+CREDENTIAL_RPCS = frozenset(
+    {_AUTH + "Register", LOGIN, _AUTH + "RefreshToken", CHANGE_PASSWORD, _AUTH + "AcceptInvitation"}
+)
 # Probes and tooling are never limited.
 # Probes, grpcurl's reflection, and agentmesh's own processes on the internal indexing
 # service (authenticated by the service credential before this interceptor runs, and paced

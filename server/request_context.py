@@ -3,6 +3,7 @@
 import contextvars
 from dataclasses import dataclass
 
+from services.audit.trail import Origin
 from services.auth.principal import Principal
 from services.errors import Unauthenticated
 
@@ -34,3 +35,11 @@ def current_principal() -> Principal:
     if info is None or info.principal is None:
         raise Unauthenticated("authentication required", reason="UNAUTHENTICATED")
     return info.principal
+
+
+def request_origin() -> Origin:
+    """Where the current RPC came from, for the audit trail (empty outside an RPC)."""
+    info = current_request.get()
+    if info is None:
+        return Origin()
+    return Origin(request_id=info.request_id, client_ip=info.client_ip or None)

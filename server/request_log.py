@@ -63,11 +63,14 @@ class RequestLog:
             extra={"rpc": info.rpc, "code": code, "latency_ms": latency_ms, "peer": info.peer},
         )
         if info.rpc.startswith(RECORDED_RPCS):
+            principal = info.principal
             self._events.record(
                 EventKind.RPC,
-                user_id=info.principal.user_id if info.principal else None,
+                user_id=principal.user_id if principal else None,
                 rpc=info.rpc,
                 code=code,
                 latency_ms=latency_ms,
                 success=code == "OK",
+                # The API key that made the call (its id, never its secret).
+                data={"key_id": str(principal.key_id)} if principal and principal.key_id else None,
             )

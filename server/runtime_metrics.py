@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from services.audit.trail import AuditTrail
 from services.db import PoolStats
 from services.knowledge.ingestion import QueueStats
 from services.limits import RateLimiter
@@ -50,14 +51,20 @@ class HitCounts(Protocol):
 
 
 class CountersCollector(Collector):
-    """Counts kept by the caches and the event recorder, exposed as counters."""
+    """Counts kept by the caches, the event recorder, the rate limiter and the audit
+    trail, exposed as counters."""
 
     def __init__(
-        self, caches: dict[str, HitCounts], events: EventRecorder, limiter: RateLimiter
+        self,
+        caches: dict[str, HitCounts],
+        events: EventRecorder,
+        limiter: RateLimiter,
+        audit: AuditTrail,
     ) -> None:
         self._caches = caches
         self._events = events
         self._limiter = limiter
+        self._audit = audit
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         requests = CounterMetricFamily(
@@ -79,6 +86,11 @@ class CountersCollector(Collector):
             "Rate-limit decisions the limiter could not make (Redis unreachable or too slow);"
             " each was admitted or refused by RATE_LIMIT_FAIL_OPEN.",
             value=self._limiter.failures,
+        )
+        yield CounterMetricFamily(
+            "agentmesh_audit_write_failures",
+            "Audit records that could not be written (the database failed); each is logged.",
+            value=self._audit.failed_writes,
         )
 
 

@@ -9,6 +9,10 @@ from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
 from agentmesh.agent.v1 import agent_service_pb2_grpc as agent_grpc
 from agentmesh.analytics.v1 import analytics_service_pb2 as analytics_pb
 from agentmesh.analytics.v1 import analytics_service_pb2_grpc as analytics_grpc
+from agentmesh.audit.v1 import audit_service_pb2 as audit_pb
+from agentmesh.audit.v1 import audit_service_pb2_grpc as audit_grpc
+from agentmesh.auth.v1 import api_key_service_pb2 as keys_pb
+from agentmesh.auth.v1 import api_key_service_pb2_grpc as keys_grpc
 from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from agentmesh.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
@@ -24,6 +28,8 @@ from google.protobuf.descriptor import FileDescriptor
 from server.domain import Domain
 from server.servicers.agent import AgentServicer
 from server.servicers.analytics import AnalyticsServicer
+from server.servicers.api_keys import ApiKeyServicer
+from server.servicers.audit import AuditServicer
 from server.servicers.auth import AuthServicer
 from server.servicers.feedback import FeedbackServicer
 from server.servicers.indexing import IndexingServicer
@@ -53,12 +59,21 @@ SERVICES = (
     ServedService(
         "auth",
         _name(auth_pb.DESCRIPTOR, "AuthService"),
-        lambda d, s: auth_grpc.add_AuthServiceServicer_to_server(AuthServicer(d.auth), s),
+        lambda d, s: auth_grpc.add_AuthServiceServicer_to_server(
+            AuthServicer(d.auth, d.invitations), s
+        ),
     ),
     ServedService(
         "users",
         _name(users_pb.DESCRIPTOR, "UserService"),
-        lambda d, s: users_grpc.add_UserServiceServicer_to_server(UserServicer(d.users), s),
+        lambda d, s: users_grpc.add_UserServiceServicer_to_server(
+            UserServicer(d.users, d.account_exports), s
+        ),
+    ),
+    ServedService(
+        "api_keys",
+        _name(keys_pb.DESCRIPTOR, "ApiKeyService"),
+        lambda d, s: keys_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(d.api_keys), s),
     ),
     ServedService(
         "agent",
@@ -90,6 +105,13 @@ SERVICES = (
             AnalyticsServicer(d.usage, d.stats), s
         ),
         frozenset({"database", "redis"}),
+    ),
+    ServedService(
+        "audit",
+        _name(audit_pb.DESCRIPTOR, "AuditService"),
+        lambda d, s: audit_grpc.add_AuditServiceServicer_to_server(
+            AuditServicer(d.audit_listing), s
+        ),
     ),
 )
 SERVICE_NAMES = [service.name for service in SERVICES]

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import grpc
 from agentmesh.agent.v1 import agent_service_pb2_grpc as agent_grpc
+from agentmesh.auth.v1 import api_key_service_pb2_grpc as keys_grpc
 from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from agentmesh.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from agentmesh.auth.v1 import user_service_pb2_grpc as users_grpc
@@ -59,6 +60,7 @@ class Stubs:
     channel: grpc.aio.Channel
     auth: auth_grpc.AuthServiceAsyncStub
     users: users_grpc.UserServiceAsyncStub
+    keys: keys_grpc.ApiKeyServiceAsyncStub
     agent: agent_grpc.AgentServiceAsyncStub
     kb: kb_grpc.KnowledgeBaseServiceAsyncStub
     health: Any  # grpc_health ships no type information
@@ -70,6 +72,7 @@ class Stubs:
             channel=channel,
             auth=auth_grpc.AuthServiceStub(channel),
             users=users_grpc.UserServiceStub(channel),
+            keys=keys_grpc.ApiKeyServiceStub(channel),
             agent=agent_grpc.AgentServiceStub(channel),
             kb=kb_grpc.KnowledgeBaseServiceStub(channel),
             health=health_pb2_grpc.HealthStub(channel),

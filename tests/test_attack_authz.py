@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 import pytest
 from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
+from agentmesh.auth.v1 import api_key_service_pb2 as keys_pb
 from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from agentmesh.auth.v1 import user_pb2
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
@@ -79,6 +80,8 @@ class Victim:
     document_id: str
     conversations_page_token: str
     documents_page_token: str
+    key_id: str
+    keys_page_token: str
     generation: str = "generation-1"
 
     def owned(self) -> set[str]:
@@ -96,6 +99,7 @@ def ghost_of(victim: Victim) -> Victim:
         assistant_message_id=str(uuid.uuid4()),
         run_id=uuid.uuid4().hex,
         document_id=str(uuid.uuid4()),
+        key_id=str(uuid.uuid4()),
     )
 
 
@@ -107,6 +111,7 @@ class Expect(enum.Enum):
     ACTS_ON_CALLER = "the id is ignored: the call reads or changes B's own account"
     SESSION_SURVIVES = "whatever B gets, A's refresh token still works afterwards"
     NO_IDS = "the request names no resource: only the token checks apply"
+    ADMIN_REQUIRED = "PERMISSION_DENIED (ADMIN_REQUIRED), as for an id that does not exist"
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,8 @@ _KB = "/agentmesh.knowledge.v1.KnowledgeBaseService/"
 _FEEDBACK = "/agentmesh.feedback.v1.FeedbackService/"
 _ANALYTICS = "/agentmesh.analytics.v1.AnalyticsService/"
 _INDEXING = "/agentmesh.indexing.v1.IndexingService/"
+_AUDIT = "/agentmesh.audit.v1.AuditService/"
+_API_KEYS = "/agentmesh.auth.v1.ApiKeyService/"
 
 
 def _user_change(
@@ -156,6 +163,9 @@ ROWS: dict[str, Row] = {
     _AUTH + "Register": Row(request(_AUTH + "Register", email="x@example.com", password=PASSWORD)),
     _AUTH + "Login": Row(request(_AUTH + "Login", email=lambda v: v.email, password="wrong")),
     _AUTH + "RefreshToken": Row(request(_AUTH + "RefreshToken", refresh_token="not-a-token")),
+    _AUTH + "AcceptInvitation": Row(
+        request(_AUTH + "AcceptInvitation", invitation_token="inv_unknown", password=PASSWORD)
+    ),
     # B hands in A's refresh token: B may end its own sessions, never A's.
     _AUTH + "Logout": Row(
         request(_AUTH + "Logout", refresh_token=lambda v: v.refresh_token),
@@ -180,6 +190,41 @@ ROWS: dict[str, Row] = {
         )
     ),
     _USERS + "DeleteUser": Row(request(_USERS + "DeleteUser", user_id=lambda v: v.user_id)),
+    _USERS + "CreateUser": Row(
+        request(
+            _USERS + "CreateUser",
+            email="created-by-b@example.com",
+            role=user_pb2.ROLE_ADMIN,
+            kind=user_pb2.USER_KIND_SERVICE,
+        )
+    ),
+    _USERS + "DisableUser": Row(request(_USERS + "DisableUser", user_id=lambda v: v.user_id)),
+    _USERS + "EnableUser": Row(request(_USERS + "EnableUser", user_id=lambda v: v.user_id)),
+    # B's export holds B's data only: the leak check finds none of A's ids or text in it.
+    _USERS + "ExportCurrentUser": Row(request(_USERS + "ExportCurrentUser")),
+    # Only ever the caller's own account; a wrong password keeps B's for the next rows.
+    _USERS + "DeleteCurrentUser": Row(
+        request(_USERS + "DeleteCurrentUser", current_password="wrong"), control=False
+    ),
+    # Another account's keys are an administrator's business (service accounts only).
+    _API_KEYS + "CreateApiKey": Row(
+        request(_API_KEYS + "CreateApiKey", name="intruder's", user_id=lambda v: v.user_id),
+        Expect.ADMIN_REQUIRED,
+    ),
+    _API_KEYS + "ListApiKeys": Row(
+        request(
+            _API_KEYS + "ListApiKeys",
+            page_size=1,
+            page_token=lambda v: v.keys_page_token,
+            user_id=lambda v: v.user_id,
+        ),
+        Expect.ADMIN_REQUIRED,
+    ),
+    _API_KEYS + "RevokeApiKey": Row(
+        request(_API_KEYS + "RevokeApiKey", api_key_id=lambda v: v.key_id),
+        Expect.NOT_FOUND,
+        control=False,
+    ),
     _AGENT + "Query": Row(
         request(
             _AGENT + "Query", query="What did I say?", conversation_id=lambda v: v.conversation_id
@@ -271,6 +316,13 @@ ROWS: dict[str, Row] = {
     _ANALYTICS + "GetUserStats": Row(
         request(_ANALYTICS + "GetUserStats", user_id=lambda v: v.user_id)
     ),
+    _AUDIT + "ListAuditEvents": Row(
+        request(
+            _AUDIT + "ListAuditEvents",
+            actor_id=lambda v: v.user_id,
+            target_id=lambda v: v.user_id,
+        )
+    ),
     _INDEXING + "UpsertPassages": Row(
         request(
             _INDEXING + "UpsertPassages",
@@ -317,6 +369,8 @@ DUMMY = Victim(
     document_id=str(uuid.uuid4()),
     conversations_page_token="conversations-cursor",
     documents_page_token="documents-cursor",
+    key_id=str(uuid.uuid4()),
+    keys_page_token="keys-cursor",
 )
 
 
@@ -373,7 +427,13 @@ async def cast(app: Application, stubs: Stubs) -> AsyncIterator[Cast]:
     documents = await stubs.kb.ListDocuments(
         kb.ListDocumentsRequest(page_size=1), metadata=owner.metadata
     )
+    key = await _new_key(stubs, owner, "first")
+    await _new_key(stubs, owner, "second")
+    keys = await stubs.keys.ListApiKeys(
+        keys_pb.ListApiKeysRequest(page_size=1), metadata=owner.metadata
+    )
     assert conversations.next_page_token and documents.next_page_token
+    assert keys.next_page_token
     victim = Victim(
         user_id=owner.user_id,
         email=owner.email,
@@ -385,10 +445,18 @@ async def cast(app: Application, stubs: Stubs) -> AsyncIterator[Cast]:
         document_id=document.document_id,
         conversations_page_token=conversations.next_page_token,
         documents_page_token=documents.next_page_token,
+        key_id=key.api_key.api_key_id,
+        keys_page_token=keys.next_page_token,
     )
     intruder = await new_user(stubs, "intruder")
     admin = await new_admin(app, stubs)
     yield Cast(app, stubs, victim, owner, intruder, admin)
+
+
+async def _new_key(stubs: Stubs, account: Account, name: str) -> Any:
+    return await stubs.keys.CreateApiKey(
+        keys_pb.CreateApiKeyRequest(name=name), metadata=account.metadata
+    )
 
 
 async def state_of(cast: Cast) -> dict[str, Any]:
@@ -420,8 +488,12 @@ async def state_of(cast: Cast) -> dict[str, Any]:
         agent_pb.AttachRunRequest(run_id=victim.run_id),
         owner.metadata,
     )
+    keys = await stubs.keys.ListApiKeys(
+        keys_pb.ListApiKeysRequest(page_size=200), metadata=owner.metadata
+    )
     return {
         "user": (me.user_id, me.email, me.full_name, me.role),
+        "keys": sorted((k.api_key_id, k.name, k.HasField("revoked_at")) for k in keys.api_keys),
         "conversations": conversations,
         "documents": sorted(
             (d.document_id, d.content_sha256, d.status, d.chunk_count, d.shared, d.title)
@@ -504,6 +576,10 @@ async def _check_user_row(
         assert (outcome.code, ours and ours.reason) == (ghost.code, theirs and theirs.reason), (
             f"{path}: A's id gives {outcome}, a missing id {ghost}: existence shows"
         )
+    elif row.expect is Expect.ADMIN_REQUIRED:
+        _expect(outcome, grpc.StatusCode.PERMISSION_DENIED, "ADMIN_REQUIRED")
+        ghost = await _call(cast, path, row.build(ghost_of(cast.victim)), cast.intruder.metadata)
+        _expect(ghost, grpc.StatusCode.PERMISSION_DENIED, "ADMIN_REQUIRED")
     elif row.expect is Expect.NOTHING_OF_THEIRS:
         assert outcome.code in {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}, outcome
         if outcome.ok:

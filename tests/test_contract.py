@@ -126,6 +126,19 @@ REQUIRED_FIELDS = {
     "agentmesh.auth.v1.GetUserRequest": {"user_id"},
     "agentmesh.auth.v1.UpdateUserRequest": {"user"},
     "agentmesh.auth.v1.DeleteUserRequest": {"user_id"},
+    "agentmesh.auth.v1.DisableUserRequest": {"user_id"},
+    "agentmesh.auth.v1.EnableUserRequest": {"user_id"},
+    # users.py create(): normalize_email "is required"; an unset role or kind is refused.
+    "agentmesh.auth.v1.CreateUserRequest": {"email", "role", "kind"},
+    # delete_current(): an empty password is refused as wrong (PERMISSION_DENIED), as in
+    # ChangePassword; a service account cannot call it at all.
+    "agentmesh.auth.v1.DeleteCurrentUserRequest": {"current_password"},
+    # services/auth/invitations.py accept(): "is required" on each (an empty password
+    # fails the policy too).
+    "agentmesh.auth.v1.AcceptInvitationRequest": {"invitation_token", "password"},
+    # services/auth/api_keys.py clean_key_name(): "is required"; revoke(): require_uuid.
+    "agentmesh.auth.v1.CreateApiKeyRequest": {"name"},
+    "agentmesh.auth.v1.RevokeApiKeyRequest": {"api_key_id"},
     # services/knowledge/service.py _validate_upload(): filename "is required";
     # parsing.inspect_upload(): "the document is empty".
     "agentmesh.knowledge.v1.UploadDocumentRequest": {"filename", "content"},

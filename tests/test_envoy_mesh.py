@@ -35,6 +35,8 @@ IDEMPOTENT_READS = {
     "/agentmesh.auth.v1.UserService/GetCurrentUser",
     "/agentmesh.auth.v1.UserService/ListUsers",
     "/agentmesh.auth.v1.UserService/GetUser",
+    "/agentmesh.auth.v1.UserService/ExportCurrentUser",
+    "/agentmesh.auth.v1.ApiKeyService/ListApiKeys",
     "/agentmesh.agent.v1.AgentService/ListConversations",
     "/agentmesh.agent.v1.AgentService/GetConversation",
     "/agentmesh.knowledge.v1.KnowledgeBaseService/ListDocuments",
@@ -45,6 +47,7 @@ IDEMPOTENT_READS = {
     "/agentmesh.analytics.v1.AnalyticsService/GetUsage",
     "/agentmesh.analytics.v1.AnalyticsService/GetSystemStats",
     "/agentmesh.analytics.v1.AnalyticsService/GetUserStats",
+    "/agentmesh.audit.v1.AuditService/ListAuditEvents",
 }
 BEFORE_REQUEST = {"connect-failure", "refused-stream", "reset-before-request"}
 
@@ -170,7 +173,7 @@ def test_reflection_health_and_unknown_paths_go_to_the_front_service() -> None:
     ("value", "error"),
     [
         ('{"agent": ["a:1"], "nope": ["b:2"]}', "unknown services nope"),
-        ('{"agent": ["agent:50051"]}', "no upstream for auth, users, knowledge"),
+        ('{"agent": ["agent:50051"]}', "no upstream for auth, users, api_keys, knowledge"),
         (json.dumps({key: ["no-port"] for key in SERVICE_KEYS}), "'no-port' is not host:port"),
         ("agent=a:1", "not JSON"),
     ],

@@ -11,7 +11,7 @@ import pytest
 from server.config import ROOT
 
 # Bottom to top: a feature package may import the ones before it, never the ones after.
-FEATURES = ["auth", "quotas", "knowledge", "agent", "feedback", "analytics"]
+FEATURES = ["auth", "quotas", "knowledge", "agent", "feedback", "analytics", "accounts"]
 # Shared infrastructure, below every feature; it imports no feature package.
 SHARED = {
     "errors",
@@ -22,6 +22,7 @@ SHARED = {
     "metrics",
     "limits",
     "usage_events",
+    "audit",
     "outages",
 }
 # Every table in one module for Alembic's autogenerate: the one module above them all.

@@ -56,6 +56,7 @@ AGENTMESH_METRICS: dict[str, str] = {
     "agentmesh_event_loop_lag_seconds": "histogram",
     "agentmesh_events_dropped_total": "counter",
     "agentmesh_rate_limit_decision_failures_total": "counter",
+    "agentmesh_audit_write_failures_total": "counter",
     "agentmesh_quota_check_failures_total": "counter",
     "agentmesh_ingestion_jobs": "gauge",
     "agentmesh_ingestion_oldest_job_seconds": "gauge",

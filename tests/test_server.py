@@ -52,6 +52,7 @@ def test_every_rpc_is_in_the_access_table_and_nothing_else() -> None:
         "/agentmesh.auth.v1.AuthService/Register",
         "/agentmesh.auth.v1.AuthService/Login",
         "/agentmesh.auth.v1.AuthService/RefreshToken",
+        "/agentmesh.auth.v1.AuthService/AcceptInvitation",
     }
 
 

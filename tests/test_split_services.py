@@ -33,7 +33,7 @@ from tests.harness import Stubs, new_admin, new_user, running_app, settings_for
 from tests.knowledge import ingest
 from tests.limited import REDIS_URL, redis_up
 
-STATELESS = ["auth", "users", "agent", "feedback", "analytics"]
+STATELESS = ["auth", "users", "agent", "feedback", "analytics", "audit"]
 REACTOR = (
     b"The Kestrel research reactor is cooled with molten lead at 480 degrees Celsius.\n\n"
     b"Its vessel was forged in Sheffield and it first ran in 1968."

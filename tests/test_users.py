@@ -12,7 +12,7 @@ from google.protobuf import field_mask_pb2
 
 from server.main import Application
 from tests.backends import Database
-from tests.harness import Stubs, new_admin, new_user, running_app
+from tests.harness import PASSWORD, Stubs, new_admin, new_user, running_app
 from tests.rpc_errors import error_info, field_violations
 from tests.test_auth import expect_code
 
@@ -222,7 +222,32 @@ async def test_the_last_admin_cannot_be_removed(fresh_app: tuple[Application, St
     await expect_code(
         stubs.users.UpdateUser(demote, metadata=admin.metadata), grpc.StatusCode.FAILED_PRECONDITION
     )
+    disable = users_pb.DisableUserRequest(user_id=admin.user_id)
+    error = await expect_code(
+        stubs.users.DisableUser(disable, metadata=admin.metadata),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert error_info(error).reason == "LAST_ADMIN"
+    leave = users_pb.DeleteCurrentUserRequest(current_password=PASSWORD)
+    error = await expect_code(
+        stubs.users.DeleteCurrentUser(leave, metadata=admin.metadata),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert error_info(error).reason == "LAST_ADMIN"
     second = await new_admin(app, stubs)
+    # A disabled administrator administers nothing: the first is still the last active one.
+    await stubs.users.DisableUser(
+        users_pb.DisableUserRequest(user_id=second.user_id), metadata=admin.metadata
+    )
+    await expect_code(
+        stubs.users.DeleteUser(
+            users_pb.DeleteUserRequest(user_id=admin.user_id), metadata=admin.metadata
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    await stubs.users.EnableUser(
+        users_pb.EnableUserRequest(user_id=second.user_id), metadata=admin.metadata
+    )
     await stubs.users.DeleteUser(
         users_pb.DeleteUserRequest(user_id=admin.user_id), metadata=second.metadata
     )

@@ -7,6 +7,7 @@ from agentmesh.auth.v1 import auth_service_pb2_grpc as auth_grpc
 
 from server.request_context import current_principal
 from server.servicers.converters import user_to_proto
+from services.auth.invitations import Invitations
 from services.auth.service import AuthService, TokenPair
 
 TOKEN_TYPE = "Bearer"
@@ -23,8 +24,9 @@ def _token_fields(pair: TokenPair) -> dict[str, Any]:
 
 
 class AuthServicer(auth_grpc.AuthServiceServicer):
-    def __init__(self, auth: AuthService) -> None:
+    def __init__(self, auth: AuthService, invitations: Invitations) -> None:
         self._auth = auth
+        self._invitations = invitations
 
     async def Register(
         self, request: auth_pb.RegisterRequest, context: Any
@@ -61,3 +63,13 @@ class AuthServicer(auth_grpc.AuthServiceServicer):
             new_password=request.new_password,
         )
         return auth_pb.ChangePasswordResponse()
+
+    async def AcceptInvitation(
+        self, request: auth_pb.AcceptInvitationRequest, context: Any
+    ) -> auth_pb.AcceptInvitationResponse:
+        pair = await self._invitations.accept(
+            token=request.invitation_token, password=request.password
+        )
+        return auth_pb.AcceptInvitationResponse(
+            **_token_fields(pair), user=user_to_proto(pair.user)
+        )

@@ -16,6 +16,7 @@ from services.feedback.models import Feedback
 from services.feedback.service import Rating, Reason
 
 ROLE_TO_PROTO = {Role.USER: user_pb.ROLE_USER, Role.ADMIN: user_pb.ROLE_ADMIN}
+KIND_TO_PROTO = {"person": user_pb.USER_KIND_PERSON, "service": user_pb.USER_KIND_SERVICE}
 RATING_FROM_PROTO = {
     feedback_pb.RATING_THUMBS_UP: Rating.THUMBS_UP,
     feedback_pb.RATING_THUMBS_DOWN: Rating.THUMBS_DOWN,
@@ -61,6 +62,8 @@ def user_to_proto(user: User) -> user_pb.User:
         role=ROLE_TO_PROTO[user.role],
         created_at=to_timestamp(user.created_at),
         updated_at=to_timestamp(user.updated_at),
+        kind=KIND_TO_PROTO.get(user.kind, user_pb.USER_KIND_UNSPECIFIED),
+        disabled=user.disabled_at is not None,
     )
 
 

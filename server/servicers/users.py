@@ -8,11 +8,27 @@ from agentmesh.auth.v1 import user_service_pb2_grpc as users_grpc
 from google.protobuf import field_mask_pb2
 
 from server.request_context import current_principal
-from server.servicers.converters import ROLE_TO_PROTO, user_to_proto
-from services.auth.users import UserChanges, UserService, require_user_id
+from server.servicers.agent import conversation_to_proto, message_to_proto
+from server.servicers.converters import (
+    KIND_TO_PROTO,
+    ROLE_TO_PROTO,
+    feedback_to_proto,
+    to_timestamp,
+    user_to_proto,
+)
+from server.servicers.knowledge import document_to_proto
+from services.accounts.export import AccountExport, AccountExports
+from services.auth.users import (
+    NewUser,
+    UserChanges,
+    UserKind,
+    UserService,
+    require_user_id,
+)
 from services.errors import Violations
 
 ROLE_FROM_PROTO = {v: k for k, v in ROLE_TO_PROTO.items()}
+KIND_FROM_PROTO = {v: UserKind(k) for k, v in KIND_TO_PROTO.items()}
 MASKABLE = ("full_name", "email", "role")
 
 
@@ -42,9 +58,27 @@ def changes_from_proto(user: user_pb.User, mask: field_mask_pb2.FieldMask) -> Us
     )
 
 
+def export_to_proto(export: AccountExport) -> users_pb.ExportCurrentUserResponse:
+    return users_pb.ExportCurrentUserResponse(
+        user=user_to_proto(export.user),
+        conversations=[
+            users_pb.ExportedConversation(
+                conversation=conversation_to_proto(c.conversation, len(c.messages)),
+                messages=[message_to_proto(m) for m in c.messages],
+            )
+            for c in export.conversations
+        ],
+        feedback=[feedback_to_proto(f) for f in export.feedback],
+        documents=[document_to_proto(d) for d in export.documents],
+        exported_at=to_timestamp(export.exported_at),
+        truncated=export.truncated,
+    )
+
+
 class UserServicer(users_grpc.UserServiceServicer):
-    def __init__(self, users: UserService) -> None:
+    def __init__(self, users: UserService, exports: AccountExports) -> None:
         self._users = users
+        self._exports = exports
 
     async def GetCurrentUser(
         self, request: users_pb.GetCurrentUserRequest, context: Any
@@ -80,12 +114,57 @@ class UserServicer(users_grpc.UserServiceServicer):
     ) -> users_pb.UpdateUserResponse:
         user_id = require_user_id(request.user.user_id, field="user.user_id")
         user = await self._users.update(
-            user_id, changes_from_proto(request.user, request.update_mask)
+            current_principal(), user_id, changes_from_proto(request.user, request.update_mask)
         )
         return users_pb.UpdateUserResponse(user=user_to_proto(user))
 
     async def DeleteUser(
         self, request: users_pb.DeleteUserRequest, context: Any
     ) -> users_pb.DeleteUserResponse:
-        await self._users.delete(require_user_id(request.user_id))
+        await self._users.delete(current_principal(), require_user_id(request.user_id))
         return users_pb.DeleteUserResponse()
+
+    async def CreateUser(
+        self, request: users_pb.CreateUserRequest, context: Any
+    ) -> users_pb.CreateUserResponse:
+        new = NewUser(
+            email=request.email,
+            full_name=request.full_name,
+            role=ROLE_FROM_PROTO.get(request.role),
+            kind=KIND_FROM_PROTO.get(request.kind),
+        )
+        created = await self._users.create(current_principal(), new)
+        response = users_pb.CreateUserResponse(user=user_to_proto(created.user))
+        if created.invitation is not None:
+            response.invitation_token = created.invitation.token
+            response.invitation_expires_at.CopyFrom(to_timestamp(created.invitation.expires_at))
+        return response
+
+    async def DisableUser(
+        self, request: users_pb.DisableUserRequest, context: Any
+    ) -> users_pb.DisableUserResponse:
+        user = await self._users.set_disabled(
+            current_principal(), require_user_id(request.user_id), disabled=True
+        )
+        return users_pb.DisableUserResponse(user=user_to_proto(user))
+
+    async def EnableUser(
+        self, request: users_pb.EnableUserRequest, context: Any
+    ) -> users_pb.EnableUserResponse:
+        user = await self._users.set_disabled(
+            current_principal(), require_user_id(request.user_id), disabled=False
+        )
+        return users_pb.EnableUserResponse(user=user_to_proto(user))
+
+    async def ExportCurrentUser(
+        self, request: users_pb.ExportCurrentUserRequest, context: Any
+    ) -> users_pb.ExportCurrentUserResponse:
+        return export_to_proto(await self._exports.export(current_principal()))
+
+    async def DeleteCurrentUser(
+        self, request: users_pb.DeleteCurrentUserRequest, context: Any
+    ) -> users_pb.DeleteCurrentUserResponse:
+        await self._users.delete_current(
+            current_principal(), current_password=request.current_password
+        )
+        return users_pb.DeleteCurrentUserResponse()

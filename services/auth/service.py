@@ -20,6 +20,7 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.audit.trail import Actor, AuditAction, AuditTrail, Outcome
 from services.auth.auth_state import AuthStates
 from services.auth.models import RefreshToken, User
 from services.auth.passwords import PasswordHasher, password_problems
@@ -91,12 +92,14 @@ class AuthService:
         tokens: TokenCodec,
         events: EventRecorder,
         states: AuthStates,
+        audit: AuditTrail,
     ) -> None:
         self._sessions = sessions
         self._hasher = hasher
         self._tokens = tokens
         self._events = events
         self._states = states
+        self._audit = audit
 
     async def register(
         self, *, email: str, password: str, full_name: str, role: Role = Role.USER
@@ -154,14 +157,16 @@ class AuthService:
             or not user
         ):
             self._events.record(EventKind.LOGIN, user_id=user.id if user else None, success=False)
+            await self._login_failed(user, "invalid_credentials")
             raise Unauthenticated("wrong email or password", reason="INVALID_CREDENTIALS")
         if user.disabled_at is not None:  # said only to whoever knows the password
             self._events.record(EventKind.LOGIN, user_id=user.id, success=False)
+            await self._login_failed(user, "user_not_active")
             raise self._not_active()
         # Upgrade hashes made with weaker parameters, before holding a transaction open.
         upgraded = (
             await self._hasher.hash(password)
-            if self._hasher.needs_rehash(user.password_hash)
+            if user.password_hash is not None and self._hasher.needs_rehash(user.password_hash)
             else None
         )
         now = utcnow()
@@ -174,7 +179,22 @@ class AuthService:
                 )
             pair = await self._issue_pair(s, user, family_id=uuid.uuid4(), now=now)
         self._events.record(EventKind.LOGIN, user_id=user.id, success=True)
+        await self._audit.record(
+            AuditAction.LOGIN, actor=Actor(user.id), target_type="user", target_id=user.id
+        )
         return pair
+
+    async def _login_failed(self, user: User | None, reason: str) -> None:
+        """Record a refused login: by the account when the email names one, else anonymous
+        (never the email or password that were tried)."""
+        await self._audit.record(
+            AuditAction.LOGIN,
+            actor=Actor(user.id if user else None),
+            outcome=Outcome.FAILURE,
+            target_type="user" if user else None,
+            target_id=user.id if user else None,
+            data={"reason": reason},
+        )
 
     async def refresh(self, *, refresh_token: str) -> TokenPair:
         """Exchange a refresh token for a new pair (rotation, with reuse detection)."""
@@ -217,6 +237,7 @@ class AuthService:
         if all_sessions:
             async with self._states.changing(principal.user_id) as s:
                 await revoke_tokens(s, now, user_id=principal.user_id)
+            await self._logged_out(principal, all_sessions=True)
             return
         if not refresh_token:
             raise InvalidArgument.of("refresh_token", "is required unless all_sessions is set")
@@ -228,6 +249,16 @@ class AuthService:
             raise InvalidArgument.of("refresh_token", "is not a refresh token of this account")
         async with self._states.changing(principal.user_id) as s:
             await revoke_tokens(s, now, family_id=claims.family_id)
+        await self._logged_out(principal, all_sessions=False)
+
+    async def _logged_out(self, principal: Principal, *, all_sessions: bool) -> None:
+        await self._audit.record(
+            AuditAction.LOGOUT,
+            actor=Actor.of(principal),
+            target_type="user",
+            target_id=principal.user_id,
+            data={"all_sessions": all_sessions},
+        )
 
     async def change_password(
         self, principal: Principal, *, current_password: str, new_password: str
@@ -238,10 +269,13 @@ class AuthService:
         if user is None:
             raise NotFound("account not found", reason="USER_NOT_FOUND")
         if not await self._hasher.verify(user.password_hash, current_password):
+            await self._password_change_failed(principal, "wrong_password")
             raise PermissionDenied("the current password is wrong", reason="WRONG_PASSWORD")
         violations = Violations()
         for problem in password_problems(new_password, email=user.email):
             violations.add("new_password", problem)
+        if violations.items:
+            await self._password_change_failed(principal, "new_password_rejected")
         violations.raise_if_any()
         password_hash = await self._hasher.hash(new_password)
         now = utcnow()
@@ -252,6 +286,26 @@ class AuthService:
                 .values(password_hash=password_hash, updated_at=now)
             )
             await revoke_tokens(s, now, user_id=user.id)
+        await self._audit.record(
+            AuditAction.PASSWORD_CHANGED,
+            actor=Actor.of(principal),
+            target_type="user",
+            target_id=user.id,
+        )
+
+    async def _password_change_failed(self, principal: Principal, reason: str) -> None:
+        await self._audit.record(
+            AuditAction.PASSWORD_CHANGED,
+            actor=Actor.of(principal),
+            outcome=Outcome.FAILURE,
+            target_type="user",
+            target_id=principal.user_id,
+            data={"reason": reason},
+        )
+
+    async def start_session(self, s: AsyncSession, user: User, *, now: datetime) -> TokenPair:
+        """A new token family for `user` in the caller's transaction (an accepted invitation)."""
+        return await self._issue_pair(s, user, family_id=uuid.uuid4(), now=now)
 
     async def _issue_pair(
         self, s: AsyncSession, user: User, *, family_id: uuid.UUID, now: datetime

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.audit.trail import Actor, AuditAction, AuditTrail
 from services.auth.principal import Principal
 from services.db import parse_uuid, require_uuid
 from services.errors import (
@@ -127,7 +128,10 @@ class KnowledgeService:
         events: EventRecorder,
         metrics: Metrics,
         reranker: CrossEncoderReranker | None = None,
+        *,
+        audit: AuditTrail | None = None,
     ) -> None:
+        self._audit = audit  # records every deletion (only owners delete their documents)
         self._events = events
         self._metrics = metrics
         self._sessions = sessions
@@ -278,6 +282,14 @@ class KnowledgeService:
             if document is None:
                 raise _not_found()
             await s.delete(document)
+        if self._audit is not None:
+            await self._audit.record(
+                AuditAction.DOCUMENT_DELETED,
+                actor=Actor.of(principal),
+                target_type="document",
+                target_id=parsed,
+                data={"owner_id": str(document.owner_id)},
+            )
         # Searches drop hits of documents that no longer exist, so the rows going first
         # hides the passages at once even if removing the points fails.
         await self._store.delete_document(parsed)

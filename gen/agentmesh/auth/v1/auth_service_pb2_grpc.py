@@ -67,6 +67,11 @@ class AuthServiceStub:
                 request_serializer=agentmesh_dot_auth_dot_v1_dot_auth__service__pb2.ChangePasswordRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_auth_dot_v1_dot_auth__service__pb2.ChangePasswordResponse.FromString,
                 _registered_method=True)
+        self.AcceptInvitation = channel.unary_unary(
+                '/agentmesh.auth.v1.AuthService/AcceptInvitation',
+                request_serializer=agentmesh_dot_auth_dot_v1_dot_auth__service__pb2.AcceptInvitationRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_auth_dot_v1_dot_auth__service__pb2.AcceptInvitationResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -139,6 +144,20 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcceptInvitation(self, request, context):
+        """AcceptInvitation sets the password of an account an administrator created
+        (UserService.CreateUser) with its one-time invitation token, and signs in: it
+        returns a token pair like Login. A token works once, until it expires.
+
+        Returns INVALID_ARGUMENT with field violations if a field is empty or the password
+        does not meet the password policy, and UNAUTHENTICATED if the token is unknown
+        (reason INVITATION_INVALID), was already used (INVITATION_USED) or has expired
+        (INVITATION_EXPIRED), or its account is disabled (USER_NOT_ACTIVE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +185,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.ChangePassword,
                     request_deserializer=agentmesh_dot_auth_dot_v1_dot_auth__service__pb2.ChangePasswordRequest.FromString,
                     response_serializer=agentmesh_dot_auth_dot_v1_dot_auth__service__pb2.ChangePasswordResponse.SerializeToString,
+            ),
+            'AcceptInvitation': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptInvitation,
+                    request_deserializer=agentmesh_dot_auth_dot_v1_dot_auth__service__pb2.AcceptInvitationRequest.FromString,
+                    response_serializer=agentmesh_dot_auth_dot_v1_dot_auth__service__pb2.AcceptInvitationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +335,33 @@ class AuthService:
             '/agentmesh.auth.v1.AuthService/ChangePassword',
             agentmesh_dot_auth_dot_v1_dot_auth__service__pb2.ChangePasswordRequest.SerializeToString,
             agentmesh_dot_auth_dot_v1_dot_auth__service__pb2.ChangePasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptInvitation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.auth.v1.AuthService/AcceptInvitation',
+            agentmesh_dot_auth_dot_v1_dot_auth__service__pb2.AcceptInvitationRequest.SerializeToString,
+            agentmesh_dot_auth_dot_v1_dot_auth__service__pb2.AcceptInvitationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,6 +80,16 @@ class AuthServiceStub:
     current password is wrong, and INVALID_ARGUMENT with field violations if the new
     password does not meet the password policy.
     """
+    AcceptInvitation: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.AcceptInvitationRequest, _auth_service_pb2.AcceptInvitationResponse]
+    """AcceptInvitation sets the password of an account an administrator created
+    (UserService.CreateUser) with its one-time invitation token, and signs in: it
+    returns a token pair like Login. A token works once, until it expires.
+
+    Returns INVALID_ARGUMENT with field violations if a field is empty or the password
+    does not meet the password policy, and UNAUTHENTICATED if the token is unknown
+    (reason INVITATION_INVALID), was already used (INVITATION_USED) or has expired
+    (INVITATION_EXPIRED), or its account is disabled (USER_NOT_ACTIVE).
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -132,6 +142,16 @@ class AuthServiceAsyncStub(AuthServiceStub):
     Returns UNAUTHENTICATED without a valid access token, PERMISSION_DENIED if the
     current password is wrong, and INVALID_ARGUMENT with field violations if the new
     password does not meet the password policy.
+    """
+    AcceptInvitation: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.AcceptInvitationRequest, _auth_service_pb2.AcceptInvitationResponse]  # type: ignore[assignment]
+    """AcceptInvitation sets the password of an account an administrator created
+    (UserService.CreateUser) with its one-time invitation token, and signs in: it
+    returns a token pair like Login. A token works once, until it expires.
+
+    Returns INVALID_ARGUMENT with field violations if a field is empty or the password
+    does not meet the password policy, and UNAUTHENTICATED if the token is unknown
+    (reason INVITATION_INVALID), was already used (INVITATION_USED) or has expired
+    (INVITATION_EXPIRED), or its account is disabled (USER_NOT_ACTIVE).
     """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -212,6 +232,22 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         Returns UNAUTHENTICATED without a valid access token, PERMISSION_DENIED if the
         current password is wrong, and INVALID_ARGUMENT with field violations if the new
         password does not meet the password policy.
+        """
+
+    @_abc_1.abstractmethod
+    def AcceptInvitation(
+        self,
+        request: _auth_service_pb2.AcceptInvitationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_service_pb2.AcceptInvitationResponse, _abc.Awaitable[_auth_service_pb2.AcceptInvitationResponse]]:
+        """AcceptInvitation sets the password of an account an administrator created
+        (UserService.CreateUser) with its one-time invitation token, and signs in: it
+        returns a token pair like Login. A token works once, until it expires.
+
+        Returns INVALID_ARGUMENT with field violations if a field is empty or the password
+        does not meet the password policy, and UNAUTHENTICATED if the token is unknown
+        (reason INVITATION_INVALID), was already used (INVITATION_USED) or has expired
+        (INVITATION_EXPIRED), or its account is disabled (USER_NOT_ACTIVE).
         """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

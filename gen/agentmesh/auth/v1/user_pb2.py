@@ -26,7 +26,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61gentmesh/auth/v1/user.proto\x12\x11\x61gentmesh.auth.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x02\n\x04User\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08R\x06userId\x12\x14\n\x05\x65mail\x18\x02 \x01(\tR\x05\x65mail\x12\x1b\n\tfull_name\x18\x03 \x01(\tR\x08\x66ullName\x12+\n\x04role\x18\x04 \x01(\x0e\x32\x17.agentmesh.auth.v1.RoleR\x04role\x12?\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tcreatedAt\x12?\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tupdatedAt*;\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x0e\n\nROLE_ADMIN\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61gentmesh/auth/v1/user.proto\x12\x11\x61gentmesh.auth.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe0\x02\n\x04User\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08R\x06userId\x12\x14\n\x05\x65mail\x18\x02 \x01(\tR\x05\x65mail\x12\x1b\n\tfull_name\x18\x03 \x01(\tR\x08\x66ullName\x12+\n\x04role\x18\x04 \x01(\x0e\x32\x17.agentmesh.auth.v1.RoleR\x04role\x12?\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tcreatedAt\x12?\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tupdatedAt\x12\x35\n\x04kind\x18\x07 \x01(\x0e\x32\x1b.agentmesh.auth.v1.UserKindB\x04\xe2\x41\x01\x03R\x04kind\x12 \n\x08\x64isabled\x18\x08 \x01(\x08\x42\x04\xe2\x41\x01\x03R\x08\x64isabled*;\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x0e\n\nROLE_ADMIN\x10\x02*R\n\x08UserKind\x12\x19\n\x15USER_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10USER_KIND_PERSON\x10\x01\x12\x15\n\x11USER_KIND_SERVICE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,8 +39,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USER'].fields_by_name['created_at']._serialized_options = b'\342A\001\003'
   _globals['_USER'].fields_by_name['updated_at']._loaded_options = None
   _globals['_USER'].fields_by_name['updated_at']._serialized_options = b'\342A\001\003'
-  _globals['_ROLE']._serialized_start=383
-  _globals['_ROLE']._serialized_end=442
+  _globals['_USER'].fields_by_name['kind']._loaded_options = None
+  _globals['_USER'].fields_by_name['kind']._serialized_options = b'\342A\001\003'
+  _globals['_USER'].fields_by_name['disabled']._loaded_options = None
+  _globals['_USER'].fields_by_name['disabled']._serialized_options = b'\342A\001\003'
+  _globals['_ROLE']._serialized_start=472
+  _globals['_ROLE']._serialized_end=531
+  _globals['_USERKIND']._serialized_start=533
+  _globals['_USERKIND']._serialized_end=615
   _globals['_USER']._serialized_start=118
-  _globals['_USER']._serialized_end=381
+  _globals['_USER']._serialized_end=470
 # @@protoc_insertion_point(module_scope)

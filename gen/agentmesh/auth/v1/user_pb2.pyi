@@ -46,6 +46,38 @@ listings and system-wide analytics.
 """
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
+class _UserKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UserKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USER_KIND_UNSPECIFIED: _UserKind.ValueType  # 0
+    """The kind is not set; CreateUser rejects it."""
+    USER_KIND_PERSON: _UserKind.ValueType  # 1
+    """A person: signs in with an email and a password (set through an invitation when an
+    administrator created the account).
+    """
+    USER_KIND_SERVICE: _UserKind.ValueType  # 2
+    """A service account: a program's account with no password. It can never sign in and
+    authenticates only with API keys; it cannot delete itself.
+    """
+
+class UserKind(_UserKind, metaclass=_UserKindEnumTypeWrapper):
+    """UserKind says whether an account is a person's or a program's."""
+
+USER_KIND_UNSPECIFIED: UserKind.ValueType  # 0
+"""The kind is not set; CreateUser rejects it."""
+USER_KIND_PERSON: UserKind.ValueType  # 1
+"""A person: signs in with an email and a password (set through an invitation when an
+administrator created the account).
+"""
+USER_KIND_SERVICE: UserKind.ValueType  # 2
+"""A service account: a program's account with no password. It can never sign in and
+authenticates only with API keys; it cannot delete itself.
+"""
+Global___UserKind: _TypeAlias = UserKind  # noqa: Y015
+
 @_typing.final
 class User(_message.Message):
     """User is an account on this agentmesh installation."""
@@ -58,6 +90,8 @@ class User(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    DISABLED_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The server-assigned identifier of the user (a UUID). Output only, except that
     UpdateUser reads it to name the account to change.
@@ -68,6 +102,14 @@ class User(_message.Message):
     """The user's display name."""
     role: Global___Role.ValueType
     """The user's role. Only an administrator can change it, through UpdateUser."""
+    kind: Global___UserKind.ValueType
+    """Whether the account is a person's or a program's; set once by CreateUser
+    (Register always creates a person). Output only.
+    """
+    disabled: _builtins.bool
+    """Whether the account is disabled: it cannot sign in, and its tokens and API keys are
+    refused. Output only: only DisableUser and EnableUser change it.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the account was created. Output only."""
@@ -85,10 +127,12 @@ class User(_message.Message):
         role: Global___Role.ValueType = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        kind: Global___UserKind.ValueType = ...,
+        disabled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "full_name", b"full_name", "role", b"role", "updated_at", b"updated_at", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "disabled", b"disabled", "email", b"email", "full_name", b"full_name", "kind", b"kind", "role", b"role", "updated_at", b"updated_at", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

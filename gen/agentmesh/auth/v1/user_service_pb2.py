@@ -22,13 +22,17 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from agentmesh.agent.v1 import agent_pb2 as agentmesh_dot_agent_dot_v1_dot_agent__pb2
 from agentmesh.auth.v1 import user_pb2 as agentmesh_dot_auth_dot_v1_dot_user__pb2
+from agentmesh.feedback.v1 import feedback_pb2 as agentmesh_dot_feedback_dot_v1_dot_feedback__pb2
+from agentmesh.knowledge.v1 import knowledge_pb2 as agentmesh_dot_knowledge_dot_v1_dot_knowledge__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$agentmesh/auth/v1/user_service.proto\x12\x11\x61gentmesh.auth.v1\x1a\x1c\x61gentmesh/auth/v1/user.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\"\x17\n\x15GetCurrentUserRequest\"E\n\x16GetCurrentUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"\x8a\x01\n\x18UpdateCurrentUserRequest\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\x12\x41\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x01R\nupdateMask\"H\n\x19UpdateCurrentUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"N\n\x10ListUsersRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"j\n\x11ListUsersResponse\x12-\n\x05users\x18\x01 \x03(\x0b\x32\x17.agentmesh.auth.v1.UserR\x05users\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"/\n\x0eGetUserRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06userId\">\n\x0fGetUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"\x89\x01\n\x11UpdateUserRequest\x12\x31\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserB\x04\xe2\x41\x01\x02R\x04user\x12\x41\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x01R\nupdateMask\"A\n\x12UpdateUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"2\n\x11\x44\x65leteUserRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06userId\"\x14\n\x12\x44\x65leteUserResponse2\xed\x05\n\x0bUserService\x12{\n\x0eGetCurrentUser\x12(.agentmesh.auth.v1.GetCurrentUserRequest\x1a).agentmesh.auth.v1.GetCurrentUserResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/users/me\x12\x8a\x01\n\x11UpdateCurrentUser\x12+.agentmesh.auth.v1.UpdateCurrentUserRequest\x1a,.agentmesh.auth.v1.UpdateCurrentUserResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x32\x0c/v1/users/me:\x04user\x12i\n\tListUsers\x12#.agentmesh.auth.v1.ListUsersRequest\x1a$.agentmesh.auth.v1.ListUsersResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/users\x12m\n\x07GetUser\x12!.agentmesh.auth.v1.GetUserRequest\x1a\".agentmesh.auth.v1.GetUserResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/users/{user_id}\x12\x81\x01\n\nUpdateUser\x12$.agentmesh.auth.v1.UpdateUserRequest\x1a%.agentmesh.auth.v1.UpdateUserResponse\"&\x82\xd3\xe4\x93\x02 2\x18/v1/users/{user.user_id}:\x04user\x12v\n\nDeleteUser\x12$.agentmesh.auth.v1.DeleteUserRequest\x1a%.agentmesh.auth.v1.DeleteUserResponse\"\x1b\x82\xd3\xe4\x93\x02\x15*\x13/v1/users/{user_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$agentmesh/auth/v1/user_service.proto\x12\x11\x61gentmesh.auth.v1\x1a\x1e\x61gentmesh/agent/v1/agent.proto\x1a\x1c\x61gentmesh/auth/v1/user.proto\x1a$agentmesh/feedback/v1/feedback.proto\x1a&agentmesh/knowledge/v1/knowledge.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x15GetCurrentUserRequest\"E\n\x16GetCurrentUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"\x8a\x01\n\x18UpdateCurrentUserRequest\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\x12\x41\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x01R\nupdateMask\"H\n\x19UpdateCurrentUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"N\n\x10ListUsersRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\"j\n\x11ListUsersResponse\x12-\n\x05users\x18\x01 \x03(\x0b\x32\x17.agentmesh.auth.v1.UserR\x05users\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"/\n\x0eGetUserRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06userId\">\n\x0fGetUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"\x89\x01\n\x11UpdateUserRequest\x12\x31\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserB\x04\xe2\x41\x01\x02R\x04user\x12\x41\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x01R\nupdateMask\"A\n\x12UpdateUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"2\n\x11\x44\x65leteUserRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06userId\"\x14\n\x12\x44\x65leteUserResponse\"\xbc\x01\n\x11\x43reateUserRequest\x12\x1a\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05\x65mail\x12!\n\tfull_name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\x08\x66ullName\x12\x31\n\x04role\x18\x03 \x01(\x0e\x32\x17.agentmesh.auth.v1.RoleB\x04\xe2\x41\x01\x02R\x04role\x12\x35\n\x04kind\x18\x04 \x01(\x0e\x32\x1b.agentmesh.auth.v1.UserKindB\x04\xe2\x41\x01\x02R\x04kind\"\xbc\x01\n\x12\x43reateUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\x12)\n\x10invitation_token\x18\x02 \x01(\tR\x0finvitationToken\x12N\n\x15invitation_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x13invitationExpiresAt\"3\n\x12\x44isableUserRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06userId\"B\n\x13\x44isableUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"2\n\x11\x45nableUserRequest\x12\x1d\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x06userId\"A\n\x12\x45nableUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\"\x1a\n\x18\x45xportCurrentUserRequest\"\x95\x01\n\x14\x45xportedConversation\x12\x44\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32 .agentmesh.agent.v1.ConversationR\x0c\x63onversation\x12\x37\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.agentmesh.agent.v1.MessageR\x08messages\"\xef\x02\n\x19\x45xportCurrentUserResponse\x12+\n\x04user\x18\x01 \x01(\x0b\x32\x17.agentmesh.auth.v1.UserR\x04user\x12M\n\rconversations\x18\x02 \x03(\x0b\x32\'.agentmesh.auth.v1.ExportedConversationR\rconversations\x12;\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x03 \x03(\x0b\x32\x1f.agentmesh.feedback.v1.FeedbackR\x08\x66\x65\x65\x64\x62\x61\x63k\x12>\n\tdocuments\x18\x04 \x03(\x0b\x32 .agentmesh.knowledge.v1.DocumentR\tdocuments\x12;\n\x0b\x65xported_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nexportedAt\x12\x1c\n\ttruncated\x18\x06 \x01(\x08R\ttruncated\"K\n\x18\x44\x65leteCurrentUserRequest\x12/\n\x10\x63urrent_password\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x0f\x63urrentPassword\"\x1b\n\x19\x44\x65leteCurrentUserResponse2\x87\x0b\n\x0bUserService\x12{\n\x0eGetCurrentUser\x12(.agentmesh.auth.v1.GetCurrentUserRequest\x1a).agentmesh.auth.v1.GetCurrentUserResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/users/me\x12\x8a\x01\n\x11UpdateCurrentUser\x12+.agentmesh.auth.v1.UpdateCurrentUserRequest\x1a,.agentmesh.auth.v1.UpdateCurrentUserResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x32\x0c/v1/users/me:\x04user\x12i\n\tListUsers\x12#.agentmesh.auth.v1.ListUsersRequest\x1a$.agentmesh.auth.v1.ListUsersResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/users\x12m\n\x07GetUser\x12!.agentmesh.auth.v1.GetUserRequest\x1a\".agentmesh.auth.v1.GetUserResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/users/{user_id}\x12\x81\x01\n\nUpdateUser\x12$.agentmesh.auth.v1.UpdateUserRequest\x1a%.agentmesh.auth.v1.UpdateUserResponse\"&\x82\xd3\xe4\x93\x02 2\x18/v1/users/{user.user_id}:\x04user\x12v\n\nDeleteUser\x12$.agentmesh.auth.v1.DeleteUserRequest\x1a%.agentmesh.auth.v1.DeleteUserResponse\"\x1b\x82\xd3\xe4\x93\x02\x15*\x13/v1/users/{user_id}\x12o\n\nCreateUser\x12$.agentmesh.auth.v1.CreateUserRequest\x1a%.agentmesh.auth.v1.CreateUserResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/v1/users:\x01*\x12\x84\x01\n\x0b\x44isableUser\x12%.agentmesh.auth.v1.DisableUserRequest\x1a&.agentmesh.auth.v1.DisableUserResponse\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/users/{user_id}:disable:\x01*\x12\x80\x01\n\nEnableUser\x12$.agentmesh.auth.v1.EnableUserRequest\x1a%.agentmesh.auth.v1.EnableUserResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/users/{user_id}:enable:\x01*\x12\x8b\x01\n\x11\x45xportCurrentUser\x12+.agentmesh.auth.v1.ExportCurrentUserRequest\x1a,.agentmesh.auth.v1.ExportCurrentUserResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/users/me:export\x12\x8e\x01\n\x11\x44\x65leteCurrentUser\x12+.agentmesh.auth.v1.DeleteCurrentUserRequest\x1a,.agentmesh.auth.v1.DeleteCurrentUserResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/users/me:delete:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,6 +49,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEUSERREQUEST'].fields_by_name['update_mask']._serialized_options = b'\342A\001\001'
   _globals['_DELETEUSERREQUEST'].fields_by_name['user_id']._loaded_options = None
   _globals['_DELETEUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEUSERREQUEST'].fields_by_name['email']._loaded_options = None
+  _globals['_CREATEUSERREQUEST'].fields_by_name['email']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEUSERREQUEST'].fields_by_name['full_name']._loaded_options = None
+  _globals['_CREATEUSERREQUEST'].fields_by_name['full_name']._serialized_options = b'\342A\001\001'
+  _globals['_CREATEUSERREQUEST'].fields_by_name['role']._loaded_options = None
+  _globals['_CREATEUSERREQUEST'].fields_by_name['role']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEUSERREQUEST'].fields_by_name['kind']._loaded_options = None
+  _globals['_CREATEUSERREQUEST'].fields_by_name['kind']._serialized_options = b'\342A\001\002'
+  _globals['_DISABLEUSERREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_DISABLEUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\002'
+  _globals['_ENABLEUSERREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_ENABLEUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\002'
+  _globals['_DELETECURRENTUSERREQUEST'].fields_by_name['current_password']._loaded_options = None
+  _globals['_DELETECURRENTUSERREQUEST'].fields_by_name['current_password']._serialized_options = b'\342A\001\002'
   _globals['_USERSERVICE'].methods_by_name['GetCurrentUser']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['GetCurrentUser']._serialized_options = b'\202\323\344\223\002\016\022\014/v1/users/me'
   _globals['_USERSERVICE'].methods_by_name['UpdateCurrentUser']._loaded_options = None
@@ -57,30 +75,62 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERSERVICE'].methods_by_name['UpdateUser']._serialized_options = b'\202\323\344\223\002 2\030/v1/users/{user.user_id}:\004user'
   _globals['_USERSERVICE'].methods_by_name['DeleteUser']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['DeleteUser']._serialized_options = b'\202\323\344\223\002\025*\023/v1/users/{user_id}'
-  _globals['_GETCURRENTUSERREQUEST']._serialized_start=186
-  _globals['_GETCURRENTUSERREQUEST']._serialized_end=209
-  _globals['_GETCURRENTUSERRESPONSE']._serialized_start=211
-  _globals['_GETCURRENTUSERRESPONSE']._serialized_end=280
-  _globals['_UPDATECURRENTUSERREQUEST']._serialized_start=283
-  _globals['_UPDATECURRENTUSERREQUEST']._serialized_end=421
-  _globals['_UPDATECURRENTUSERRESPONSE']._serialized_start=423
-  _globals['_UPDATECURRENTUSERRESPONSE']._serialized_end=495
-  _globals['_LISTUSERSREQUEST']._serialized_start=497
-  _globals['_LISTUSERSREQUEST']._serialized_end=575
-  _globals['_LISTUSERSRESPONSE']._serialized_start=577
-  _globals['_LISTUSERSRESPONSE']._serialized_end=683
-  _globals['_GETUSERREQUEST']._serialized_start=685
-  _globals['_GETUSERREQUEST']._serialized_end=732
-  _globals['_GETUSERRESPONSE']._serialized_start=734
-  _globals['_GETUSERRESPONSE']._serialized_end=796
-  _globals['_UPDATEUSERREQUEST']._serialized_start=799
-  _globals['_UPDATEUSERREQUEST']._serialized_end=936
-  _globals['_UPDATEUSERRESPONSE']._serialized_start=938
-  _globals['_UPDATEUSERRESPONSE']._serialized_end=1003
-  _globals['_DELETEUSERREQUEST']._serialized_start=1005
-  _globals['_DELETEUSERREQUEST']._serialized_end=1055
-  _globals['_DELETEUSERRESPONSE']._serialized_start=1057
-  _globals['_DELETEUSERRESPONSE']._serialized_end=1077
-  _globals['_USERSERVICE']._serialized_start=1080
-  _globals['_USERSERVICE']._serialized_end=1829
+  _globals['_USERSERVICE'].methods_by_name['CreateUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['CreateUser']._serialized_options = b'\202\323\344\223\002\016\"\t/v1/users:\001*'
+  _globals['_USERSERVICE'].methods_by_name['DisableUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['DisableUser']._serialized_options = b'\202\323\344\223\002 \"\033/v1/users/{user_id}:disable:\001*'
+  _globals['_USERSERVICE'].methods_by_name['EnableUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['EnableUser']._serialized_options = b'\202\323\344\223\002\037\"\032/v1/users/{user_id}:enable:\001*'
+  _globals['_USERSERVICE'].methods_by_name['ExportCurrentUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['ExportCurrentUser']._serialized_options = b'\202\323\344\223\002\025\022\023/v1/users/me:export'
+  _globals['_USERSERVICE'].methods_by_name['DeleteCurrentUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['DeleteCurrentUser']._serialized_options = b'\202\323\344\223\002\030\"\023/v1/users/me:delete:\001*'
+  _globals['_GETCURRENTUSERREQUEST']._serialized_start=329
+  _globals['_GETCURRENTUSERREQUEST']._serialized_end=352
+  _globals['_GETCURRENTUSERRESPONSE']._serialized_start=354
+  _globals['_GETCURRENTUSERRESPONSE']._serialized_end=423
+  _globals['_UPDATECURRENTUSERREQUEST']._serialized_start=426
+  _globals['_UPDATECURRENTUSERREQUEST']._serialized_end=564
+  _globals['_UPDATECURRENTUSERRESPONSE']._serialized_start=566
+  _globals['_UPDATECURRENTUSERRESPONSE']._serialized_end=638
+  _globals['_LISTUSERSREQUEST']._serialized_start=640
+  _globals['_LISTUSERSREQUEST']._serialized_end=718
+  _globals['_LISTUSERSRESPONSE']._serialized_start=720
+  _globals['_LISTUSERSRESPONSE']._serialized_end=826
+  _globals['_GETUSERREQUEST']._serialized_start=828
+  _globals['_GETUSERREQUEST']._serialized_end=875
+  _globals['_GETUSERRESPONSE']._serialized_start=877
+  _globals['_GETUSERRESPONSE']._serialized_end=939
+  _globals['_UPDATEUSERREQUEST']._serialized_start=942
+  _globals['_UPDATEUSERREQUEST']._serialized_end=1079
+  _globals['_UPDATEUSERRESPONSE']._serialized_start=1081
+  _globals['_UPDATEUSERRESPONSE']._serialized_end=1146
+  _globals['_DELETEUSERREQUEST']._serialized_start=1148
+  _globals['_DELETEUSERREQUEST']._serialized_end=1198
+  _globals['_DELETEUSERRESPONSE']._serialized_start=1200
+  _globals['_DELETEUSERRESPONSE']._serialized_end=1220
+  _globals['_CREATEUSERREQUEST']._serialized_start=1223
+  _globals['_CREATEUSERREQUEST']._serialized_end=1411
+  _globals['_CREATEUSERRESPONSE']._serialized_start=1414
+  _globals['_CREATEUSERRESPONSE']._serialized_end=1602
+  _globals['_DISABLEUSERREQUEST']._serialized_start=1604
+  _globals['_DISABLEUSERREQUEST']._serialized_end=1655
+  _globals['_DISABLEUSERRESPONSE']._serialized_start=1657
+  _globals['_DISABLEUSERRESPONSE']._serialized_end=1723
+  _globals['_ENABLEUSERREQUEST']._serialized_start=1725
+  _globals['_ENABLEUSERREQUEST']._serialized_end=1775
+  _globals['_ENABLEUSERRESPONSE']._serialized_start=1777
+  _globals['_ENABLEUSERRESPONSE']._serialized_end=1842
+  _globals['_EXPORTCURRENTUSERREQUEST']._serialized_start=1844
+  _globals['_EXPORTCURRENTUSERREQUEST']._serialized_end=1870
+  _globals['_EXPORTEDCONVERSATION']._serialized_start=1873
+  _globals['_EXPORTEDCONVERSATION']._serialized_end=2022
+  _globals['_EXPORTCURRENTUSERRESPONSE']._serialized_start=2025
+  _globals['_EXPORTCURRENTUSERRESPONSE']._serialized_end=2392
+  _globals['_DELETECURRENTUSERREQUEST']._serialized_start=2394
+  _globals['_DELETECURRENTUSERREQUEST']._serialized_end=2469
+  _globals['_DELETECURRENTUSERRESPONSE']._serialized_start=2471
+  _globals['_DELETECURRENTUSERRESPONSE']._serialized_end=2498
+  _globals['_USERSERVICE']._serialized_start=2501
+  _globals['_USERSERVICE']._serialized_end=3916
 # @@protoc_insertion_point(module_scope)

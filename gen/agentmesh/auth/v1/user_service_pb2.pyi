@@ -3,11 +3,15 @@
 isort:skip_file
 """
 
+from agentmesh.agent.v1 import agent_pb2 as _agent_pb2
 from agentmesh.auth.v1 import user_pb2 as _user_pb2
+from agentmesh.feedback.v1 import feedback_pb2 as _feedback_pb2
+from agentmesh.knowledge.v1 import knowledge_pb2 as _knowledge_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -311,3 +315,308 @@ class DeleteUserResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteUserResponse: _TypeAlias = DeleteUserResponse  # noqa: Y015
+
+@_typing.final
+class CreateUserRequest(_message.Message):
+    """CreateUserRequest is the input of CreateUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    FULL_NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """The account's email address; it is lower-cased and must be unique. Required. A
+    service account needs one too, as its unique name (no mail is ever sent).
+    """
+    full_name: _builtins.str
+    """The account's display name, at most 200 characters."""
+    role: _user_pb2.Role.ValueType
+    """The account's role: ROLE_USER or ROLE_ADMIN. Required."""
+    kind: _user_pb2.UserKind.ValueType
+    """A person's or a service account: USER_KIND_PERSON or USER_KIND_SERVICE. Required."""
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+        full_name: _builtins.str = ...,
+        role: _user_pb2.Role.ValueType = ...,
+        kind: _user_pb2.UserKind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "full_name", b"full_name", "kind", b"kind", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateUserRequest: _TypeAlias = CreateUserRequest  # noqa: Y015
+
+@_typing.final
+class CreateUserResponse(_message.Message):
+    """CreateUserResponse is the output of CreateUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    INVITATION_TOKEN_FIELD_NUMBER: _builtins.int
+    INVITATION_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    invitation_token: _builtins.str
+    """For a person: the one-time invitation token to hand to them, for
+    AuthService.AcceptInvitation. Shown only here: the server keeps only its hash. Empty
+    for a service account.
+    """
+    @_builtins.property
+    def user(self) -> _user_pb2.User:
+        """The new account."""
+
+    @_builtins.property
+    def invitation_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the invitation token stops working; unset for a service account."""
+
+    def __init__(
+        self,
+        *,
+        user: _user_pb2.User | None = ...,
+        invitation_token: _builtins.str = ...,
+        invitation_expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["invitation_expires_at", b"invitation_expires_at", "user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invitation_expires_at", b"invitation_expires_at", "invitation_token", b"invitation_token", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateUserResponse: _TypeAlias = CreateUserResponse  # noqa: Y015
+
+@_typing.final
+class DisableUserRequest(_message.Message):
+    """DisableUserRequest is the input of DisableUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The identifier of the account to disable. Required."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisableUserRequest: _TypeAlias = DisableUserRequest  # noqa: Y015
+
+@_typing.final
+class DisableUserResponse(_message.Message):
+    """DisableUserResponse is the output of DisableUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> _user_pb2.User:
+        """The account after the change."""
+
+    def __init__(
+        self,
+        *,
+        user: _user_pb2.User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisableUserResponse: _TypeAlias = DisableUserResponse  # noqa: Y015
+
+@_typing.final
+class EnableUserRequest(_message.Message):
+    """EnableUserRequest is the input of EnableUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The identifier of the account to enable. Required."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnableUserRequest: _TypeAlias = EnableUserRequest  # noqa: Y015
+
+@_typing.final
+class EnableUserResponse(_message.Message):
+    """EnableUserResponse is the output of EnableUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> _user_pb2.User:
+        """The account after the change."""
+
+    def __init__(
+        self,
+        *,
+        user: _user_pb2.User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnableUserResponse: _TypeAlias = EnableUserResponse  # noqa: Y015
+
+@_typing.final
+class ExportCurrentUserRequest(_message.Message):
+    """ExportCurrentUserRequest is the input of ExportCurrentUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportCurrentUserRequest: _TypeAlias = ExportCurrentUserRequest  # noqa: Y015
+
+@_typing.final
+class ExportedConversation(_message.Message):
+    """ExportedConversation is one of the caller's conversations with its messages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def conversation(self) -> _agent_pb2.Conversation:
+        """The conversation."""
+
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.Message]:
+        """Its messages, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        conversation: _agent_pb2.Conversation | None = ...,
+        messages: _abc.Iterable[_agent_pb2.Message] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportedConversation: _TypeAlias = ExportedConversation  # noqa: Y015
+
+@_typing.final
+class ExportCurrentUserResponse(_message.Message):
+    """ExportCurrentUserResponse is everything the installation holds about the caller."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    CONVERSATIONS_FIELD_NUMBER: _builtins.int
+    FEEDBACK_FIELD_NUMBER: _builtins.int
+    DOCUMENTS_FIELD_NUMBER: _builtins.int
+    EXPORTED_AT_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """Whether a cap (see ExportCurrentUser) left something out."""
+    @_builtins.property
+    def user(self) -> _user_pb2.User:
+        """The caller's account."""
+
+    @_builtins.property
+    def conversations(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExportedConversation]:
+        """The caller's conversations, most recently active first, each with its messages."""
+
+    @_builtins.property
+    def feedback(self) -> _containers.RepeatedCompositeFieldContainer[_feedback_pb2.Feedback]:
+        """The feedback the caller gave, oldest first."""
+
+    @_builtins.property
+    def documents(self) -> _containers.RepeatedCompositeFieldContainer[_knowledge_pb2.Document]:
+        """The metadata of the caller's documents, oldest first (no passages, no vectors)."""
+
+    @_builtins.property
+    def exported_at(self) -> _timestamp_pb2.Timestamp:
+        """When the export was made."""
+
+    def __init__(
+        self,
+        *,
+        user: _user_pb2.User | None = ...,
+        conversations: _abc.Iterable[Global___ExportedConversation] | None = ...,
+        feedback: _abc.Iterable[_feedback_pb2.Feedback] | None = ...,
+        documents: _abc.Iterable[_knowledge_pb2.Document] | None = ...,
+        exported_at: _timestamp_pb2.Timestamp | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exported_at", b"exported_at", "user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversations", b"conversations", "documents", b"documents", "exported_at", b"exported_at", "feedback", b"feedback", "truncated", b"truncated", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportCurrentUserResponse: _TypeAlias = ExportCurrentUserResponse  # noqa: Y015
+
+@_typing.final
+class DeleteCurrentUserRequest(_message.Message):
+    """DeleteCurrentUserRequest is the input of DeleteCurrentUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURRENT_PASSWORD_FIELD_NUMBER: _builtins.int
+    current_password: _builtins.str
+    """The caller's current password. Required for a person: an empty or wrong one is
+    refused with PERMISSION_DENIED.
+    """
+    def __init__(
+        self,
+        *,
+        current_password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_password", b"current_password"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCurrentUserRequest: _TypeAlias = DeleteCurrentUserRequest  # noqa: Y015
+
+@_typing.final
+class DeleteCurrentUserResponse(_message.Message):
+    """DeleteCurrentUserResponse is the output of DeleteCurrentUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCurrentUserResponse: _TypeAlias = DeleteCurrentUserResponse  # noqa: Y015

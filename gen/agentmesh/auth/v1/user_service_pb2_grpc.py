@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class UserServiceStub:
-    """UserService reads and manages accounts: every user can read and update their own
-    profile; administrators can list, read, update and delete any account.
+    """UserService reads and manages accounts: every user can read, update, export and delete
+    their own account; administrators can create, list, read, update, disable, enable and
+    delete any account.
 
     Every RPC returns UNAUTHENTICATED without a valid access token.
     """
@@ -68,11 +69,37 @@ class UserServiceStub:
                 request_serializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DeleteUserRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DeleteUserResponse.FromString,
                 _registered_method=True)
+        self.CreateUser = channel.unary_unary(
+                '/agentmesh.auth.v1.UserService/CreateUser',
+                request_serializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.CreateUserRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.CreateUserResponse.FromString,
+                _registered_method=True)
+        self.DisableUser = channel.unary_unary(
+                '/agentmesh.auth.v1.UserService/DisableUser',
+                request_serializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DisableUserRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DisableUserResponse.FromString,
+                _registered_method=True)
+        self.EnableUser = channel.unary_unary(
+                '/agentmesh.auth.v1.UserService/EnableUser',
+                request_serializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.EnableUserRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.EnableUserResponse.FromString,
+                _registered_method=True)
+        self.ExportCurrentUser = channel.unary_unary(
+                '/agentmesh.auth.v1.UserService/ExportCurrentUser',
+                request_serializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.ExportCurrentUserRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.ExportCurrentUserResponse.FromString,
+                _registered_method=True)
+        self.DeleteCurrentUser = channel.unary_unary(
+                '/agentmesh.auth.v1.UserService/DeleteCurrentUser',
+                request_serializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DeleteCurrentUserRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DeleteCurrentUserResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
-    """UserService reads and manages accounts: every user can read and update their own
-    profile; administrators can list, read, update and delete any account.
+    """UserService reads and manages accounts: every user can read, update, export and delete
+    their own account; administrators can create, list, read, update, disable, enable and
+    delete any account.
 
     Every RPC returns UNAUTHENTICATED without a valid access token.
     """
@@ -142,6 +169,74 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateUser(self, request, context):
+        """CreateUser creates an account. Administrators only. A person's account gets a
+        one-time invitation token, returned once in the response and valid for the
+        installation's invitation lifetime (AGENTMESH_INVITATION_TTL_HOURS, 72 by default):
+        AuthService.AcceptInvitation sets the password with it. A service account gets no
+        password and no invitation and can never sign in; it authenticates with API keys.
+
+        Returns PERMISSION_DENIED for a non-administrator, INVALID_ARGUMENT with field
+        violations for a malformed email, a too-long name, or an unset role or kind, and
+        ALREADY_EXISTS if an account with that email exists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableUser(self, request, context):
+        """DisableUser disables an account: it cannot sign in, and its access tokens and API
+        keys are refused from the next call on (UNAUTHENTICATED, reason USER_NOT_ACTIVE).
+        Disabling a disabled account succeeds. Administrators only.
+
+        Returns PERMISSION_DENIED for a non-administrator, INVALID_ARGUMENT if `user_id` is
+        not a UUID, NOT_FOUND if no such account exists, and FAILED_PRECONDITION when
+        disabling the last active administrator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableUser(self, request, context):
+        """EnableUser enables a disabled account: it can sign in again, and its unexpired
+        tokens and unrevoked keys work again from the next call on. Enabling an enabled
+        account succeeds. Administrators only.
+
+        Returns PERMISSION_DENIED for a non-administrator, INVALID_ARGUMENT if `user_id` is
+        not a UUID, and NOT_FOUND if no such account exists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportCurrentUser(self, request, context):
+        """ExportCurrentUser returns everything the installation holds about the caller, in one
+        message (over REST, one JSON download): the profile, the conversations with their
+        messages, the feedback given, and the metadata of the documents uploaded (never their
+        passages or vectors). It holds at most 500 conversations (the most recently active),
+        10,000 messages, 5,000 feedback entries and 5,000 documents; `truncated` says when
+        something was left out.
+
+        Returns NOT_FOUND if the caller's account was deleted after the token was issued.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCurrentUser(self, request, context):
+        """DeleteCurrentUser deletes the caller's own account with everything it owns, as
+        DeleteUser does (tokens, API keys, conversations, documents and their indexed
+        passages, feedback); the caller's tokens stop working at once. A person must give
+        their current password; a service account cannot delete itself (an administrator
+        deletes it with DeleteUser).
+
+        Returns PERMISSION_DENIED if the password is wrong or the caller is a service
+        account, and FAILED_PRECONDITION when the caller is the last administrator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +270,31 @@ def add_UserServiceServicer_to_server(servicer, server):
                     request_deserializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DeleteUserRequest.FromString,
                     response_serializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DeleteUserResponse.SerializeToString,
             ),
+            'CreateUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateUser,
+                    request_deserializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.CreateUserRequest.FromString,
+                    response_serializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.CreateUserResponse.SerializeToString,
+            ),
+            'DisableUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableUser,
+                    request_deserializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DisableUserRequest.FromString,
+                    response_serializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DisableUserResponse.SerializeToString,
+            ),
+            'EnableUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableUser,
+                    request_deserializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.EnableUserRequest.FromString,
+                    response_serializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.EnableUserResponse.SerializeToString,
+            ),
+            'ExportCurrentUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportCurrentUser,
+                    request_deserializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.ExportCurrentUserRequest.FromString,
+                    response_serializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.ExportCurrentUserResponse.SerializeToString,
+            ),
+            'DeleteCurrentUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCurrentUser,
+                    request_deserializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DeleteCurrentUserRequest.FromString,
+                    response_serializer=agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DeleteCurrentUserResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'agentmesh.auth.v1.UserService', rpc_method_handlers)
@@ -184,8 +304,9 @@ def add_UserServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class UserService:
-    """UserService reads and manages accounts: every user can read and update their own
-    profile; administrators can list, read, update and delete any account.
+    """UserService reads and manages accounts: every user can read, update, export and delete
+    their own account; administrators can create, list, read, update, disable, enable and
+    delete any account.
 
     Every RPC returns UNAUTHENTICATED without a valid access token.
     """
@@ -342,6 +463,141 @@ class UserService:
             '/agentmesh.auth.v1.UserService/DeleteUser',
             agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DeleteUserRequest.SerializeToString,
             agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DeleteUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.auth.v1.UserService/CreateUser',
+            agentmesh_dot_auth_dot_v1_dot_user__service__pb2.CreateUserRequest.SerializeToString,
+            agentmesh_dot_auth_dot_v1_dot_user__service__pb2.CreateUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.auth.v1.UserService/DisableUser',
+            agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DisableUserRequest.SerializeToString,
+            agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DisableUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.auth.v1.UserService/EnableUser',
+            agentmesh_dot_auth_dot_v1_dot_user__service__pb2.EnableUserRequest.SerializeToString,
+            agentmesh_dot_auth_dot_v1_dot_user__service__pb2.EnableUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCurrentUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.auth.v1.UserService/ExportCurrentUser',
+            agentmesh_dot_auth_dot_v1_dot_user__service__pb2.ExportCurrentUserRequest.SerializeToString,
+            agentmesh_dot_auth_dot_v1_dot_user__service__pb2.ExportCurrentUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCurrentUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.auth.v1.UserService/DeleteCurrentUser',
+            agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DeleteCurrentUserRequest.SerializeToString,
+            agentmesh_dot_auth_dot_v1_dot_user__service__pb2.DeleteCurrentUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,8 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class UserServiceStub:
-    """UserService reads and manages accounts: every user can read and update their own
-    profile; administrators can list, read, update and delete any account.
+    """UserService reads and manages accounts: every user can read, update, export and delete
+    their own account; administrators can create, list, read, update, disable, enable and
+    delete any account.
 
     Every RPC returns UNAUTHENTICATED without a valid access token.
     """
@@ -78,11 +79,60 @@ class UserServiceStub:
     not a UUID, NOT_FOUND if no such account exists, and FAILED_PRECONDITION when
     deleting the last administrator.
     """
+    CreateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateUserRequest, _user_service_pb2.CreateUserResponse]
+    """CreateUser creates an account. Administrators only. A person's account gets a
+    one-time invitation token, returned once in the response and valid for the
+    installation's invitation lifetime (AGENTMESH_INVITATION_TTL_HOURS, 72 by default):
+    AuthService.AcceptInvitation sets the password with it. A service account gets no
+    password and no invitation and can never sign in; it authenticates with API keys.
+
+    Returns PERMISSION_DENIED for a non-administrator, INVALID_ARGUMENT with field
+    violations for a malformed email, a too-long name, or an unset role or kind, and
+    ALREADY_EXISTS if an account with that email exists.
+    """
+    DisableUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DisableUserRequest, _user_service_pb2.DisableUserResponse]
+    """DisableUser disables an account: it cannot sign in, and its access tokens and API
+    keys are refused from the next call on (UNAUTHENTICATED, reason USER_NOT_ACTIVE).
+    Disabling a disabled account succeeds. Administrators only.
+
+    Returns PERMISSION_DENIED for a non-administrator, INVALID_ARGUMENT if `user_id` is
+    not a UUID, NOT_FOUND if no such account exists, and FAILED_PRECONDITION when
+    disabling the last active administrator.
+    """
+    EnableUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.EnableUserRequest, _user_service_pb2.EnableUserResponse]
+    """EnableUser enables a disabled account: it can sign in again, and its unexpired
+    tokens and unrevoked keys work again from the next call on. Enabling an enabled
+    account succeeds. Administrators only.
+
+    Returns PERMISSION_DENIED for a non-administrator, INVALID_ARGUMENT if `user_id` is
+    not a UUID, and NOT_FOUND if no such account exists.
+    """
+    ExportCurrentUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ExportCurrentUserRequest, _user_service_pb2.ExportCurrentUserResponse]
+    """ExportCurrentUser returns everything the installation holds about the caller, in one
+    message (over REST, one JSON download): the profile, the conversations with their
+    messages, the feedback given, and the metadata of the documents uploaded (never their
+    passages or vectors). It holds at most 500 conversations (the most recently active),
+    10,000 messages, 5,000 feedback entries and 5,000 documents; `truncated` says when
+    something was left out.
+
+    Returns NOT_FOUND if the caller's account was deleted after the token was issued.
+    """
+    DeleteCurrentUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteCurrentUserRequest, _user_service_pb2.DeleteCurrentUserResponse]
+    """DeleteCurrentUser deletes the caller's own account with everything it owns, as
+    DeleteUser does (tokens, API keys, conversations, documents and their indexed
+    passages, feedback); the caller's tokens stop working at once. A person must give
+    their current password; a service account cannot delete itself (an administrator
+    deletes it with DeleteUser).
+
+    Returns PERMISSION_DENIED if the password is wrong or the caller is a service
+    account, and FAILED_PRECONDITION when the caller is the last administrator.
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
-    """UserService reads and manages accounts: every user can read and update their own
-    profile; administrators can list, read, update and delete any account.
+    """UserService reads and manages accounts: every user can read, update, export and delete
+    their own account; administrators can create, list, read, update, disable, enable and
+    delete any account.
 
     Every RPC returns UNAUTHENTICATED without a valid access token.
     """
@@ -129,10 +179,59 @@ class UserServiceAsyncStub(UserServiceStub):
     not a UUID, NOT_FOUND if no such account exists, and FAILED_PRECONDITION when
     deleting the last administrator.
     """
+    CreateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateUserRequest, _user_service_pb2.CreateUserResponse]  # type: ignore[assignment]
+    """CreateUser creates an account. Administrators only. A person's account gets a
+    one-time invitation token, returned once in the response and valid for the
+    installation's invitation lifetime (AGENTMESH_INVITATION_TTL_HOURS, 72 by default):
+    AuthService.AcceptInvitation sets the password with it. A service account gets no
+    password and no invitation and can never sign in; it authenticates with API keys.
+
+    Returns PERMISSION_DENIED for a non-administrator, INVALID_ARGUMENT with field
+    violations for a malformed email, a too-long name, or an unset role or kind, and
+    ALREADY_EXISTS if an account with that email exists.
+    """
+    DisableUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DisableUserRequest, _user_service_pb2.DisableUserResponse]  # type: ignore[assignment]
+    """DisableUser disables an account: it cannot sign in, and its access tokens and API
+    keys are refused from the next call on (UNAUTHENTICATED, reason USER_NOT_ACTIVE).
+    Disabling a disabled account succeeds. Administrators only.
+
+    Returns PERMISSION_DENIED for a non-administrator, INVALID_ARGUMENT if `user_id` is
+    not a UUID, NOT_FOUND if no such account exists, and FAILED_PRECONDITION when
+    disabling the last active administrator.
+    """
+    EnableUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.EnableUserRequest, _user_service_pb2.EnableUserResponse]  # type: ignore[assignment]
+    """EnableUser enables a disabled account: it can sign in again, and its unexpired
+    tokens and unrevoked keys work again from the next call on. Enabling an enabled
+    account succeeds. Administrators only.
+
+    Returns PERMISSION_DENIED for a non-administrator, INVALID_ARGUMENT if `user_id` is
+    not a UUID, and NOT_FOUND if no such account exists.
+    """
+    ExportCurrentUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ExportCurrentUserRequest, _user_service_pb2.ExportCurrentUserResponse]  # type: ignore[assignment]
+    """ExportCurrentUser returns everything the installation holds about the caller, in one
+    message (over REST, one JSON download): the profile, the conversations with their
+    messages, the feedback given, and the metadata of the documents uploaded (never their
+    passages or vectors). It holds at most 500 conversations (the most recently active),
+    10,000 messages, 5,000 feedback entries and 5,000 documents; `truncated` says when
+    something was left out.
+
+    Returns NOT_FOUND if the caller's account was deleted after the token was issued.
+    """
+    DeleteCurrentUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteCurrentUserRequest, _user_service_pb2.DeleteCurrentUserResponse]  # type: ignore[assignment]
+    """DeleteCurrentUser deletes the caller's own account with everything it owns, as
+    DeleteUser does (tokens, API keys, conversations, documents and their indexed
+    passages, feedback); the caller's tokens stop working at once. A person must give
+    their current password; a service account cannot delete itself (an administrator
+    deletes it with DeleteUser).
+
+    Returns PERMISSION_DENIED if the password is wrong or the caller is a service
+    account, and FAILED_PRECONDITION when the caller is the last administrator.
+    """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
-    """UserService reads and manages accounts: every user can read and update their own
-    profile; administrators can list, read, update and delete any account.
+    """UserService reads and manages accounts: every user can read, update, export and delete
+    their own account; administrators can create, list, read, update, disable, enable and
+    delete any account.
 
     Every RPC returns UNAUTHENTICATED without a valid access token.
     """
@@ -212,6 +311,84 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         Returns PERMISSION_DENIED for a non-administrator, INVALID_ARGUMENT if `user_id` is
         not a UUID, NOT_FOUND if no such account exists, and FAILED_PRECONDITION when
         deleting the last administrator.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateUser(
+        self,
+        request: _user_service_pb2.CreateUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.CreateUserResponse, _abc.Awaitable[_user_service_pb2.CreateUserResponse]]:
+        """CreateUser creates an account. Administrators only. A person's account gets a
+        one-time invitation token, returned once in the response and valid for the
+        installation's invitation lifetime (AGENTMESH_INVITATION_TTL_HOURS, 72 by default):
+        AuthService.AcceptInvitation sets the password with it. A service account gets no
+        password and no invitation and can never sign in; it authenticates with API keys.
+
+        Returns PERMISSION_DENIED for a non-administrator, INVALID_ARGUMENT with field
+        violations for a malformed email, a too-long name, or an unset role or kind, and
+        ALREADY_EXISTS if an account with that email exists.
+        """
+
+    @_abc_1.abstractmethod
+    def DisableUser(
+        self,
+        request: _user_service_pb2.DisableUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.DisableUserResponse, _abc.Awaitable[_user_service_pb2.DisableUserResponse]]:
+        """DisableUser disables an account: it cannot sign in, and its access tokens and API
+        keys are refused from the next call on (UNAUTHENTICATED, reason USER_NOT_ACTIVE).
+        Disabling a disabled account succeeds. Administrators only.
+
+        Returns PERMISSION_DENIED for a non-administrator, INVALID_ARGUMENT if `user_id` is
+        not a UUID, NOT_FOUND if no such account exists, and FAILED_PRECONDITION when
+        disabling the last active administrator.
+        """
+
+    @_abc_1.abstractmethod
+    def EnableUser(
+        self,
+        request: _user_service_pb2.EnableUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.EnableUserResponse, _abc.Awaitable[_user_service_pb2.EnableUserResponse]]:
+        """EnableUser enables a disabled account: it can sign in again, and its unexpired
+        tokens and unrevoked keys work again from the next call on. Enabling an enabled
+        account succeeds. Administrators only.
+
+        Returns PERMISSION_DENIED for a non-administrator, INVALID_ARGUMENT if `user_id` is
+        not a UUID, and NOT_FOUND if no such account exists.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportCurrentUser(
+        self,
+        request: _user_service_pb2.ExportCurrentUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ExportCurrentUserResponse, _abc.Awaitable[_user_service_pb2.ExportCurrentUserResponse]]:
+        """ExportCurrentUser returns everything the installation holds about the caller, in one
+        message (over REST, one JSON download): the profile, the conversations with their
+        messages, the feedback given, and the metadata of the documents uploaded (never their
+        passages or vectors). It holds at most 500 conversations (the most recently active),
+        10,000 messages, 5,000 feedback entries and 5,000 documents; `truncated` says when
+        something was left out.
+
+        Returns NOT_FOUND if the caller's account was deleted after the token was issued.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteCurrentUser(
+        self,
+        request: _user_service_pb2.DeleteCurrentUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.DeleteCurrentUserResponse, _abc.Awaitable[_user_service_pb2.DeleteCurrentUserResponse]]:
+        """DeleteCurrentUser deletes the caller's own account with everything it owns, as
+        DeleteUser does (tokens, API keys, conversations, documents and their indexed
+        passages, feedback); the caller's tokens stop working at once. A person must give
+        their current password; a service account cannot delete itself (an administrator
+        deletes it with DeleteUser).
+
+        Returns PERMISSION_DENIED if the password is wrong or the caller is a service
+        account, and FAILED_PRECONDITION when the caller is the last administrator.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
