@@ -2,7 +2,9 @@
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 
 @dataclass(eq=False)
@@ -85,3 +87,16 @@ class TcpProxy:
         finally:
             if not relay.severed:
                 writer.close()
+
+
+@contextlib.asynccontextmanager
+async def proxy_to(url: str, default_port: int) -> AsyncIterator[TcpProxy]:
+    """A started TcpProxy in front of the server at `url`, stopped on the way out whether
+    or not the test left it listening."""
+    parts = urlsplit(url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or default_port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()

@@ -23,7 +23,7 @@ from tests.backends import Database
 from tests.harness import Account, Stubs, new_user, running_app
 from tests.limited import REDIS_URL, limited_app, redis_up
 from tests.rpc_errors import error_info
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, proxy_to
 
 
 @pytest.fixture
@@ -129,79 +129,73 @@ async def test_postgres_gone_is_unavailable_and_comes_back(
 
 async def test_redis_gone_is_unavailable_for_queries_and_comes_back(tmp_path: Path) -> None:
     await redis_up()
-    parts = urlsplit(REDIS_URL)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
-    await proxy.start()
-    try:
-        async with limited_app(
+    async with (
+        proxy_to(REDIS_URL, 6379) as proxy,
+        limited_app(
             tmp_path,
             redis_url=f"redis://127.0.0.1:{proxy.port}/0",
-        ) as (app, stubs):
-            user = await new_user(stubs)
-            query = agent_pb.QueryRequest(query="hello there")
-            await stubs.agent.Query(query, metadata=user.metadata)
+        ) as (app, stubs),
+    ):
+        user = await new_user(stubs)
+        query = agent_pb.QueryRequest(query="hello there")
+        await stubs.agent.Query(query, metadata=user.metadata)
 
-            await proxy.stop()
-            # The agent needs Redis (runs, quotas); signing in does not (the limiter fails
-            # open): only the first turns NOT_SERVING.
-            await until_health(stubs, AGENT, health_pb2.HealthCheckResponse.NOT_SERVING)
-            response = await stubs.health.Check(health_pb2.HealthCheckRequest(service=AUTH))
-            assert response.status == health_pb2.HealthCheckResponse.SERVING
-            error = await failure(stubs.agent.Query(query, metadata=user.metadata))
-            assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
-            assert error_info(error).reason in {"REDIS_UNAVAILABLE", "RUN_LOG_UNAVAILABLE"}
-            usage = analytics_pb.GetUsageRequest()
-            analytics = analytics_grpc.AnalyticsServiceStub(stubs.channel)
-            error = await failure(analytics.GetUsage(usage, metadata=user.metadata))
-            assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
-            assert error_info(error).reason == "QUOTA_UNAVAILABLE"  # the quota counters
-
-            await proxy.start()
-            for _ in range(50):  # the client reconnects on its next command
-                try:
-                    await stubs.agent.Query(query, metadata=user.metadata)
-                    break
-                except grpc.aio.AioRpcError as retry:
-                    assert retry.code() == grpc.StatusCode.UNAVAILABLE
-                    await asyncio.sleep(0.1)
-            else:
-                pytest.fail("Redis came back but queries kept failing")
-            await until_health(stubs, AGENT, health_pb2.HealthCheckResponse.SERVING)
-            assert app.domain.redis is not None
-    finally:
         await proxy.stop()
+        # The agent needs Redis (runs, quotas); signing in does not (the limiter fails
+        # open): only the first turns NOT_SERVING.
+        await until_health(stubs, AGENT, health_pb2.HealthCheckResponse.NOT_SERVING)
+        response = await stubs.health.Check(health_pb2.HealthCheckRequest(service=AUTH))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+        error = await failure(stubs.agent.Query(query, metadata=user.metadata))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        assert error_info(error).reason in {"REDIS_UNAVAILABLE", "RUN_LOG_UNAVAILABLE"}
+        usage = analytics_pb.GetUsageRequest()
+        analytics = analytics_grpc.AnalyticsServiceStub(stubs.channel)
+        error = await failure(analytics.GetUsage(usage, metadata=user.metadata))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        assert error_info(error).reason == "QUOTA_UNAVAILABLE"  # the quota counters
+
+        await proxy.start()
+        for _ in range(50):  # the client reconnects on its next command
+            try:
+                await stubs.agent.Query(query, metadata=user.metadata)
+                break
+            except grpc.aio.AioRpcError as retry:
+                assert retry.code() == grpc.StatusCode.UNAVAILABLE
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("Redis came back but queries kept failing")
+        await until_health(stubs, AGENT, health_pb2.HealthCheckResponse.SERVING)
+        assert app.domain.redis is not None
 
 
 async def test_first_calls_after_redis_restarts_succeed(tmp_path: Path) -> None:
     """Redis restarting between two calls leaves every pooled connection dead, unseen until
     used: the clients send again on a fresh connection, so the first calls succeed."""
     await redis_up()
-    parts = urlsplit(REDIS_URL)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
-    await proxy.start()
-    try:
-        async with limited_app(
+    async with (
+        proxy_to(REDIS_URL, 6379) as proxy,
+        limited_app(
             tmp_path,
             redis_url=f"redis://127.0.0.1:{proxy.port}/0",
             rate_limit_fail_open=False,  # a limiter failure would refuse, not pass unseen
             quota_fail_open=False,  # and so would a quota counter's
-        ) as (app, stubs):
-            user = await new_user(stubs)
-            analytics = analytics_grpc.AnalyticsServiceStub(stubs.channel)
-            query = agent_pb.QueryRequest(query="hello there")
-            usage = analytics_pb.GetUsageRequest()
-            await stubs.agent.Query(query, metadata=user.metadata)
-            await analytics.GetUsage(usage, metadata=user.metadata)
+        ) as (app, stubs),
+    ):
+        user = await new_user(stubs)
+        analytics = analytics_grpc.AnalyticsServiceStub(stubs.channel)
+        query = agent_pb.QueryRequest(query="hello there")
+        usage = analytics_pb.GetUsageRequest()
+        await stubs.agent.Query(query, metadata=user.metadata)
+        await analytics.GetUsage(usage, metadata=user.metadata)
 
-            await proxy.sever()
-            await me(stubs, user)
-            await proxy.sever()
-            decision = await app.domain.limiter.hit(f"probe:{user.user_id}", 10, 60.0)
-            assert decision.allowed  # the limiter's own client
-            await proxy.sever()
-            assert (await analytics.GetUsage(usage, metadata=user.metadata)).quotas
-            await proxy.sever()
-            await stubs.agent.Query(query, metadata=user.metadata)  # quotas, the run log
-            assert app.domain.limiter.failures == 0
-    finally:
-        await proxy.stop()
+        await proxy.sever()
+        await me(stubs, user)
+        await proxy.sever()
+        decision = await app.domain.limiter.hit(f"probe:{user.user_id}", 10, 60.0)
+        assert decision.allowed  # the limiter's own client
+        await proxy.sever()
+        assert (await analytics.GetUsage(usage, metadata=user.metadata)).quotas
+        await proxy.sever()
+        await stubs.agent.Query(query, metadata=user.metadata)  # quotas, the run log
+        assert app.domain.limiter.failures == 0

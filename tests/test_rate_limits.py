@@ -3,7 +3,6 @@ credential RPCs, in process and on the real Redis (including Redis going away mi
 and HTTP 429 through Envoy."""
 
 import asyncio
-import contextlib
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -22,7 +21,7 @@ from services.auth.tokens import TokenCodec, TokenSettings
 from tests.harness import PASSWORD, TEST_JWT_SECRET, Account, Stubs, envoy_for, login, new_user
 from tests.limited import REDIS_URL, exhausted, limited_app, redis_up
 from tests.rpc_errors import quota_violations, retry_delay
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import proxy_to
 
 
 async def me(stubs: Stubs, account: Account) -> None:
@@ -151,44 +150,40 @@ async def test_redis_going_away_follows_the_setting_and_recovers(
     tmp_path: Path, fail_open: bool
 ) -> None:
     await redis_up()
-    host, port = REDIS_URL.split("//", 1)[1].split("/", 1)[0].split(":")
-    proxy = TcpProxy(host, int(port))
-    await proxy.start()
-    try:
-        async with limited_app(
+    async with (
+        proxy_to(REDIS_URL, 6379) as proxy,
+        limited_app(
             tmp_path,
             redis_url=f"redis://127.0.0.1:{proxy.port}/0",
             rate_limit_per_user=3,
             rate_limit_fail_open=fail_open,
-        ) as (app, stubs):
-            user = await new_user(stubs)
+        ) as (app, stubs),
+    ):
+        user = await new_user(stubs)
+        for _ in range(3):
+            await me(stubs, user)
+        await refused(me(stubs, user))
+
+        await proxy.stop()
+        if fail_open:  # admitted without a decision, counted
             for _ in range(3):
                 await me(stubs, user)
-            await refused(me(stubs, user))
+            assert app.domain.limiter.failures >= 3
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{app.ops.port}/metrics") as response,
+            ):
+                scrape = await response.text()
+            counted = re.search(
+                r"^agentmesh_rate_limit_decision_failures_total (\S+)$", scrape, re.M
+            )
+            assert counted is not None and float(counted.group(1)) >= 3
+        else:  # refused without a decision: not RATE_LIMITED, no QuotaFailure
+            error = await exhausted(me(stubs, user), "RATE_LIMITER_UNAVAILABLE")
+            assert retry_delay(error) > 0
 
-            await proxy.stop()
-            if fail_open:  # admitted without a decision, counted
-                for _ in range(3):
-                    await me(stubs, user)
-                assert app.domain.limiter.failures >= 3
-                async with (
-                    aiohttp.ClientSession() as http,
-                    http.get(f"http://127.0.0.1:{app.ops.port}/metrics") as response,
-                ):
-                    scrape = await response.text()
-                counted = re.search(
-                    r"^agentmesh_rate_limit_decision_failures_total (\S+)$", scrape, re.M
-                )
-                assert counted is not None and float(counted.group(1)) >= 3
-            else:  # refused without a decision: not RATE_LIMITED, no QuotaFailure
-                error = await exhausted(me(stubs, user), "RATE_LIMITER_UNAVAILABLE")
-                assert retry_delay(error) > 0
-
-            await proxy.start()  # Redis is back: the same window is enforced again
-            await refused(me(stubs, user))
-    finally:
-        with contextlib.suppress(AssertionError):
-            await proxy.stop()
+        await proxy.start()  # Redis is back: the same window is enforced again
+        await refused(me(stubs, user))
 
 
 def from_ip(address: str) -> tuple[tuple[str, str], ...]:
@@ -339,35 +334,31 @@ async def test_credential_rpcs_fail_closed_while_redis_is_away(
     tmp_path: Path, credentials_fail_open: bool
 ) -> None:
     await redis_up()
-    host, port = REDIS_URL.split("//", 1)[1].split("/", 1)[0].split(":")
-    proxy = TcpProxy(host, int(port))
-    await proxy.start()
-    try:
-        async with limited_app(
+    async with (
+        proxy_to(REDIS_URL, 6379) as proxy,
+        limited_app(
             tmp_path,
             redis_url=f"redis://127.0.0.1:{proxy.port}/0",
             rate_limit_fail_open=True,
             rate_limit_credentials_fail_open=credentials_fail_open,
-        ) as (_, stubs):
-            user = await new_user(stubs)
-            await me(stubs, user)
+        ) as (_, stubs),
+    ):
+        user = await new_user(stubs)
+        await me(stubs, user)
 
-            await proxy.stop()
-            await me(stubs, user)  # ordinary calls follow RATE_LIMIT_FAIL_OPEN: admitted
-            if credentials_fail_open:
-                await login(stubs, user.email)
-            else:  # no password can be tried while nothing counts the tries
-                for call in (
-                    login(stubs, user.email),
-                    stubs.auth.RefreshToken(
-                        auth_pb.RefreshTokenRequest(refresh_token=user.refresh_token)
-                    ),
-                ):
-                    error = await exhausted(call, "RATE_LIMITER_UNAVAILABLE")
-                    assert retry_delay(error) > 0
-
-            await proxy.start()  # Redis is back: signing in works again at once
+        await proxy.stop()
+        await me(stubs, user)  # ordinary calls follow RATE_LIMIT_FAIL_OPEN: admitted
+        if credentials_fail_open:
             await login(stubs, user.email)
-    finally:
-        with contextlib.suppress(AssertionError):
-            await proxy.stop()
+        else:  # no password can be tried while nothing counts the tries
+            for call in (
+                login(stubs, user.email),
+                stubs.auth.RefreshToken(
+                    auth_pb.RefreshTokenRequest(refresh_token=user.refresh_token)
+                ),
+            ):
+                error = await exhausted(call, "RATE_LIMITER_UNAVAILABLE")
+                assert retry_delay(error) > 0
+
+        await proxy.start()  # Redis is back: signing in works again at once
+        await login(stubs, user.email)
