@@ -9,7 +9,7 @@
 #   envoy-config, envoy
 #               the official Envoy image with the config `agentmesh envoy-config` renders
 #               from envoy/envoy.yaml for compose's host names (the mesh's upstreams are
-#               build arguments), and the descriptor set
+#               build arguments), the descriptor set and the OpenAPI 3 document
 #   local-llm-build, local-llm
 #               llama.cpp's OpenAI-compatible server with Gemma 3 270M (compose profile
 #               `local-llm`); the model comes from PyPI packages, not a model hub
@@ -98,6 +98,9 @@ RUN AGENTMESH_HTTP_HOST=0.0.0.0 AGENTMESH_ENVOY_ADMIN_PORT=9902 agentmesh envoy-
 FROM ${ENVOY_IMAGE} AS envoy
 COPY --from=envoy-config /envoy.yaml /etc/envoy/envoy.yaml
 COPY --from=descriptor /src/gen/agentmesh.binpb /etc/envoy/agentmesh.binpb
+# GET /openapi.json: the rendered config names the document where it lay when rendered
+# (agentmesh's own /app, server/envoy.py), so it lies there in this image too.
+COPY --from=build /app/gen/openapi/agentmesh.openapi.json /app/gen/openapi/agentmesh.openapi.json
 # The image's entrypoint runs Envoy as its unprivileged `envoy` user (ENVOY_UID).
 EXPOSE 8080 9901
 CMD ["envoy", "-c", "/etc/envoy/envoy.yaml", "--disable-hot-restart", "--log-level", "warning"]

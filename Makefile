@@ -52,17 +52,24 @@ $(GOOGLEAPIS)/.copied: $(VENV)/.installed tools/copy_googleapis.py
 	$(BIN)/python -m tools.copy_googleapis $(GOOGLEAPIS)
 	touch $@
 
-# The OpenAPI document needs protoc-gen-swagger (apt-get install golang-grpc-gateway);
-# without it the committed one is kept, so `make run` works on a fresh machine (under
-# CI=true, `make gen-check` and the tests fail without it).
+# The OpenAPI 2.0 document needs protoc-gen-swagger (apt-get install golang-grpc-gateway),
+# its OpenAPI 3.0 conversion Node.js and npm (tools/openapi3.py: swagger2openapi pinned by
+# tools/npm/package-lock.json, installed with `npm ci`). Without a tool its committed
+# document is kept, so `make run` works on a fresh machine (under CI=true,
+# `make gen-check` and the tests fail without them).
 gen: $(GOOGLEAPIS)/.copied
 	rm -rf gen/agentmesh $(DESCRIPTOR)
 	$(BIN)/buf generate
 	$(BIN)/buf build --exclude-source-info --as-file-descriptor-set -o $(DESCRIPTOR)
 	if command -v protoc-gen-swagger >/dev/null; then \
-	  rm -rf $(OPENAPI) && $(BIN)/buf generate --template buf.gen.openapi.yaml; \
+	  rm -f $(OPENAPI)/agentmesh.swagger.json && $(BIN)/buf generate --template buf.gen.openapi.yaml; \
 	else \
 	  echo "$(OPENAPI) not regenerated: protoc-gen-swagger is not on PATH (apt-get install golang-grpc-gateway)"; \
+	fi
+	if command -v node >/dev/null && command -v npm >/dev/null; then \
+	  $(BIN)/python -m tools.openapi3 $(OPENAPI); \
+	else \
+	  echo "$(OPENAPI)/agentmesh.openapi.json not regenerated: node and npm are not on PATH (apt-get install nodejs npm)"; \
 	fi
 
 gen-check: $(GOOGLEAPIS)/.copied

@@ -24,10 +24,12 @@ from server.config import Settings
 from server.llm_sidecar import LocalLlmSidecar, packaged_model
 from server.request_context import request_origin
 from services.accounts.export import AccountExports
+from services.agent.accounting import UNKNOWN_INTENT
 from services.agent.context import AgentDeps
 from services.agent.conversations import ConversationStore
-from services.agent.intents import IntentExamples, TextEncoder
-from services.agent.llm import ChatModel, LlmSettings
+from services.agent.events import ToolOutcome
+from services.agent.intents import Intent, IntentExamples, TextEncoder
+from services.agent.llm import PURPOSES, ChatModel, LlmSettings
 from services.agent.prompts import PromptManager
 from services.agent.run_log import InProcessRunLog
 from services.agent.run_log_redis import SOCKET_TIMEOUT_SECONDS as RUN_LOG_SOCKET_TIMEOUT
@@ -164,6 +166,7 @@ class Domain:
                 api_key=None,
             )
             self.agent.use_llm(ChatModel(settings, self.metrics))
+            self.metrics.declare_llm_series(settings.model, PURPOSES.values())
 
     async def close(self) -> None:
         if self.agent_service is not None:
@@ -308,9 +311,15 @@ def build_agent(
     provider = settings.resolved_llm_provider
     # The local provider's client is made when its sidecar has started (Domain.start).
     llm = ChatModel(configured.llm_settings(settings), metrics) if provider == "openai" else None
+    registry = ToolRegistry(build_tools(settings, knowledge, outbound), prompts)
+    # Every series a dashboard or an alert reads exists from the first scrape, at 0.
+    tools = [tool.name for tool in registry.get_all_tools()]
+    metrics.declare_agent_series(Intent, UNKNOWN_INTENT, tools, ToolOutcome)
+    if llm is not None:
+        metrics.declare_llm_series(llm.model, PURPOSES.values())
     deps = AgentDeps(
         prompts=prompts,
-        registry=ToolRegistry(build_tools(settings, knowledge, outbound), prompts),
+        registry=registry,
         intents=IntentExamples.load(prompts, encoder),
         llm=llm,
         store=ConversationStore(sessions),

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from server.config import Settings
+from server.config import ROOT, Settings
 from server.parent_death import terminate_with_parent
 
 CORS_POLICY_TYPE = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy"
@@ -34,6 +34,8 @@ BODY_CAP_ROUTES = {
     "rest-public": "public_body_bytes",
 }
 TOO_LARGE = "-too-large"
+# The route of envoy/envoy.yaml that answers GET /openapi.json with the OpenAPI 3 document.
+OPENAPI_ROUTE = "openapi"
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,15 @@ def _cap_bodies(manager: dict[str, Any], limits: EdgeLimits) -> None:
             mapper["body_format_override"]["json_format"]["message"] = too_large_message(limits)
 
 
+def _serve_openapi(manager: dict[str, Any]) -> None:
+    """Make the OpenAPI document's path absolute: the template's is relative to the
+    repository (ROOT), and Envoy would read it relative to its own working directory."""
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    route = next(item for item in routes if item.get("name") == OPENAPI_ROUTE)
+    body = route["direct_response"]["body"]
+    body["filename"] = str((ROOT / body["filename"]).resolve())
+
+
 def _set_breakers(cluster: dict[str, Any], limits: EdgeLimits) -> None:
     (thresholds,) = cluster["circuit_breakers"]["thresholds"]
     thresholds["max_requests"] = limits.max_requests
@@ -176,14 +187,15 @@ def _set_breakers(cluster: dict[str, Any], limits: EdgeLimits) -> None:
 
 def render_front(template: dict[str, Any], front: EnvoyFront) -> dict[str, Any]:
     """A copy of `template` (envoy/envoy.yaml) with the listener, admin, descriptor, CORS
-    origins and limits of `front`; its clusters are still the template's (the gRPC one with
-    the limits' circuit breaker)."""
+    origins and limits of `front`, and the OpenAPI document's absolute path; its clusters
+    are still the template's (the gRPC one with the limits' circuit breaker)."""
     config = copy.deepcopy(template)
     _socket(config["admin"]["address"], "127.0.0.1", front.admin_port)
     _socket(_public_listener(config)["address"], front.listen_host, front.listen_port)
     manager = public_manager(config)
     transcoder = _http_filter(manager, TRANSCODER_FILTER)
     transcoder["proto_descriptor"] = str(front.descriptor_set.resolve())
+    _serve_openapi(manager)
     if front.limits is not None:
         _cap_bodies(manager, front.limits)
         clusters = config["static_resources"]["clusters"]

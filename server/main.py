@@ -16,7 +16,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import (
     CollectorRegistry,
     PlatformCollector,
@@ -35,6 +34,7 @@ from server.logs import configure_logging
 from server.ops_http import OpsServer
 from server.peers import connect_peers
 from server.rate_limits import RateLimitGate, RateLimits
+from server.reflection import enable_reflection
 from server.request_checks import ReceiveLimits
 from server.request_log import RequestLog
 from server.rpc_metrics import RpcMetrics
@@ -225,8 +225,7 @@ def build_application(settings: Settings) -> Application:
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     # Every public service is described, served here or not: behind Envoy, grpcurl lists
     # what the mesh serves whichever process its reflection call reaches.
-    reflected = [*SERVICE_NAMES, *internal, health_name, reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(reflected, server)
+    enable_reflection([*SERVICE_NAMES, *internal, health_name], server)
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     ops = OpsServer(health, registry, settings.metrics_host, settings.metrics_port)
     monitor = build_monitor(

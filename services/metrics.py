@@ -10,7 +10,7 @@ one gauge per window.
 import functools
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 HIT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100)
 ACTIVE_WINDOWS = {"5m": 300.0, "1h": 3600.0, "24h": 86400.0}
+# How an agent run ends, besides `refused` (a query refused before any run started).
+RUN_OUTCOMES = ("ok", "error", "cancelled", "timeout")
 
 
 class ActiveUsers:
@@ -186,6 +188,43 @@ class Metrics:
             for outcome in ("ok", "failed"):
                 self.ingest_documents.labels(stage, outcome)
         self.ingest_seconds.labels("total")
+
+    def declare_agent_series(
+        self,
+        intents: Iterable[str],
+        unclassified: str,
+        tools: Iterable[str],
+        tool_outcomes: Iterable[str],
+    ) -> None:
+        """Create the agent's run and tool series at 0, as the Prometheus instrumentation
+        guide advises, so that rate() sees their first increment: every intent, and the
+        `unclassified` one of a run that ended before it was classified, by every run
+        outcome; every registered tool by every outcome. The agent passes what it knows:
+        the metrics cannot depend on it."""
+        for intent in [*intents, unclassified]:
+            for outcome in RUN_OUTCOMES:
+                self.agent_queries.labels(intent, outcome)
+        # Only a query that never started a run is refused, and it has no intent yet.
+        self.agent_queries.labels(unclassified, "refused")
+        for outcome in RUN_OUTCOMES:
+            self.agent_run_seconds.labels(outcome)
+        for tool in tools:
+            self.tool_call_seconds.labels(tool)
+            for tool_outcome in tool_outcomes:
+                self.tool_calls.labels(tool, tool_outcome)
+
+    def declare_llm_series(self, model: str, purposes: Iterable[str]) -> None:
+        """Create the series of the configured `model` at 0: calls and durations for every
+        purpose (prompt) by outcome, tokens in and out, and the time to first token. Called
+        only when an LLM is configured: an extractive server shows no LLM series at all,
+        rather than a made-up model whose zeros would read as an idle LLM."""
+        self.llm_first_token_seconds.labels(model)
+        for direction in ("in", "out"):
+            self.llm_tokens.labels(model, direction)
+        for purpose in purposes:
+            self.llm_call_seconds.labels(model, purpose)
+            for outcome in ("ok", "error"):
+                self.llm_calls.labels(model, purpose, outcome)
 
     def observe_event(self, kind: str, fields: dict[str, Any]) -> None:
         """Count one usage event (the recorder calls this for each)."""

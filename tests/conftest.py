@@ -9,6 +9,7 @@ import pytest
 from server.envoy import EnvoySidecar
 from server.main import Application, build_application
 from tests.backends import BACKENDS, Database
+from tests.fake_llm import FakeLlm
 from tests.harness import Stubs, envoy_for, settings_for
 
 
@@ -57,3 +58,13 @@ async def rest(envoy: EnvoySidecar) -> AsyncIterator[aiohttp.ClientSession]:
     """An HTTP client whose relative URLs go to Envoy's public listener."""
     async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{envoy.port}") as session:
         yield session
+
+
+@pytest.fixture(scope="module")
+async def llm() -> AsyncIterator[FakeLlm]:
+    """The scripted OpenAI-compatible LLM server, one per test module (a module that needs a
+    fresh one per test defines its own)."""
+    server = FakeLlm()
+    await server.start()
+    yield server
+    await server.stop()

@@ -45,14 +45,6 @@ INJECTION = (
 
 
 @pytest.fixture(scope="module")
-async def llm() -> AsyncIterator[FakeLlm]:
-    server = FakeLlm()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture(scope="module")
 async def fake_web() -> AsyncIterator[FakeWeb]:
     server = FakeWeb()
     await server.start()

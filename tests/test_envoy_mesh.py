@@ -6,6 +6,7 @@ while a read is."""
 
 import contextlib
 import json
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from agentmesh.auth.v1 import user_pb2 as user_pb
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.config import SERVICE_KEYS, Settings
+from server.config import ROOT, SERVICE_KEYS, Settings
 from server.envoy import EnvoyFront, EnvoySidecar, public_manager
 from server.envoy_mesh import FRONT_SERVICE, FULL_NAMES, RETRIES, mesh_config, service_methods
 from server.main import Application, build_application
@@ -27,6 +28,7 @@ from server.served import SERVICES
 from tests.backends import Database
 from tests.h2_cut_proxy import H2CutProxy
 from tests.harness import Account, Stubs, new_user, settings_for
+from tools.check_generated import OPENAPI3
 
 SETTINGS = Settings(_env_file=None)  # type: ignore[call-arg]
 # The design decision the routes carry: the calls Envoy may send to a second replica after
@@ -243,6 +245,23 @@ async def mesh_envoy(
         yield sidecar
     finally:
         await sidecar.stop()
+
+
+async def test_the_mesh_front_serves_the_openapi_document_itself(tmp_path: Path) -> None:
+    """GET /openapi.json is Envoy's own answer in the mesh as in the sidecar: it needs no
+    replica (nothing listens where the upstreams point)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{probe.getsockname()[1]}"
+    upstreams = {key: [nowhere] for key in FULL_NAMES}
+    async with (
+        mesh_envoy(tmp_path / "envoy", upstreams, [nowhere]) as envoy,
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{envoy.port}/openapi.json") as response,
+    ):
+        assert response.status == 200
+        assert response.headers["content-type"] == "application/json"
+        assert await response.read() == (ROOT / "gen" / OPENAPI3).read_bytes()
 
 
 def grpc_address(app: Application) -> str:

@@ -35,14 +35,6 @@ ANSWER = "Resumed runs lose nothing and repeat nothing, whatever the network doe
 RunEvent = agent_pb.StreamQueryResponse
 
 
-@pytest.fixture(scope="module")
-async def llm() -> AsyncIterator[FakeLlm]:
-    server = FakeLlm()
-    await server.start()
-    yield server
-    await server.stop()
-
-
 def llm_settings(llm: FakeLlm) -> dict[str, Any]:
     return {
         "llm_base_url": llm.base_url,

@@ -281,14 +281,6 @@ async def test_calls_over_the_budget_fail_at_once_and_slots_come_back(
 
 
 @pytest.fixture(scope="module")
-async def llm() -> AsyncIterator[FakeLlm]:
-    server = FakeLlm()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture(scope="module")
 async def small(
     database: Any, llm: FakeLlm, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[tuple[Application, Stubs]]:

@@ -1,8 +1,11 @@
 """Fail when gen/ differs from a fresh generation of protos/: the messages, stubs, .pyi and
-the Envoy descriptor set (buf.gen.yaml), and the OpenAPI document (buf.gen.openapi.yaml).
+the Envoy descriptor set (buf.gen.yaml), the OpenAPI 2.0 document (buf.gen.openapi.yaml) and
+its OpenAPI 3 conversion (tools/openapi3.py).
 
-The OpenAPI document needs protoc-gen-swagger (Debian's golang-grpc-gateway). Without it
-that file is not checked, with a note, except under CI=true, where its absence fails."""
+The 2.0 document needs protoc-gen-swagger (Debian's golang-grpc-gateway), the 3.0 one
+Node.js and npm. Without protoc-gen-swagger the 3.0 document is still checked against the
+committed 2.0 one; a document whose tool is missing is not checked, with a note, except
+under CI=true, where the tool's absence fails."""
 
 import filecmp
 import os
@@ -12,11 +15,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tools import openapi3
+
 ROOT = Path(__file__).resolve().parents[1]
 DESCRIPTOR = "agentmesh.binpb"
 OPENAPI_TEMPLATE = "buf.gen.openapi.yaml"
 OPENAPI_DIR = "openapi"
-OPENAPI = f"{OPENAPI_DIR}/agentmesh.swagger.json"
+OPENAPI = f"{OPENAPI_DIR}/{openapi3.SWAGGER}"
+OPENAPI3 = f"{OPENAPI_DIR}/{openapi3.OPENAPI3}"
 SWAGGER_PLUGIN = "protoc-gen-swagger"
 INSTALL_HINT = "apt-get install golang-grpc-gateway"
 
@@ -80,12 +86,27 @@ def stale_files() -> list[str]:
         return _differences(Path(tmp) / "gen", ROOT / "gen", ["agentmesh", DESCRIPTOR])
 
 
-def stale_openapi() -> list[str]:
+def stale_openapi(*, convert: bool = True) -> list[str]:
     """The files of gen/openapi/ that are missing, extra or different from a fresh
-    generation (needs protoc-gen-swagger on PATH)."""
+    generation (needs protoc-gen-swagger on PATH); with `convert` false, only the 2.0
+    document (the 3.0 one needs Node.js)."""
     with tempfile.TemporaryDirectory() as tmp:
         generate_openapi(Path(tmp))
-        return _differences(Path(tmp) / "gen", ROOT / "gen", [OPENAPI_DIR])
+        fresh = Path(tmp) / "gen"
+        if not convert:
+            return _differences(fresh, ROOT / "gen", [OPENAPI])
+        openapi3.convert(fresh / OPENAPI, fresh / OPENAPI3)
+        return _differences(fresh, ROOT / "gen", [OPENAPI_DIR])
+
+
+def stale_openapi3() -> list[str]:
+    """[OPENAPI3] if it differs from a fresh conversion of the committed 2.0 document
+    (needs Node.js and npm, not protoc-gen-swagger)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp) / "gen"
+        (fresh / OPENAPI_DIR).mkdir(parents=True)
+        openapi3.convert(ROOT / "gen" / OPENAPI, fresh / OPENAPI3)
+        return _differences(fresh, ROOT / "gen", [OPENAPI3])
 
 
 def _ci() -> bool:
@@ -94,14 +115,24 @@ def _ci() -> bool:
 
 if __name__ == "__main__":
     stale = stale_files()
+    plugin, node = openapi_plugin_available(), openapi3.converter_available()
+    if plugin:
+        stale += stale_openapi(convert=node)
+    elif node:
+        stale += stale_openapi3()
+    needs = [
+        (f"gen/{OPENAPI}", SWAGGER_PLUGIN, INSTALL_HINT, plugin),
+        (f"gen/{OPENAPI3}", " and ".join(openapi3.TOOLS), openapi3.INSTALL_HINT, node),
+    ]
     failed = False
-    if openapi_plugin_available():
-        stale += stale_openapi()
-    elif _ci():
-        print(f"{SWAGGER_PLUGIN} is not on PATH ({INSTALL_HINT}); CI=true requires it")
-        failed = True
-    else:
-        print(f"gen/{OPENAPI} not checked: {SWAGGER_PLUGIN} is not on PATH ({INSTALL_HINT})")
+    for document, tool, hint, present in needs:
+        if present:
+            continue
+        if _ci():
+            print(f"{tool} not on PATH ({hint}); CI=true requires it")
+            failed = True
+        else:
+            print(f"{document} not checked: {tool} not on PATH ({hint})")
     for name in stale:
         print(f"stale: gen/{name}")
     if stale:

@@ -13,6 +13,7 @@ ones into its data volume, which is safer than a placeholder someone forgets to 
 
 import sys
 import textwrap
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from server.config import ROOT, Settings
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 PREFIX = str(Settings.model_config.get("env_prefix", ""))
 PLACEHOLDER = "change-me"
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 WIDTH = 92
 
 # The variables docker-compose.yml reads (besides AGENTMESH_* ones): description and the
@@ -43,7 +45,11 @@ STACK_VARIABLES: dict[str, tuple[str, str]] = {
     "QDRANT_API_KEY": ("API key of the Qdrant server (required).", ""),
     "GRAFANA_ADMIN_USER": ("Grafana administrator's user name.", "admin"),
     "GRAFANA_ADMIN_PASSWORD": ("Grafana administrator's password (required).", ""),
-    "IMAGE_TAG": ("Tag of the images compose builds (agentmesh, -envoy, -local-llm).", "latest"),
+    "IMAGE_TAG": (
+        "Tag of the images compose builds (agentmesh, -envoy, -local-llm); the default is "
+        "the project's version.",
+        VERSION,
+    ),
     "BACKEND_SUBNET": (
         "Address range of the internal backend network; agentmesh trusts x-forwarded-for "
         "only from it (Envoy). Change it if it clashes with a network of the host.",
