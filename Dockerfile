@@ -9,13 +9,15 @@
 #   envoy-config, envoy
 #               the official Envoy image with the config `agentmesh envoy-config` renders
 #               from envoy/envoy.yaml for compose's host names (the mesh's upstreams are
-#               build arguments), the descriptor set and the OpenAPI 3 document
+#               build arguments), the descriptor set, the OpenAPI 3 document and the
+#               chat page (web/)
 #   local-llm-build, local-llm
 #               llama.cpp's OpenAI-compatible server with Gemma 3 270M (compose profile
 #               `local-llm`); the model comes from PyPI packages, not a model hub
 #   runtime     python:3.11-slim, non-root, only what runs: the virtualenv, server/,
-#               services/, gen/, prompts/, migrations/, envoy/ and pyproject.toml
-#               (which holds the Alembic config, [tool.alembic])
+#               services/, gen/, prompts/, migrations/, envoy/, web/ (the chat page its
+#               sidecar Envoy serves) and pyproject.toml (which holds the Alembic config,
+#               [tool.alembic])
 
 ARG PYTHON_IMAGE=python:3.11-slim
 ARG ENVOY_IMAGE=envoyproxy/envoy:v1.40.0
@@ -63,6 +65,7 @@ COPY gen ./gen
 COPY prompts ./prompts
 COPY migrations ./migrations
 COPY envoy ./envoy
+COPY web ./web
 # Editable, as `make install` does, rather than `pip install .`: server/config.py finds
 # envoy/, prompts/, gen/agentmesh.binpb and pyproject.toml ([tool.alembic]) next to the
 # server package (ROOT); a regular install would move the packages into site-packages,
@@ -98,9 +101,11 @@ RUN AGENTMESH_HTTP_HOST=0.0.0.0 AGENTMESH_ENVOY_ADMIN_PORT=9902 agentmesh envoy-
 FROM ${ENVOY_IMAGE} AS envoy
 COPY --from=envoy-config /envoy.yaml /etc/envoy/envoy.yaml
 COPY --from=descriptor /src/gen/agentmesh.binpb /etc/envoy/agentmesh.binpb
-# GET /openapi.json: the rendered config names the document where it lay when rendered
-# (agentmesh's own /app, server/envoy.py), so it lies there in this image too.
+# GET /openapi.json and the chat page (GET /, /app.js, /app.css): the rendered config names
+# each file where it lay when rendered (agentmesh's own /app, server/envoy.py), so they lie
+# there in this image too.
 COPY --from=build /app/gen/openapi/agentmesh.openapi.json /app/gen/openapi/agentmesh.openapi.json
+COPY --from=build /app/web /app/web
 # The image's entrypoint runs Envoy as its unprivileged `envoy` user (ENVOY_UID).
 EXPOSE 8080 9901
 CMD ["envoy", "-c", "/etc/envoy/envoy.yaml", "--disable-hot-restart", "--log-level", "warning"]
@@ -171,6 +176,7 @@ COPY --from=build /app/gen ./gen
 COPY --from=build /app/prompts ./prompts
 COPY --from=build /app/migrations ./migrations
 COPY --from=build /app/envoy ./envoy
+COPY --from=build /app/web ./web
 COPY --from=descriptor /src/gen/agentmesh.binpb ./gen/agentmesh.binpb
 # The code stays root's and read-only; the process writes only /data and its HOME.
 USER 10001:10001

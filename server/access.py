@@ -61,6 +61,7 @@ RPC_ACCESS: Mapping[str, Access] = {
     _AGENT + "CancelRun": Access.USER,
     _AGENT + "ListConversations": Access.USER,
     _AGENT + "GetConversation": Access.USER,
+    _AGENT + "SwitchBranch": Access.USER,
     _AGENT + "DeleteConversation": Access.USER,
     _KB + "UploadDocument": Access.USER,
     _KB + "ListDocuments": Access.USER,

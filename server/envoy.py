@@ -6,10 +6,8 @@ the repository stays the single description of the routes and filters.
 
 import asyncio
 import copy
-import functools
 import json
 import logging
-import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +18,7 @@ import aiohttp
 import yaml
 
 from server.config import ROOT, Settings
-from server.parent_death import terminate_with_parent
+from server.parent_death import dying_with_parent
 
 CORS_POLICY_TYPE = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy"
 BUFFER_FILTER = "envoy.filters.http.buffer"
@@ -34,8 +32,6 @@ BODY_CAP_ROUTES = {
     "rest-public": "public_body_bytes",
 }
 TOO_LARGE = "-too-large"
-# The route of envoy/envoy.yaml that answers GET /openapi.json with the OpenAPI 3 document.
-OPENAPI_ROUTE = "openapi"
 
 
 @dataclass(frozen=True)
@@ -166,17 +162,20 @@ def _cap_bodies(manager: dict[str, Any], limits: EdgeLimits) -> None:
         raise ValueError(f"the Envoy template lacks the routes {', '.join(sorted(missing))}")
     _http_filter(manager, TRANSCODER_FILTER)["max_request_body_size"] = max(caps.values())
     for mapper in manager["local_reply_config"]["mappers"]:
-        if mapper["filter"]["status_code_filter"]["comparison"]["value"]["default_value"] == 413:
+        # The mappers of the served files combine a status with a path (and_filter).
+        status = mapper["filter"].get("status_code_filter", {})
+        if status and status["comparison"]["value"]["default_value"] == 413:
             mapper["body_format_override"]["json_format"]["message"] = too_large_message(limits)
 
 
-def _serve_openapi(manager: dict[str, Any]) -> None:
-    """Make the OpenAPI document's path absolute: the template's is relative to the
-    repository (ROOT), and Envoy would read it relative to its own working directory."""
-    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
-    route = next(item for item in routes if item.get("name") == OPENAPI_ROUTE)
-    body = route["direct_response"]["body"]
-    body["filename"] = str((ROOT / body["filename"]).resolve())
+def _serve_files(manager: dict[str, Any]) -> None:
+    """Make the path of every file a route serves (the OpenAPI document, the chat page's
+    files) absolute: the template's are relative to the repository (ROOT), and Envoy would
+    read them relative to its own working directory."""
+    for route in manager["route_config"]["virtual_hosts"][0]["routes"]:
+        body = route.get("direct_response", {}).get("body", {})
+        if "filename" in body:
+            body["filename"] = str((ROOT / body["filename"]).resolve())
 
 
 def _set_breakers(cluster: dict[str, Any], limits: EdgeLimits) -> None:
@@ -187,7 +186,7 @@ def _set_breakers(cluster: dict[str, Any], limits: EdgeLimits) -> None:
 
 def render_front(template: dict[str, Any], front: EnvoyFront) -> dict[str, Any]:
     """A copy of `template` (envoy/envoy.yaml) with the listener, admin, descriptor, CORS
-    origins and limits of `front`, and the OpenAPI document's absolute path; its clusters
+    origins and limits of `front`, and the absolute paths of the files it serves; its clusters
     are still the template's (the gRPC one with the limits' circuit breaker)."""
     config = copy.deepcopy(template)
     _socket(config["admin"]["address"], "127.0.0.1", front.admin_port)
@@ -195,7 +194,7 @@ def render_front(template: dict[str, Any], front: EnvoyFront) -> dict[str, Any]:
     manager = public_manager(config)
     transcoder = _http_filter(manager, TRANSCODER_FILTER)
     transcoder["proto_descriptor"] = str(front.descriptor_set.resolve())
-    _serve_openapi(manager)
+    _serve_files(manager)
     if front.limits is not None:
         _cap_bodies(manager, front.limits)
         clusters = config["static_resources"]["clusters"]
@@ -321,15 +320,15 @@ class EnvoySidecar:
         admin_path = self._workdir / "admin-address"
         admin_path.unlink(missing_ok=True)
         config_path.write_text(yaml.safe_dump(self._config, sort_keys=False))
-        self._process = await asyncio.create_subprocess_exec(
+        command = dying_with_parent([
             self._binary,
             "-c", str(config_path),
             "--disable-hot-restart",
             "--concurrency", str(self._concurrency),
             "--log-level", "warning",
             "--admin-address-path", str(admin_path),
-            preexec_fn=functools.partial(terminate_with_parent, os.getpid()),
-        )  # fmt: skip
+        ])  # fmt: skip
+        self._process = await asyncio.create_subprocess_exec(*command)
         try:
             await asyncio.wait_for(self._wait_ready(admin_path), timeout)
         except BaseException:

@@ -21,7 +21,6 @@ logged and left dead: Envoy routes around it, which is what the mesh tests check
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ from server.config import Settings
 from server.envoy import EnvoySidecar
 from server.envoy_mesh import mesh_envoy_config
 from server.logs import configure_logging
-from server.parent_death import terminate_with_parent
+from server.parent_death import dying_with_parent
 
 log = logging.getLogger("agentmesh.mesh")
 
@@ -211,9 +210,8 @@ class Mesh:
     async def _spawn(self, member: Member, env: dict[str, str], logs: Path) -> None:
         with (logs / f"{member.name}.log").open("ab") as output:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "server", *member.command,
+                *dying_with_parent([sys.executable, "-m", "server", *member.command]),
                 env=env, stdout=output, stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=functools.partial(terminate_with_parent, os.getpid()),
             )  # fmt: skip
         member.pid = process.pid
         self._processes[member.name] = process

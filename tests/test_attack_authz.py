@@ -120,6 +120,13 @@ class Row:
     expect: Expect = Expect.NO_IDS
     # Whether A repeats the call as a control (off where it would destroy A's fixtures).
     control: bool = True
+    # More requests of the method, for id fields that cannot go in one request together
+    # (an edit or a regenerate): each is attacked, and expected, like `build`.
+    also: tuple[Callable[[Victim], Message], ...] = ()
+
+    @property
+    def builds(self) -> tuple[Callable[[Victim], Message], ...]:
+        return (self.build, *self.also)
 
 
 def request(path: str, **values: Any) -> Callable[[Victim], Message]:
@@ -227,17 +234,35 @@ ROWS: dict[str, Row] = {
     ),
     _AGENT + "Query": Row(
         request(
-            _AGENT + "Query", query="What did I say?", conversation_id=lambda v: v.conversation_id
+            _AGENT + "Query",
+            query="What did I say?",
+            conversation_id=lambda v: v.conversation_id,
+            edit_message_id=lambda v: v.user_message_id,
         ),
         Expect.NOT_FOUND,
+        also=(
+            request(
+                _AGENT + "Query",
+                conversation_id=lambda v: v.conversation_id,
+                regenerate_message_id=lambda v: v.assistant_message_id,
+            ),
+        ),
     ),
     _AGENT + "StreamQuery": Row(
         request(
             _AGENT + "StreamQuery",
             query="What did I say?",
             conversation_id=lambda v: v.conversation_id,
+            edit_message_id=lambda v: v.user_message_id,
         ),
         Expect.NOT_FOUND,
+        also=(
+            request(
+                _AGENT + "StreamQuery",
+                conversation_id=lambda v: v.conversation_id,
+                regenerate_message_id=lambda v: v.assistant_message_id,
+            ),
+        ),
     ),
     _AGENT + "AttachRun": Row(
         request(_AGENT + "AttachRun", run_id=lambda v: v.run_id), Expect.NOT_FOUND
@@ -255,6 +280,14 @@ ROWS: dict[str, Row] = {
     ),
     _AGENT + "GetConversation": Row(
         request(_AGENT + "GetConversation", conversation_id=lambda v: v.conversation_id),
+        Expect.NOT_FOUND,
+    ),
+    _AGENT + "SwitchBranch": Row(
+        request(
+            _AGENT + "SwitchBranch",
+            conversation_id=lambda v: v.conversation_id,
+            message_id=lambda v: v.user_message_id,
+        ),
         Expect.NOT_FOUND,
     ),
     _AGENT + "DeleteConversation": Row(
@@ -381,10 +414,10 @@ def test_every_rpc_has_a_row_an_access_level_and_names_the_victim() -> None:
     assert not paths - set(RPC_ACCESS), f"not in RPC_ACCESS: {sorted(paths - set(RPC_ACCESS))}"
     for path in sorted(paths):
         method, row, access = BY_PATH[path], ROWS[path], RPC_ACCESS[path]
-        built = row.build(DUMMY)
-        assert built.DESCRIPTOR is method.input_type, path
+        built = [build(DUMMY) for build in row.builds]
+        assert all(b.DESCRIPTOR is method.input_type for b in built), path
         for field_path in _required_ids(method, access):
-            values = values_at(built, field_path)
+            values = [v for b in built for v in values_at(b, field_path)]
             assert values, f"{path}: the row leaves {field_path} empty; name A's resource"
             assert set(values) <= DUMMY.owned(), f"{path}: {field_path}={values} is not A's"
         if access is Access.USER:
@@ -475,9 +508,10 @@ async def state_of(cast: Cast) -> dict[str, Any]:
             agent_pb.GetConversationRequest(conversation_id=conversation.conversation_id),
             metadata=owner.metadata,
         )
-        conversations[conversation.conversation_id] = [
-            (m.message_id, m.role, m.content, m.HasField("feedback")) for m in detail.messages
-        ]
+        conversations[conversation.conversation_id] = (
+            detail.conversation.active_message_id,
+            [(m.message_id, m.role, m.content, m.HasField("feedback")) for m in detail.messages],
+        )
     documents = await stubs.kb.ListDocuments(
         kb.ListDocumentsRequest(page_size=100), metadata=owner.metadata
     )
@@ -536,7 +570,14 @@ async def test_no_one_reaches_another_users_resources(cast: Cast, path: str) -> 
     row, access = ROWS.get(path), RPC_ACCESS.get(path)
     assert row is not None, f"{path} has no row in ROWS"
     assert access is not None, f"{path} is not in RPC_ACCESS"
-    request = row.build(cast.victim)
+    for build in row.builds:
+        await _attack(cast, path, row, access, build)
+
+
+async def _attack(
+    cast: Cast, path: str, row: Row, access: Access, build: Callable[[Victim], Message]
+) -> None:
+    request = build(cast.victim)
     if access is Access.PUBLIC:
         assert not id_fields(BY_PATH[path].input_type), f"public {path} names resources"
         return
@@ -556,7 +597,7 @@ async def test_no_one_reaches_another_users_resources(cast: Cast, path: str) -> 
     else:
         outcome = await _call(cast, path, request, intruder)
         assert not (leaked := _leaks(cast, request, outcome)), f"{outcome} showed {leaked}"
-        await _check_user_row(cast, path, row, request, outcome)
+        await _check_user_row(cast, path, row, build, outcome)
 
     assert await state_of(cast) == before, f"{path} by user B changed A's resources"
     if access is Access.USER and row.control and row.expect is not Expect.NO_IDS:
@@ -565,20 +606,20 @@ async def test_no_one_reaches_another_users_resources(cast: Cast, path: str) -> 
 
 
 async def _check_user_row(
-    cast: Cast, path: str, row: Row, request: Message, outcome: Outcome
+    cast: Cast, path: str, row: Row, build: Callable[[Victim], Message], outcome: Outcome
 ) -> None:
     if row.expect is Expect.NOT_FOUND:
         _expect(outcome, grpc.StatusCode.NOT_FOUND)
         events = [r.WhichOneof("event") for r in outcome.responses]
         assert set(events) <= {"error"}, f"{path}: B's stream got {events} before NOT_FOUND"
-        ghost = await _call(cast, path, row.build(ghost_of(cast.victim)), cast.intruder.metadata)
+        ghost = await _call(cast, path, build(ghost_of(cast.victim)), cast.intruder.metadata)
         ours, theirs = error_info_of(outcome), error_info_of(ghost)
         assert (outcome.code, ours and ours.reason) == (ghost.code, theirs and theirs.reason), (
             f"{path}: A's id gives {outcome}, a missing id {ghost}: existence shows"
         )
     elif row.expect is Expect.ADMIN_REQUIRED:
         _expect(outcome, grpc.StatusCode.PERMISSION_DENIED, "ADMIN_REQUIRED")
-        ghost = await _call(cast, path, row.build(ghost_of(cast.victim)), cast.intruder.metadata)
+        ghost = await _call(cast, path, build(ghost_of(cast.victim)), cast.intruder.metadata)
         _expect(ghost, grpc.StatusCode.PERMISSION_DENIED, "ADMIN_REQUIRED")
     elif row.expect is Expect.NOTHING_OF_THEIRS:
         assert outcome.code in {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}, outcome

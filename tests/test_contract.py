@@ -231,15 +231,16 @@ REQUIRED_FIELDS = {
     "agentmesh.indexing.v1.DeleteOwnerPassagesRequest": {"owner_id"},
     # server/servicers/indexing.py _texts_to_embed(): 1 to 128 texts, kind "is required".
     "agentmesh.indexing.v1.EmbedTextsRequest": {"texts", "kind"},
-    # services/agent/text.py clean_query(): "must not be empty".
-    "agentmesh.agent.v1.QueryRequest": {"query"},
-    "agentmesh.agent.v1.StreamQueryRequest": {"query"},
+    # (QueryRequest.query is required except with regenerate_message_id: OPTIONAL, and
+    # services/agent/service.py _place() says when.)
     # services/agent/run_log.py run_id_of(): "is required".
     "agentmesh.agent.v1.AttachRunRequest": {"run_id"},
     "agentmesh.agent.v1.CancelRunRequest": {"run_id"},
     # services/agent/conversations.py conversation_id_of(): "must be a UUID".
     "agentmesh.agent.v1.GetConversationRequest": {"conversation_id"},
     "agentmesh.agent.v1.DeleteConversationRequest": {"conversation_id"},
+    # services/agent/service.py switch_branch(): conversation_id_of() and require_uuid().
+    "agentmesh.agent.v1.SwitchBranchRequest": {"conversation_id", "message_id"},
     # services/analytics/stats.py _user(): "must be a UUID".
     "agentmesh.analytics.v1.GetUserStatsRequest": {"user_id"},
 }

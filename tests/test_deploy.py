@@ -226,7 +226,7 @@ def test_runtime_exposes_the_settings_ports() -> None:
 
 def test_runtime_holds_only_what_runs() -> None:
     copied = {line.split()[1] for line in stage("runtime").all("COPY")}
-    app = {"pyproject.toml", "server", "services", "gen", "prompts", "migrations", "envoy"}
+    app = {"pyproject.toml", "server", "services", "gen", "prompts", "migrations", "envoy", "web"}
     assert copied == {"/opt/venv", "/src/gen/agentmesh.binpb"} | {f"/app/{x}" for x in app}
     # The editable install's finder points at /app: the same path in both stages.
     assert stage("build").all("WORKDIR") == stage("runtime").all("WORKDIR") == ["/app"]

@@ -24,7 +24,7 @@ from agentmesh.knowledge.v1 import knowledge_service_pb2 as kb_pb
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server.config import SERVICE_KEYS, Settings
+from server.config import ROOT, SERVICE_KEYS, Settings
 from server.envoy import (
     BODY_CAP_ROUTES,
     EnvoyFront,
@@ -298,10 +298,19 @@ def test_the_template_holds_the_default_limits() -> None:
     numbers written there are the ones `agentmesh serve` uses when nothing is set."""
     template = yaml.safe_load(DEFAULTS.envoy_config_template.read_text())
     rendered = envoy_config(DEFAULTS, grpc_port=50051, ops_port=9464)
-    # Rendering makes the descriptor's and the OpenAPI document's paths absolute.
+    # Rendering makes the descriptor's path and those of the files Envoy serves (the OpenAPI
+    # document, the chat page) absolute: each is the template's, resolved from the root.
     transcoder_of(rendered)["proto_descriptor"] = transcoder_of(template)["proto_descriptor"]
-    openapi = routes_of(rendered)["openapi"]["direct_response"]["body"]
-    openapi["filename"] = routes_of(template)["openapi"]["direct_response"]["body"]["filename"]
+    served = {
+        name: route["direct_response"]["body"]
+        for name, route in routes_of(rendered).items()
+        if "filename" in route.get("direct_response", {}).get("body", {})
+    }
+    assert set(served) == {"openapi", "web-page", "web-script", "web-style"}
+    for name, body in served.items():
+        original = routes_of(template)[name]["direct_response"]["body"]["filename"]
+        assert body["filename"] == str((ROOT / original).resolve())
+        body["filename"] = original
     assert rendered == template
     assert caps_of(template) == {
         "rest-upload": upload_body_bytes(DEFAULTS.max_upload_bytes, 1 * MIB),

@@ -247,21 +247,31 @@ async def mesh_envoy(
         await sidecar.stop()
 
 
-async def test_the_mesh_front_serves_the_openapi_document_itself(tmp_path: Path) -> None:
-    """GET /openapi.json is Envoy's own answer in the mesh as in the sidecar: it needs no
-    replica (nothing listens where the upstreams point)."""
+async def test_the_mesh_front_serves_the_openapi_document_and_the_page_itself(
+    tmp_path: Path,
+) -> None:
+    """GET /openapi.json and the chat page (GET /, /app.js, /app.css) are Envoy's own
+    answers in the mesh as in the sidecar: they need no replica (nothing listens where the
+    upstreams point)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         nowhere = f"127.0.0.1:{probe.getsockname()[1]}"
     upstreams = {key: [nowhere] for key in FULL_NAMES}
+    served = {
+        "/openapi.json": (ROOT / "gen" / OPENAPI3, "application/json"),
+        "/": (ROOT / "web" / "index.html", "text/html; charset=utf-8"),
+        "/app.js": (ROOT / "web" / "app.js", "text/javascript; charset=utf-8"),
+        "/app.css": (ROOT / "web" / "app.css", "text/css; charset=utf-8"),
+    }
     async with (
         mesh_envoy(tmp_path / "envoy", upstreams, [nowhere]) as envoy,
         aiohttp.ClientSession() as http,
-        http.get(f"http://127.0.0.1:{envoy.port}/openapi.json") as response,
     ):
-        assert response.status == 200
-        assert response.headers["content-type"] == "application/json"
-        assert await response.read() == (ROOT / "gen" / OPENAPI3).read_bytes()
+        for path, (source, content_type) in served.items():
+            async with http.get(f"http://127.0.0.1:{envoy.port}{path}") as response:
+                assert response.status == 200, path
+                assert response.headers["content-type"] == content_type, path
+                assert await response.read() == source.read_bytes(), path
 
 
 def grpc_address(app: Application) -> str:

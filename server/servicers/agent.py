@@ -1,5 +1,6 @@
 """AgentService: the agent's runs (unary and streamed) and the caller's conversations."""
 
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -12,9 +13,10 @@ from server.errors import rich_status
 from server.request_context import current_principal, current_request
 from server.servicers.converters import feedback_to_proto, search_result_to_proto, to_timestamp
 from services.agent import events
+from services.agent.conversations import ConversationDetail
 from services.agent.models import Conversation, Message
 from services.agent.run_log import RunRecord, RunStopped
-from services.agent.service import AgentService
+from services.agent.service import AgentService, Ask
 from services.agent.tools.base import Source, SourceKind
 from services.feedback.models import Feedback
 from services.feedback.service import FeedbackService
@@ -72,10 +74,16 @@ def source_to_proto(source: Source) -> agent_pb2.Citation:
     )
 
 
-def message_to_proto(message: Message, feedback: Feedback | None = None) -> agent_pb2.Message:
+def message_to_proto(
+    message: Message,
+    feedback: Feedback | None = None,
+    siblings: list[uuid.UUID] | None = None,
+) -> agent_pb2.Message:
     proto = agent_pb2.Message(
         message_id=str(message.id),
         conversation_id=str(message.conversation_id),
+        parent_message_id=str(message.parent_id) if message.parent_id else "",
+        sibling_message_ids=[str(sibling) for sibling in siblings or ()],
         role=ROLE_TO_PROTO[message.role],
         content=message.content,
         citations=[citation_to_proto(c) for c in message.citations],
@@ -108,6 +116,7 @@ def conversation_to_proto(conversation: Conversation, message_count: int) -> age
         created_at=to_timestamp(conversation.created_at),
         updated_at=to_timestamp(conversation.updated_at),
         message_count=message_count,
+        active_message_id=str(conversation.active_message_id or ""),
     )
 
 
@@ -166,7 +175,8 @@ def event_fields(event: events.Event) -> dict[str, Any]:
         case events.RunCompleted():
             return {
                 "completed": agent_pb.RunCompleted(
-                    message=message_to_proto(event.message), finish_reason=event.finish_reason
+                    message=message_to_proto(event.message, siblings=list(event.siblings)),
+                    finish_reason=event.finish_reason,
                 )
             }
     raise TypeError(f"unknown agent event {event!r}")
@@ -192,6 +202,15 @@ async def run_events(
         yield message(run_id=run_id, seq=record.seq, **event_fields(record.event))
 
 
+def ask_of(request: agent_pb.QueryRequest | agent_pb.StreamQueryRequest) -> Ask:
+    return Ask(
+        query=request.query,
+        conversation_id=request.conversation_id,
+        edit_message_id=request.edit_message_id,
+        regenerate_message_id=request.regenerate_message_id,
+    )
+
+
 def _request_id() -> str:
     info = current_request.get()
     return info.request_id if info else ""
@@ -206,11 +225,13 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
 
     async def Query(self, request: agent_pb.QueryRequest, context: Any) -> agent_pb.QueryResponse:
         result = await self._agent.query(
-            current_principal(), request.query, request.conversation_id, request_id=_request_id()
+            current_principal(), ask_of(request), request_id=_request_id()
         )
         return agent_pb.QueryResponse(
             conversation_id=result.started.conversation_id,
-            message=message_to_proto(result.completed.message),
+            message=message_to_proto(
+                result.completed.message, siblings=list(result.completed.siblings)
+            ),
             run_id=result.run_id,
             user_message_id=result.started.user_message_id,
         )
@@ -219,9 +240,7 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
         self, request: agent_pb.StreamQueryRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[agent_pb.StreamQueryResponse]:
         principal = current_principal()
-        run_id = await self._agent.start(
-            principal, request.query, request.conversation_id, request_id=_request_id()
-        )
+        run_id = await self._agent.start(principal, ask_of(request), request_id=_request_id())
         # The run is the service's: closing this stream leaves it running (AttachRun).
         records = self._agent.attach(principal, run_id)
         async for response in run_events(agent_pb.StreamQueryResponse, run_id, records):
@@ -244,7 +263,7 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
         self, request: agent_pb.ListConversationsRequest, context: Any
     ) -> agent_pb.ListConversationsResponse:
         page = await self._agent.list_conversations(
-            current_principal(), request.page_size, request.page_token
+            current_principal(), request.page_size, request.page_token, request.query
         )
         return agent_pb.ListConversationsResponse(
             conversations=[
@@ -253,16 +272,30 @@ class AgentServicer(agent_grpc.AgentServiceServicer):
             next_page_token=page.next_page_token,
         )
 
+    async def _with_feedback(self, detail: ConversationDetail) -> dict[str, Any]:
+        """The conversation and its active branch, each message with its siblings and the
+        caller's feedback."""
+        mine = await self._feedback.mine(current_principal(), [m.id for m in detail.messages])
+        return {
+            "conversation": conversation_to_proto(detail.conversation, detail.message_count),
+            "messages": [
+                message_to_proto(m, mine.get(m.id), detail.siblings[m.id]) for m in detail.messages
+            ],
+        }
+
     async def GetConversation(
         self, request: agent_pb.GetConversationRequest, context: Any
     ) -> agent_pb.GetConversationResponse:
-        principal = current_principal()
-        detail = await self._agent.get_conversation(principal, request.conversation_id)
-        mine = await self._feedback.mine(principal, [m.id for m in detail.messages])
-        return agent_pb.GetConversationResponse(
-            conversation=conversation_to_proto(detail.conversation, len(detail.messages)),
-            messages=[message_to_proto(m, mine.get(m.id)) for m in detail.messages],
+        detail = await self._agent.get_conversation(current_principal(), request.conversation_id)
+        return agent_pb.GetConversationResponse(**await self._with_feedback(detail))
+
+    async def SwitchBranch(
+        self, request: agent_pb.SwitchBranchRequest, context: Any
+    ) -> agent_pb.SwitchBranchResponse:
+        detail = await self._agent.switch_branch(
+            current_principal(), request.conversation_id, request.message_id
         )
+        return agent_pb.SwitchBranchResponse(**await self._with_feedback(detail))
 
     async def DeleteConversation(
         self, request: agent_pb.DeleteConversationRequest, context: Any

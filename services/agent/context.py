@@ -72,6 +72,11 @@ class RunContext:
     """The title of the conversation this run creates; None when it continues one."""
 
     user_message_id: uuid.UUID
+    """The question: a new one, or the stored one a regenerated answer answers again."""
+    question_stored: bool
+    """Whether the question is already stored (a regenerated answer): only the answer is."""
+    parent_message_id: uuid.UUID | None
+    """Where a new question goes in the conversation's tree (None: a first question)."""
     assistant_message_id: uuid.UUID
     started: float
     """time.perf_counter() when the run started (latencies count from here)."""

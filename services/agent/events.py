@@ -1,6 +1,7 @@
 """What a run reports while it works, in order; the servicer turns each into a stream event."""
 
 import enum
+import uuid
 from dataclasses import dataclass
 
 from services.agent.models import Message
@@ -94,6 +95,9 @@ class UsageReported:
 class RunCompleted:
     message: Message
     finish_reason: str
+    siblings: tuple[uuid.UUID, ...] = ()
+    """The answers to the same question, oldest first, the message included (more than
+    one once an answer was regenerated)."""
 
 
 Event = (

@@ -393,17 +393,19 @@ async def persist(state: State, runtime: AgentRuntime) -> Done:
         id=ctx.user_message_id, role="user", content=state.query, citations=[], tool_calls=[]
     )
     reply = _reply(state, ctx, citations)
-    await ctx.deps.store.save_run(
+    siblings = await ctx.deps.store.save_run(
         ctx.principal,
         conversation_id=ctx.conversation_id,
         title=ctx.new_title,
+        parent_id=ctx.parent_message_id,
         question=question,
         answer=reply,
+        question_stored=ctx.question_stored,
     )
     for source in citations:
         emit(runtime, CitationAdded(source))
     emit(runtime, UsageReported(reply.prompt_tokens, reply.completion_tokens))
-    return Done({}, after=(RunCompleted(reply, state.finish_reason),))
+    return Done({}, after=(RunCompleted(reply, state.finish_reason, siblings),))
 
 
 def _reply(state: State, ctx: RunContext, citations: list[Source]) -> Message:

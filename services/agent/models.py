@@ -1,4 +1,10 @@
-"""Tables of conversations and their messages."""
+"""Tables of conversations and their messages.
+
+A conversation is a tree of messages: each has a parent (a question, its previous answer;
+an answer, its question; a first question, none), and an edited question or a regenerated
+answer is a sibling of the one it replaces. The conversation remembers its active leaf, the
+end of the branch it shows and continues from.
+"""
 
 import uuid
 from datetime import datetime
@@ -19,17 +25,24 @@ class Conversation(Base):
     title: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # No foreign key: it would make the two tables depend on each other. It is set in the
+    # transaction that stores the message, and both go with the conversation.
+    active_message_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
 
 
 class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
         Index("ix_messages_conversation_id_created_at", "conversation_id", "created_at"),
+        Index("ix_messages_parent_id", "parent_id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=new_id)
     conversation_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("conversations.id", ondelete="CASCADE")
+    )
+    parent_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE")
     )
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text)

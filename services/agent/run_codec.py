@@ -55,6 +55,7 @@ def _message_to_json(message: Message) -> JSON:
     return {
         "id": str(message.id),
         "conversation_id": str(message.conversation_id),
+        "parent_id": str(message.parent_id) if message.parent_id else None,
         "role": message.role,
         "content": message.content,
         "citations": message.citations,
@@ -74,6 +75,7 @@ def _message_of(data: JSON) -> Message:
             **data,
             "id": uuid.UUID(data["id"]),
             "conversation_id": uuid.UUID(data["conversation_id"]),
+            "parent_id": uuid.UUID(data["parent_id"]) if data.get("parent_id") else None,
             "created_at": datetime.fromisoformat(data["created_at"]),
         }
     )
@@ -126,6 +128,7 @@ def encode(record: RunRecord) -> bytes:
             "type": "RunCompleted",
             "message": _message_to_json(event.message),
             "finish_reason": event.finish_reason,
+            "siblings": [str(sibling) for sibling in event.siblings],
         }
     else:
         name = type(event).__name__
@@ -141,7 +144,8 @@ def decode(raw: bytes | str) -> RunRecord:
     if kind == "RunStopped":
         event = RunStopped(_error_of(data["error"]))
     elif kind == "RunCompleted":
-        event = events.RunCompleted(_message_of(data["message"]), data["finish_reason"])
+        siblings = tuple(uuid.UUID(sibling) for sibling in data.get("siblings", ()))
+        event = events.RunCompleted(_message_of(data["message"]), data["finish_reason"], siblings)
     else:
         event = EVENT_TYPES[kind].validate_python(data["event"])
     return RunRecord(int(data["seq"]), event)

@@ -10,6 +10,7 @@ from typing import cast
 from services.agent.accounting import RunAccount, record_refused
 from services.agent.context import AgentDeps, RunContext
 from services.agent.conversations import (
+    Branch,
     ConversationDetail,
     ConversationPage,
     conversation_id_of,
@@ -32,11 +33,41 @@ from services.agent.state import InputState, Turn
 from services.agent.text import clean_query, title_from
 from services.agent.tracing import NoopTracer, Tracer
 from services.auth.principal import Principal
-from services.db import new_id
+from services.db import new_id, require_uuid
 from services.errors import InvalidArgument, ResourceExhausted
 
 # How long the in-process run log keeps an ended run when none is given.
 DEFAULT_RUN_LOG_TTL_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a caller asks a run for, as the request says it (checked by `start`)."""
+
+    query: str
+    """The question; empty with `regenerate_message_id`."""
+    conversation_id: str = ""
+    """The conversation to continue; empty starts one. The question follows its active
+    leaf, unless one of the two below says where it goes."""
+    edit_message_id: str = ""
+    """A question to replace: the new one is stored beside it (a sibling)."""
+    regenerate_message_id: str = ""
+    """An answer to produce again: its question is answered anew, beside it."""
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A run's question and where it goes."""
+
+    conversation_id: uuid.UUID
+    title: str | None
+    """The title of the conversation the run creates; None when it continues one."""
+    question: str
+    branch: Branch
+
+    @property
+    def history(self) -> list[Turn]:
+        return [Turn(role=m.role, content=m.content) for m in self.branch.history]
 
 
 @dataclass(frozen=True)
@@ -99,24 +130,14 @@ class AgentService:
         """Re-read every prompt file (SIGHUP)."""
         self._deps.prompts.reload()
 
-    async def start(
-        self, principal: Principal, query: str, conversation_id: str, *, request_id: str = ""
-    ) -> str:
+    async def start(self, principal: Principal, ask: Ask, *, request_id: str = "") -> str:
         """Admit a run and start it in the background; its id. The run belongs to this
         service, not to the caller: follow it with `attach`, stop it with `cancel`. Nothing
         is stored unless it completes. Refusals (the question, the conversation, quotas, the
         concurrent-run cap) raise here, before any event."""
-        settings = self._deps.settings
-        question = clean_query(query, max_chars=settings.max_query_chars)
-        if conversation_id:
-            cid = conversation_id_of(conversation_id)
-            rows = await self._deps.store.recent_messages(principal, cid, settings.context_messages)
-            history = [Turn(role=m.role, content=m.content) for m in rows]
-            title = None
-        else:
-            cid, history, title = new_id(), [], title_from(question)
+        placed = await self._place(principal, ask)
         run_id = uuid.uuid4().hex
-        await self._runs.admit(principal.user_id, run_id, settings.max_runs_per_user)
+        await self._runs.admit(principal.user_id, run_id, self._deps.settings.max_runs_per_user)
         try:
             try:
                 await self._deps.quotas.admit_query(principal)
@@ -127,9 +148,39 @@ class AgentService:
         except BaseException:
             await self._runs.release(principal.user_id, run_id)
             raise
-        context = self._new_run(run_id, principal, question, cid, title, request_id)
-        self._runs.launch(run_id, self._run(context, InputState(query=question, history=history)))
+        context = self._new_run(run_id, principal, placed, request_id)
+        given = InputState(query=placed.question, history=placed.history)
+        self._runs.launch(run_id, self._run(context, given))
         return run_id
+
+    async def _place(self, principal: Principal, ask: Ask) -> Placed:
+        """The run's question and where it goes in the tree (INVALID_ARGUMENT, NOT_FOUND)."""
+        settings = self._deps.settings
+        query, conversation_id = ask.query, ask.conversation_id
+        edit, regenerate = ask.edit_message_id, ask.regenerate_message_id
+        if edit and regenerate:
+            raise InvalidArgument.of("regenerate_message_id", "cannot go with edit_message_id")
+        if (edit or regenerate) and not conversation_id:
+            named = "edit_message_id" if edit else "regenerate_message_id"
+            raise InvalidArgument.of("conversation_id", f"is required with {named}")
+        if regenerate and query:
+            raise InvalidArgument.of("query", "must be empty with regenerate_message_id")
+        question = "" if regenerate else clean_query(query, max_chars=settings.max_query_chars)
+        if not conversation_id:
+            return Placed(new_id(), title_from(question), question, Branch(None))
+        cid = conversation_id_of(conversation_id)
+        branch = await self._deps.store.branch(
+            principal,
+            cid,
+            settings.context_messages,
+            edit=require_uuid(edit, field="edit_message_id") if edit else None,
+            regenerate=(
+                require_uuid(regenerate, field="regenerate_message_id") if regenerate else None
+            ),
+        )
+        if branch.question is not None:
+            question = branch.question.content
+        return Placed(cid, None, question, branch)
 
     def attach(
         self, principal: Principal, run_id: str, after_seq: int = 0
@@ -146,30 +197,27 @@ class AgentService:
         await self._runs.cancel(run_id_of(run_id), principal.user_id)
 
     def _new_run(
-        self,
-        run_id: str,
-        principal: Principal,
-        question: str,
-        cid: uuid.UUID,
-        title: str | None,
-        request_id: str,
+        self, run_id: str, principal: Principal, placed: Placed, request_id: str
     ) -> RunContext:
         """The context of a new run, with its trace opened."""
+        stored = placed.branch.question
         return RunContext(
             deps=self._deps,
             principal=principal,
             run_id=run_id,
-            conversation_id=cid,
-            new_title=title,
-            user_message_id=new_id(),
+            conversation_id=placed.conversation_id,
+            new_title=placed.title,
+            user_message_id=stored.id if stored is not None else new_id(),
+            question_stored=stored is not None,
+            parent_message_id=placed.branch.parent_id,
             assistant_message_id=new_id(),
             started=time.perf_counter(),
             trace=self._tracer.start_run(
                 run_id=run_id,
                 request_id=request_id,
                 user_id=str(principal.user_id),
-                conversation_id=str(cid),
-                query=question,
+                conversation_id=str(placed.conversation_id),
+                query=placed.question,
             ),
         )
 
@@ -205,13 +253,11 @@ class AgentService:
                 account.failed(error)
             raise
 
-    async def query(
-        self, principal: Principal, query: str, conversation_id: str, *, request_id: str = ""
-    ) -> QueryResult:
+    async def query(self, principal: Principal, ask: Ask, *, request_id: str = "") -> QueryResult:
         """Run the agent to the end and return the stored answer. Its caller learns the run
         id only at the end, so the run lasts as long as the call: a caller that goes away
         cancels it."""
-        run_id = await self.start(principal, query, conversation_id, request_id=request_id)
+        run_id = await self.start(principal, ask, request_id=request_id)
         started, completed, ended = None, None, False
         try:
             async for record in self._runs.follow(run_id, principal.user_id, 0):
@@ -230,9 +276,9 @@ class AgentService:
         return QueryResult(run_id, started, completed)
 
     async def list_conversations(
-        self, principal: Principal, page_size: int, page_token: str
+        self, principal: Principal, page_size: int, page_token: str, query: str = ""
     ) -> ConversationPage:
-        return await self._deps.store.list(principal, page_size, page_token)
+        return await self._deps.store.list(principal, page_size, page_token, query)
 
     async def get_conversation(
         self, principal: Principal, conversation_id: str
@@ -241,3 +287,12 @@ class AgentService:
 
     async def delete_conversation(self, principal: Principal, conversation_id: str) -> None:
         await self._deps.store.delete(principal, conversation_id_of(conversation_id))
+
+    async def switch_branch(
+        self, principal: Principal, conversation_id: str, message_id: str
+    ) -> ConversationDetail:
+        return await self._deps.store.switch_branch(
+            principal,
+            conversation_id_of(conversation_id),
+            require_uuid(message_id, field="message_id"),
+        )

@@ -27,7 +27,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61gentmesh/agent/v1/agent.proto\x12\x12\x61gentmesh.agent.v1\x1a$agentmesh/feedback/v1/feedback.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcb\x02\n\x08\x43itation\x12\x14\n\x05index\x18\x01 \x01(\x05R\x05index\x12?\n\x0bsource_type\x18\x02 \x01(\x0e\x32\x1e.agentmesh.agent.v1.SourceTypeR\nsourceType\x12\x1f\n\x0b\x64ocument_id\x18\x03 \x01(\tR\ndocumentId\x12\x19\n\x08\x63hunk_id\x18\x04 \x01(\tR\x07\x63hunkId\x12\x14\n\x05title\x18\x05 \x01(\tR\x05title\x12\x10\n\x03url\x18\x06 \x01(\tR\x03url\x12\x18\n\x07snippet\x18\x07 \x01(\tR\x07snippet\x12\x12\n\x04page\x18\x08 \x01(\x05R\x04page\x12!\n\x0cstart_offset\x18\t \x01(\x05R\x0bstartOffset\x12\x1d\n\nend_offset\x18\n \x01(\x05R\tendOffset\x12\x14\n\x05score\x18\x0b \x01(\x01R\x05score\"\xe6\x01\n\x08ToolCall\x12 \n\x0ctool_call_id\x18\x01 \x01(\tR\ntoolCallId\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12%\n\x0e\x61rguments_json\x18\x03 \x01(\tR\rargumentsJson\x12\x39\n\x07outcome\x18\x04 \x01(\x0e\x32\x1f.agentmesh.agent.v1.ToolOutcomeR\x07outcome\x12#\n\rerror_message\x18\x05 \x01(\tR\x0c\x65rrorMessage\x12\x1d\n\nlatency_ms\x18\x06 \x01(\x05R\tlatencyMs\"\x81\x01\n\nTokenUsage\x12#\n\rprompt_tokens\x18\x01 \x01(\x05R\x0cpromptTokens\x12+\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05R\x10\x63ompletionTokens\x12!\n\x0ctotal_tokens\x18\x03 \x01(\x05R\x0btotalTokens\"\xc2\x04\n\x07Message\x12#\n\nmessage_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\tmessageId\x12-\n\x0f\x63onversation_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03R\x0e\x63onversationId\x12\x33\n\x04role\x18\x03 \x01(\x0e\x32\x1f.agentmesh.agent.v1.MessageRoleR\x04role\x12\x18\n\x07\x63ontent\x18\x04 \x01(\tR\x07\x63ontent\x12:\n\tcitations\x18\x05 \x03(\x0b\x32\x1c.agentmesh.agent.v1.CitationR\tcitations\x12;\n\ntool_calls\x18\x06 \x03(\x0b\x32\x1c.agentmesh.agent.v1.ToolCallR\ttoolCalls\x12\x34\n\x05usage\x18\x07 \x01(\x0b\x32\x1e.agentmesh.agent.v1.TokenUsageR\x05usage\x12\x14\n\x05model\x18\x08 \x01(\tR\x05model\x12\x32\n\x04mode\x18\t \x01(\x0e\x32\x1e.agentmesh.agent.v1.AnswerModeR\x04mode\x12\x1d\n\nlatency_ms\x18\n \x01(\x05R\tlatencyMs\x12?\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tcreatedAt\x12;\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x0c \x01(\x0b\x32\x1f.agentmesh.feedback.v1.FeedbackR\x08\x66\x65\x65\x64\x62\x61\x63k\"\x86\x02\n\x0c\x43onversation\x12-\n\x0f\x63onversation_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x0e\x63onversationId\x12\x1a\n\x05title\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03R\x05title\x12?\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tcreatedAt\x12?\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tupdatedAt\x12)\n\rmessage_count\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03R\x0cmessageCount*^\n\x0bMessageRole\x12\x1c\n\x18MESSAGE_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MESSAGE_ROLE_USER\x10\x01\x12\x1a\n\x16MESSAGE_ROLE_ASSISTANT\x10\x02*`\n\nAnswerMode\x12\x1b\n\x17\x41NSWER_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41NSWER_MODE_GENERATED\x10\x01\x12\x1a\n\x16\x41NSWER_MODE_EXTRACTIVE\x10\x02*s\n\nSourceType\x12\x1b\n\x17SOURCE_TYPE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSOURCE_TYPE_KNOWLEDGE_BASE\x10\x01\x12\x13\n\x0fSOURCE_TYPE_WEB\x10\x02\x12\x13\n\x0fSOURCE_TYPE_API\x10\x03*\x96\x01\n\x0bToolOutcome\x12\x1c\n\x18TOOL_OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fTOOL_OUTCOME_OK\x10\x01\x12\x16\n\x12TOOL_OUTCOME_ERROR\x10\x02\x12\x18\n\x14TOOL_OUTCOME_TIMEOUT\x10\x03\x12\"\n\x1eTOOL_OUTCOME_INVALID_ARGUMENTS\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61gentmesh/agent/v1/agent.proto\x12\x12\x61gentmesh.agent.v1\x1a$agentmesh/feedback/v1/feedback.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcb\x02\n\x08\x43itation\x12\x14\n\x05index\x18\x01 \x01(\x05R\x05index\x12?\n\x0bsource_type\x18\x02 \x01(\x0e\x32\x1e.agentmesh.agent.v1.SourceTypeR\nsourceType\x12\x1f\n\x0b\x64ocument_id\x18\x03 \x01(\tR\ndocumentId\x12\x19\n\x08\x63hunk_id\x18\x04 \x01(\tR\x07\x63hunkId\x12\x14\n\x05title\x18\x05 \x01(\tR\x05title\x12\x10\n\x03url\x18\x06 \x01(\tR\x03url\x12\x18\n\x07snippet\x18\x07 \x01(\tR\x07snippet\x12\x12\n\x04page\x18\x08 \x01(\x05R\x04page\x12!\n\x0cstart_offset\x18\t \x01(\x05R\x0bstartOffset\x12\x1d\n\nend_offset\x18\n \x01(\x05R\tendOffset\x12\x14\n\x05score\x18\x0b \x01(\x01R\x05score\"\xe6\x01\n\x08ToolCall\x12 \n\x0ctool_call_id\x18\x01 \x01(\tR\ntoolCallId\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12%\n\x0e\x61rguments_json\x18\x03 \x01(\tR\rargumentsJson\x12\x39\n\x07outcome\x18\x04 \x01(\x0e\x32\x1f.agentmesh.agent.v1.ToolOutcomeR\x07outcome\x12#\n\rerror_message\x18\x05 \x01(\tR\x0c\x65rrorMessage\x12\x1d\n\nlatency_ms\x18\x06 \x01(\x05R\tlatencyMs\"\x81\x01\n\nTokenUsage\x12#\n\rprompt_tokens\x18\x01 \x01(\x05R\x0cpromptTokens\x12+\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05R\x10\x63ompletionTokens\x12!\n\x0ctotal_tokens\x18\x03 \x01(\x05R\x0btotalTokens\"\xaa\x05\n\x07Message\x12#\n\nmessage_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\tmessageId\x12-\n\x0f\x63onversation_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03R\x0e\x63onversationId\x12\x33\n\x04role\x18\x03 \x01(\x0e\x32\x1f.agentmesh.agent.v1.MessageRoleR\x04role\x12\x18\n\x07\x63ontent\x18\x04 \x01(\tR\x07\x63ontent\x12:\n\tcitations\x18\x05 \x03(\x0b\x32\x1c.agentmesh.agent.v1.CitationR\tcitations\x12;\n\ntool_calls\x18\x06 \x03(\x0b\x32\x1c.agentmesh.agent.v1.ToolCallR\ttoolCalls\x12\x34\n\x05usage\x18\x07 \x01(\x0b\x32\x1e.agentmesh.agent.v1.TokenUsageR\x05usage\x12\x14\n\x05model\x18\x08 \x01(\tR\x05model\x12\x32\n\x04mode\x18\t \x01(\x0e\x32\x1e.agentmesh.agent.v1.AnswerModeR\x04mode\x12\x1d\n\nlatency_ms\x18\n \x01(\x05R\tlatencyMs\x12?\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tcreatedAt\x12;\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x0c \x01(\x0b\x32\x1f.agentmesh.feedback.v1.FeedbackR\x08\x66\x65\x65\x64\x62\x61\x63k\x12\x30\n\x11parent_message_id\x18\r \x01(\tB\x04\xe2\x41\x01\x03R\x0fparentMessageId\x12\x34\n\x13sibling_message_ids\x18\x0e \x03(\tB\x04\xe2\x41\x01\x03R\x11siblingMessageIds\"\xb8\x02\n\x0c\x43onversation\x12-\n\x0f\x63onversation_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x0e\x63onversationId\x12\x1a\n\x05title\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03R\x05title\x12?\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tcreatedAt\x12?\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03R\tupdatedAt\x12)\n\rmessage_count\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03R\x0cmessageCount\x12\x30\n\x11\x61\x63tive_message_id\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03R\x0f\x61\x63tiveMessageId*^\n\x0bMessageRole\x12\x1c\n\x18MESSAGE_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MESSAGE_ROLE_USER\x10\x01\x12\x1a\n\x16MESSAGE_ROLE_ASSISTANT\x10\x02*`\n\nAnswerMode\x12\x1b\n\x17\x41NSWER_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41NSWER_MODE_GENERATED\x10\x01\x12\x1a\n\x16\x41NSWER_MODE_EXTRACTIVE\x10\x02*s\n\nSourceType\x12\x1b\n\x17SOURCE_TYPE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSOURCE_TYPE_KNOWLEDGE_BASE\x10\x01\x12\x13\n\x0fSOURCE_TYPE_WEB\x10\x02\x12\x13\n\x0fSOURCE_TYPE_API\x10\x03*\x96\x01\n\x0bToolOutcome\x12\x1c\n\x18TOOL_OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fTOOL_OUTCOME_OK\x10\x01\x12\x16\n\x12TOOL_OUTCOME_ERROR\x10\x02\x12\x18\n\x14TOOL_OUTCOME_TIMEOUT\x10\x03\x12\"\n\x1eTOOL_OUTCOME_INVALID_ARGUMENTS\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MESSAGE'].fields_by_name['conversation_id']._serialized_options = b'\342A\001\003'
   _globals['_MESSAGE'].fields_by_name['created_at']._loaded_options = None
   _globals['_MESSAGE'].fields_by_name['created_at']._serialized_options = b'\342A\001\003'
+  _globals['_MESSAGE'].fields_by_name['parent_message_id']._loaded_options = None
+  _globals['_MESSAGE'].fields_by_name['parent_message_id']._serialized_options = b'\342A\001\003'
+  _globals['_MESSAGE'].fields_by_name['sibling_message_ids']._loaded_options = None
+  _globals['_MESSAGE'].fields_by_name['sibling_message_ids']._serialized_options = b'\342A\001\003'
   _globals['_CONVERSATION'].fields_by_name['conversation_id']._loaded_options = None
   _globals['_CONVERSATION'].fields_by_name['conversation_id']._serialized_options = b'\342A\001\003'
   _globals['_CONVERSATION'].fields_by_name['title']._loaded_options = None
@@ -50,14 +54,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONVERSATION'].fields_by_name['updated_at']._serialized_options = b'\342A\001\003'
   _globals['_CONVERSATION'].fields_by_name['message_count']._loaded_options = None
   _globals['_CONVERSATION'].fields_by_name['message_count']._serialized_options = b'\342A\001\003'
-  _globals['_MESSAGEROLE']._serialized_start=1703
-  _globals['_MESSAGEROLE']._serialized_end=1797
-  _globals['_ANSWERMODE']._serialized_start=1799
-  _globals['_ANSWERMODE']._serialized_end=1895
-  _globals['_SOURCETYPE']._serialized_start=1897
-  _globals['_SOURCETYPE']._serialized_end=2012
-  _globals['_TOOLOUTCOME']._serialized_start=2015
-  _globals['_TOOLOUTCOME']._serialized_end=2165
+  _globals['_CONVERSATION'].fields_by_name['active_message_id']._loaded_options = None
+  _globals['_CONVERSATION'].fields_by_name['active_message_id']._serialized_options = b'\342A\001\003'
+  _globals['_MESSAGEROLE']._serialized_start=1857
+  _globals['_MESSAGEROLE']._serialized_end=1951
+  _globals['_ANSWERMODE']._serialized_start=1953
+  _globals['_ANSWERMODE']._serialized_end=2049
+  _globals['_SOURCETYPE']._serialized_start=2051
+  _globals['_SOURCETYPE']._serialized_end=2166
+  _globals['_TOOLOUTCOME']._serialized_start=2169
+  _globals['_TOOLOUTCOME']._serialized_end=2319
   _globals['_CITATION']._serialized_start=159
   _globals['_CITATION']._serialized_end=490
   _globals['_TOOLCALL']._serialized_start=493
@@ -65,7 +71,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENUSAGE']._serialized_start=726
   _globals['_TOKENUSAGE']._serialized_end=855
   _globals['_MESSAGE']._serialized_start=858
-  _globals['_MESSAGE']._serialized_end=1436
-  _globals['_CONVERSATION']._serialized_start=1439
-  _globals['_CONVERSATION']._serialized_end=1701
+  _globals['_MESSAGE']._serialized_end=1540
+  _globals['_CONVERSATION']._serialized_start=1543
+  _globals['_CONVERSATION']._serialized_end=1855
 # @@protoc_insertion_point(module_scope)

@@ -281,6 +281,8 @@ class Message(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     FEEDBACK_FIELD_NUMBER: _builtins.int
+    PARENT_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    SIBLING_MESSAGE_IDS_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
     """The identifier of the message (a UUID). Output only."""
     conversation_id: _builtins.str
@@ -295,6 +297,10 @@ class Message(_message.Message):
     """How the answer was produced, for assistant messages."""
     latency_ms: _builtins.int
     """How long the answer took, in milliseconds, for assistant messages."""
+    parent_message_id: _builtins.str
+    """The message this one follows: an answer's question, a question's previous answer;
+    empty for a first question. Output only.
+    """
     @_builtins.property
     def citations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Citation]:
         """The sources the answer cites, for assistant messages."""
@@ -315,6 +321,13 @@ class Message(_message.Message):
     def feedback(self) -> _feedback_pb2.Feedback:
         """The caller's feedback on this message, when they gave any."""
 
+    @_builtins.property
+    def sibling_message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every message with the same parent, oldest first, this one included: the branches
+        at this point of the conversation (an edited question or a regenerated answer adds
+        one). A client shows "2 of 3" and switches with SwitchBranch. Output only.
+        """
+
     def __init__(
         self,
         *,
@@ -330,10 +343,12 @@ class Message(_message.Message):
         latency_ms: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         feedback: _feedback_pb2.Feedback | None = ...,
+        parent_message_id: _builtins.str = ...,
+        sibling_message_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "feedback", b"feedback", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["citations", b"citations", "content", b"content", "conversation_id", b"conversation_id", "created_at", b"created_at", "feedback", b"feedback", "latency_ms", b"latency_ms", "message_id", b"message_id", "mode", b"mode", "model", b"model", "role", b"role", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["citations", b"citations", "content", b"content", "conversation_id", b"conversation_id", "created_at", b"created_at", "feedback", b"feedback", "latency_ms", b"latency_ms", "message_id", b"message_id", "mode", b"mode", "model", b"model", "parent_message_id", b"parent_message_id", "role", b"role", "sibling_message_ids", b"sibling_message_ids", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -350,12 +365,17 @@ class Conversation(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     MESSAGE_COUNT_FIELD_NUMBER: _builtins.int
+    ACTIVE_MESSAGE_ID_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     """The identifier of the conversation (a UUID). Output only."""
     title: _builtins.str
     """The title, taken from the first question. Output only."""
     message_count: _builtins.int
-    """The number of messages in the conversation. Output only."""
+    """The number of messages in the conversation, every branch counted. Output only."""
+    active_message_id: _builtins.str
+    """The last message of the branch the conversation shows and continues from (its
+    active leaf): a new question follows it. Output only.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the conversation started. Output only."""
@@ -372,10 +392,11 @@ class Conversation(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         message_count: _builtins.int = ...,
+        active_message_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "created_at", b"created_at", "message_count", b"message_count", "title", b"title", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_message_id", b"active_message_id", "conversation_id", b"conversation_id", "created_at", b"created_at", "message_count", b"message_count", "title", b"title", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

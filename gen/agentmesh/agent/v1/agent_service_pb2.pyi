@@ -98,19 +98,39 @@ class QueryRequest(_message.Message):
 
     QUERY_FIELD_NUMBER: _builtins.int
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    EDIT_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    REGENERATE_MESSAGE_ID_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """The question, at most 8,000 characters. Required."""
+    """The question, at most 8,000 characters. Required, except with
+    `regenerate_message_id` (which answers a stored question again), where it must be
+    empty.
+    """
     conversation_id: _builtins.str
-    """The conversation to continue; empty starts a new one."""
+    """The conversation to continue; empty starts a new one. The question follows the
+    conversation's active leaf unless `edit_message_id` or `regenerate_message_id` says
+    where it goes.
+    """
+    edit_message_id: _builtins.str
+    """A question of the conversation to edit: `query` is stored as a new question beside
+    it (a sibling: same parent), and answered; the original and its answers stay, on
+    their own branch. Needs `conversation_id`.
+    """
+    regenerate_message_id: _builtins.str
+    """An answer of the conversation to produce again: its question is answered anew, the
+    new answer stored beside the old one (a sibling). Needs `conversation_id`; `query`
+    must be empty.
+    """
     def __init__(
         self,
         *,
         query: _builtins.str = ...,
         conversation_id: _builtins.str = ...,
+        edit_message_id: _builtins.str = ...,
+        regenerate_message_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "query", b"query"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "edit_message_id", b"edit_message_id", "query", b"query", "regenerate_message_id", b"regenerate_message_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -160,19 +180,39 @@ class StreamQueryRequest(_message.Message):
 
     QUERY_FIELD_NUMBER: _builtins.int
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    EDIT_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    REGENERATE_MESSAGE_ID_FIELD_NUMBER: _builtins.int
     query: _builtins.str
-    """The question, at most 8,000 characters. Required."""
+    """The question, at most 8,000 characters. Required, except with
+    `regenerate_message_id` (which answers a stored question again), where it must be
+    empty.
+    """
     conversation_id: _builtins.str
-    """The conversation to continue; empty starts a new one."""
+    """The conversation to continue; empty starts a new one. The question follows the
+    conversation's active leaf unless `edit_message_id` or `regenerate_message_id` says
+    where it goes.
+    """
+    edit_message_id: _builtins.str
+    """A question of the conversation to edit: `query` is stored as a new question beside
+    it (a sibling: same parent), and answered; the original and its answers stay, on
+    their own branch. Needs `conversation_id`.
+    """
+    regenerate_message_id: _builtins.str
+    """An answer of the conversation to produce again: its question is answered anew, the
+    new answer stored beside the old one (a sibling). Needs `conversation_id`; `query`
+    must be empty.
+    """
     def __init__(
         self,
         *,
         query: _builtins.str = ...,
         conversation_id: _builtins.str = ...,
+        edit_message_id: _builtins.str = ...,
+        regenerate_message_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "query", b"query"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "edit_message_id", b"edit_message_id", "query", b"query", "regenerate_message_id", b"regenerate_message_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -666,19 +706,26 @@ class ListConversationsRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The maximum number of conversations to return: default 50, at most 200."""
     page_token: _builtins.str
     """The `next_page_token` of a previous response, to fetch the following page."""
+    query: _builtins.str
+    """Only conversations whose title or any message (of any branch) contains every word
+    of this text: full-text search (English stemming) on PostgreSQL, a case-insensitive
+    substring match of each word on SQLite. At most 200 characters.
+    """
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        query: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "query", b"query"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -748,7 +795,9 @@ class GetConversationResponse(_message.Message):
 
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.Message]:
-        """All its messages, oldest first, each with the caller's feedback."""
+        """The messages of its active branch, from the first question to the active leaf, each
+        with its siblings (the other branches at that point) and the caller's feedback.
+        """
 
     def __init__(
         self,
@@ -763,6 +812,64 @@ class GetConversationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetConversationResponse: _TypeAlias = GetConversationResponse  # noqa: Y015
+
+@_typing.final
+class SwitchBranchRequest(_message.Message):
+    """SwitchBranchRequest is the input of SwitchBranch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    conversation_id: _builtins.str
+    """The identifier of the conversation. Required."""
+    message_id: _builtins.str
+    """A message of the conversation (usually a sibling of one on the active branch). The
+    active leaf becomes the newest message of the branch through it. Required.
+    """
+    def __init__(
+        self,
+        *,
+        conversation_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SwitchBranchRequest: _TypeAlias = SwitchBranchRequest  # noqa: Y015
+
+@_typing.final
+class SwitchBranchResponse(_message.Message):
+    """SwitchBranchResponse is the conversation on its new active branch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def conversation(self) -> _agent_pb2.Conversation:
+        """The conversation, with its new active leaf."""
+
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.Message]:
+        """The messages of the new active branch, as GetConversation returns them."""
+
+    def __init__(
+        self,
+        *,
+        conversation: _agent_pb2.Conversation | None = ...,
+        messages: _abc.Iterable[_agent_pb2.Message] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SwitchBranchResponse: _TypeAlias = SwitchBranchResponse  # noqa: Y015
 
 @_typing.final
 class DeleteConversationRequest(_message.Message):

@@ -79,6 +79,11 @@ class AgentServiceStub:
                 request_serializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.GetConversationRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.GetConversationResponse.FromString,
                 _registered_method=True)
+        self.SwitchBranch = channel.unary_unary(
+                '/agentmesh.agent.v1.AgentService/SwitchBranch',
+                request_serializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.SwitchBranchRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.SwitchBranchResponse.FromString,
+                _registered_method=True)
         self.DeleteConversation = channel.unary_unary(
                 '/agentmesh.agent.v1.AgentService/DeleteConversation',
                 request_serializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.DeleteConversationRequest.SerializeToString,
@@ -108,9 +113,11 @@ class AgentServiceServicer:
         """Query runs the agent and returns the whole answer. Without `conversation_id` it
         starts a new conversation.
 
-        Returns INVALID_ARGUMENT for an empty or over-long query or a malformed conversation
-        id, NOT_FOUND if the conversation is not one of the caller's, and UNAVAILABLE if the
-        configured LLM cannot be reached (nothing of the run is stored then).
+        Returns INVALID_ARGUMENT for an empty or over-long query, a malformed id, or an
+        edit or regenerate that does not fit (not a question, not an answer, no conversation,
+        a query with a regenerate), NOT_FOUND if the conversation is not one of the caller's
+        or the edited or regenerated message is not in it, and UNAVAILABLE if the configured
+        LLM cannot be reached (nothing of the run is stored then).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -181,11 +188,24 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetConversation(self, request, context):
-        """GetConversation returns one of the caller's conversations with all its messages and
-        the caller's feedback on each.
+        """GetConversation returns one of the caller's conversations with the messages of its
+        active branch, the other branches at each message (sibling ids) and the caller's
+        feedback on each.
 
         Returns INVALID_ARGUMENT for a malformed id and NOT_FOUND if the conversation is not
         one of the caller's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwitchBranch(self, request, context):
+        """SwitchBranch makes the branch through a message the conversation's active one: the
+        one GetConversation shows and the next question follows. From that message, the
+        newest reply is followed at each step down to a leaf.
+
+        Returns INVALID_ARGUMENT for a malformed id and NOT_FOUND if the conversation is not
+        one of the caller's or the message is not in it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -234,6 +254,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetConversation,
                     request_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.GetConversationRequest.FromString,
                     response_serializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.GetConversationResponse.SerializeToString,
+            ),
+            'SwitchBranch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchBranch,
+                    request_deserializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.SwitchBranchRequest.FromString,
+                    response_serializer=agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.SwitchBranchResponse.SerializeToString,
             ),
             'DeleteConversation': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteConversation,
@@ -418,6 +443,33 @@ class AgentService:
             '/agentmesh.agent.v1.AgentService/GetConversation',
             agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.GetConversationRequest.SerializeToString,
             agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.GetConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwitchBranch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.agent.v1.AgentService/SwitchBranch',
+            agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.SwitchBranchRequest.SerializeToString,
+            agentmesh_dot_agent_dot_v1_dot_agent__service__pb2.SwitchBranchResponse.FromString,
             options,
             channel_credentials,
             insecure,

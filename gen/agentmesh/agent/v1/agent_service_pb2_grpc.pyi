@@ -52,9 +52,11 @@ class AgentServiceStub:
     """Query runs the agent and returns the whole answer. Without `conversation_id` it
     starts a new conversation.
 
-    Returns INVALID_ARGUMENT for an empty or over-long query or a malformed conversation
-    id, NOT_FOUND if the conversation is not one of the caller's, and UNAVAILABLE if the
-    configured LLM cannot be reached (nothing of the run is stored then).
+    Returns INVALID_ARGUMENT for an empty or over-long query, a malformed id, or an
+    edit or regenerate that does not fit (not a question, not an answer, no conversation,
+    a query with a regenerate), NOT_FOUND if the conversation is not one of the caller's
+    or the edited or regenerated message is not in it, and UNAVAILABLE if the configured
+    LLM cannot be reached (nothing of the run is stored then).
     """
     StreamQuery: _grpc.UnaryStreamMultiCallable[_agent_service_pb2.StreamQueryRequest, _agent_service_pb2.StreamQueryResponse]
     """StreamQuery runs the agent and streams its progress: the run start, steps, tool calls
@@ -105,11 +107,20 @@ class AgentServiceStub:
     Returns INVALID_ARGUMENT for a bad page size or page token.
     """
     GetConversation: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.GetConversationRequest, _agent_service_pb2.GetConversationResponse]
-    """GetConversation returns one of the caller's conversations with all its messages and
-    the caller's feedback on each.
+    """GetConversation returns one of the caller's conversations with the messages of its
+    active branch, the other branches at each message (sibling ids) and the caller's
+    feedback on each.
 
     Returns INVALID_ARGUMENT for a malformed id and NOT_FOUND if the conversation is not
     one of the caller's.
+    """
+    SwitchBranch: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.SwitchBranchRequest, _agent_service_pb2.SwitchBranchResponse]
+    """SwitchBranch makes the branch through a message the conversation's active one: the
+    one GetConversation shows and the next question follows. From that message, the
+    newest reply is followed at each step down to a leaf.
+
+    Returns INVALID_ARGUMENT for a malformed id and NOT_FOUND if the conversation is not
+    one of the caller's or the message is not in it.
     """
     DeleteConversation: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.DeleteConversationRequest, _agent_service_pb2.DeleteConversationResponse]
     """DeleteConversation deletes one of the caller's conversations with its messages and
@@ -143,9 +154,11 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Query runs the agent and returns the whole answer. Without `conversation_id` it
     starts a new conversation.
 
-    Returns INVALID_ARGUMENT for an empty or over-long query or a malformed conversation
-    id, NOT_FOUND if the conversation is not one of the caller's, and UNAVAILABLE if the
-    configured LLM cannot be reached (nothing of the run is stored then).
+    Returns INVALID_ARGUMENT for an empty or over-long query, a malformed id, or an
+    edit or regenerate that does not fit (not a question, not an answer, no conversation,
+    a query with a regenerate), NOT_FOUND if the conversation is not one of the caller's
+    or the edited or regenerated message is not in it, and UNAVAILABLE if the configured
+    LLM cannot be reached (nothing of the run is stored then).
     """
     StreamQuery: _aio.UnaryStreamMultiCallable[_agent_service_pb2.StreamQueryRequest, _agent_service_pb2.StreamQueryResponse]  # type: ignore[assignment]
     """StreamQuery runs the agent and streams its progress: the run start, steps, tool calls
@@ -196,11 +209,20 @@ class AgentServiceAsyncStub(AgentServiceStub):
     Returns INVALID_ARGUMENT for a bad page size or page token.
     """
     GetConversation: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.GetConversationRequest, _agent_service_pb2.GetConversationResponse]  # type: ignore[assignment]
-    """GetConversation returns one of the caller's conversations with all its messages and
-    the caller's feedback on each.
+    """GetConversation returns one of the caller's conversations with the messages of its
+    active branch, the other branches at each message (sibling ids) and the caller's
+    feedback on each.
 
     Returns INVALID_ARGUMENT for a malformed id and NOT_FOUND if the conversation is not
     one of the caller's.
+    """
+    SwitchBranch: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.SwitchBranchRequest, _agent_service_pb2.SwitchBranchResponse]  # type: ignore[assignment]
+    """SwitchBranch makes the branch through a message the conversation's active one: the
+    one GetConversation shows and the next question follows. From that message, the
+    newest reply is followed at each step down to a leaf.
+
+    Returns INVALID_ARGUMENT for a malformed id and NOT_FOUND if the conversation is not
+    one of the caller's or the message is not in it.
     """
     DeleteConversation: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.DeleteConversationRequest, _agent_service_pb2.DeleteConversationResponse]  # type: ignore[assignment]
     """DeleteConversation deletes one of the caller's conversations with its messages and
@@ -237,9 +259,11 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Query runs the agent and returns the whole answer. Without `conversation_id` it
         starts a new conversation.
 
-        Returns INVALID_ARGUMENT for an empty or over-long query or a malformed conversation
-        id, NOT_FOUND if the conversation is not one of the caller's, and UNAVAILABLE if the
-        configured LLM cannot be reached (nothing of the run is stored then).
+        Returns INVALID_ARGUMENT for an empty or over-long query, a malformed id, or an
+        edit or regenerate that does not fit (not a question, not an answer, no conversation,
+        a query with a regenerate), NOT_FOUND if the conversation is not one of the caller's
+        or the edited or regenerated message is not in it, and UNAVAILABLE if the configured
+        LLM cannot be reached (nothing of the run is stored then).
         """
 
     @_abc_1.abstractmethod
@@ -320,11 +344,26 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.GetConversationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.GetConversationResponse, _abc.Awaitable[_agent_service_pb2.GetConversationResponse]]:
-        """GetConversation returns one of the caller's conversations with all its messages and
-        the caller's feedback on each.
+        """GetConversation returns one of the caller's conversations with the messages of its
+        active branch, the other branches at each message (sibling ids) and the caller's
+        feedback on each.
 
         Returns INVALID_ARGUMENT for a malformed id and NOT_FOUND if the conversation is not
         one of the caller's.
+        """
+
+    @_abc_1.abstractmethod
+    def SwitchBranch(
+        self,
+        request: _agent_service_pb2.SwitchBranchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.SwitchBranchResponse, _abc.Awaitable[_agent_service_pb2.SwitchBranchResponse]]:
+        """SwitchBranch makes the branch through a message the conversation's active one: the
+        one GetConversation shows and the next question follows. From that message, the
+        newest reply is followed at each step down to a leaf.
+
+        Returns INVALID_ARGUMENT for a malformed id and NOT_FOUND if the conversation is not
+        one of the caller's or the message is not in it.
         """
 
     @_abc_1.abstractmethod
