@@ -33,6 +33,7 @@ _FEEDBACK = "/agentmesh.feedback.v1.FeedbackService/"
 _ANALYTICS = "/agentmesh.analytics.v1.AnalyticsService/"
 _INDEXING = "/agentmesh.indexing.v1.IndexingService/"
 _AUDIT = "/agentmesh.audit.v1.AuditService/"
+_A2A = "/lf.a2a.v1.A2AService/"  # the agent over A2A (issue 22)
 
 RPC_ACCESS: Mapping[str, Access] = {
     _AUTH + "Register": Access.PUBLIC,
@@ -63,6 +64,17 @@ RPC_ACCESS: Mapping[str, Access] = {
     _AGENT + "GetConversation": Access.USER,
     _AGENT + "SwitchBranch": Access.USER,
     _AGENT + "DeleteConversation": Access.USER,
+    _A2A + "SendMessage": Access.USER,
+    _A2A + "SendStreamingMessage": Access.USER,
+    _A2A + "GetTask": Access.USER,
+    _A2A + "ListTasks": Access.USER,
+    _A2A + "CancelTask": Access.USER,
+    _A2A + "SubscribeToTask": Access.USER,
+    _A2A + "CreateTaskPushNotificationConfig": Access.USER,
+    _A2A + "GetTaskPushNotificationConfig": Access.USER,
+    _A2A + "ListTaskPushNotificationConfigs": Access.USER,
+    _A2A + "DeleteTaskPushNotificationConfig": Access.USER,
+    _A2A + "GetExtendedAgentCard": Access.USER,
     _KB + "UploadDocument": Access.USER,
     _KB + "ListDocuments": Access.USER,
     _KB + "GetDocument": Access.USER,
@@ -103,6 +115,11 @@ READ_ONLY_RPCS = frozenset(
         _AGENT + "AttachRun",
         _AGENT + "ListConversations",
         _AGENT + "GetConversation",
+        _A2A + "GetTask",
+        _A2A + "ListTasks",
+        _A2A + "GetTaskPushNotificationConfig",
+        _A2A + "ListTaskPushNotificationConfigs",
+        _A2A + "GetExtendedAgentCard",
         _KB + "ListDocuments",
         _KB + "GetDocument",
         _KB + "SearchKnowledgeBase",

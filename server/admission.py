@@ -4,7 +4,8 @@ near-unloaded latency, instead of every call slowing down together with nothing 
 
 Calls count against one of two budgets:
 
-- runs: the agent's runs (Query, StreamQuery, AttachRun). A run holds its slot for its whole
+- runs: the agent's runs (Query, StreamQuery, AttachRun, and A2A's SendMessage,
+  SendStreamingMessage, SubscribeToTask). A run holds its slot for its whole
   length, seconds to minutes mostly spent waiting on the LLM; apart, a few long runs cannot
   starve the short calls, and a burst of short calls cannot refuse runs.
 - calls: every other RPC. Short (tens of milliseconds unloaded), so the bound keeps the
@@ -38,6 +39,10 @@ RUN_METHODS = frozenset(
         "/agentmesh.agent.v1.AgentService/Query",
         "/agentmesh.agent.v1.AgentService/StreamQuery",
         "/agentmesh.agent.v1.AgentService/AttachRun",
+        # The same runs over A2A (issue 22); a blocking SendMessage lasts its run.
+        "/lf.a2a.v1.A2AService/SendMessage",
+        "/lf.a2a.v1.A2AService/SendStreamingMessage",
+        "/lf.a2a.v1.A2AService/SubscribeToTask",
     }
 )
 # Infrastructure that must answer however loaded the server is.

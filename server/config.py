@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     """Address of the operations HTTP server (/metrics, /health)."""
     metrics_port: int = 9464
     """Port of the operations HTTP server (/metrics, /health); 0 picks a free one."""
+    mcp_port: int = 8765
+    """Port of the knowledge base's MCP server (streamable HTTP, on GRPC_HOST) in a process
+    serving `knowledge`; Envoy routes /mcp there. 0 picks a free one."""
 
     envoy_enabled: bool = True
     """Run Envoy as a sidecar process for REST (off when Envoy runs on its own, as in compose)."""
@@ -87,6 +90,9 @@ class Settings(BaseSettings):
     """The protobuf descriptor set Envoy transcodes REST/JSON with."""
     cors_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Browser origins allowed to call the REST API (comma-separated); none by default."""
+    public_url: str | None = None
+    """Where clients reach Envoy (e.g. https://agents.example.com): the A2A Agent Card names
+    its interfaces there. Unset: http://HTTP_HOST:HTTP_PORT (localhost for a wildcard)."""
     envoy_upstreams: Annotated[dict[str, list[str]], NoDecode] = Field(default_factory=dict)
     """The mesh, for `agentmesh envoy-config`: host:port of each service's replicas by service
     key, as JSON ({"agent": ["agent-1:50051", "agent-2:50051"], "knowledge": [...], ...}),
@@ -271,6 +277,8 @@ class Settings(BaseSettings):
     """What the api_search tool offers, as the model sees it."""
     api_tool_admin_only: bool = False
     """Offer the api_search tool to administrators only."""
+    mcp_servers_file: Path | None = None
+    """YAML file of the MCP tool servers the agent may use (reloaded like prompts); unset: none."""
     outbound_allowed_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Private networks tools may reach (comma-separated CIDRs); public ones are always allowed."""
 

@@ -6,6 +6,7 @@ imports grpc: `server/main.py` serves a built Domain, and any process kind (ever
 in one, or one service alone) is a choice of services over the same Domain.
 """
 
+import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,7 @@ from server.config import Settings
 from server.llm_sidecar import LocalLlmSidecar, packaged_model
 from server.request_context import request_origin
 from services.accounts.export import AccountExports
+from services.agent.a2a_tasks import A2aTasks
 from services.agent.accounting import UNKNOWN_INTENT
 from services.agent.context import AgentDeps
 from services.agent.conversations import ConversationStore
@@ -40,6 +42,7 @@ from services.agent.service import AgentService
 from services.agent.tools.api_search import ApiSearchTool
 from services.agent.tools.base import Tool
 from services.agent.tools.knowledge_search import KnowledgeBase, KnowledgeSearchTool
+from services.agent.tools.mcp_toolbox import McpToolbox
 from services.agent.tools.outbound import OutboundHttp
 from services.agent.tools.registry import ToolRegistry
 from services.agent.tools.web_search import WebSearchTool
@@ -134,6 +137,9 @@ class Domain:
     # The llama.cpp server of LLM_PROVIDER=local; the agent's client is made once it serves.
     local_llm: LocalLlmSidecar | None = None
     local_llm_settings: LlmSettings | None = None
+    mcp_tools: McpToolbox | None = None  # the agent's MCP tool servers (MCP_SERVERS_FILE)
+    # The agent's runs as A2A tasks (server/servicers/a2a.py); with the agent only.
+    a2a_tasks: A2aTasks | None = None
 
     @property
     def knowledge(self) -> KnowledgeService:
@@ -149,8 +155,17 @@ class Domain:
             raise LookupError("this process does not serve the agent")
         return self.agent_service
 
+    def reload(self) -> None:
+        """SIGHUP: re-read the prompts and the MCP servers file (in the background)."""
+        if self.agent_service is not None:
+            self.agent_service.reload_prompts()
+        if self.mcp_tools is not None:
+            self.mcp_tools.reload_soon()
+
     async def start(self) -> None:
         await self.events.start()
+        if self.mcp_tools is not None:
+            await self.mcp_tools.start()  # their tools are listed before the first run
         await self.api_keys.credentials.start()
         if self.audit_retention is not None:
             await self.audit_retention.start()
@@ -171,6 +186,10 @@ class Domain:
     async def close(self) -> None:
         if self.agent_service is not None:
             await self.agent_service.stop()
+        if self.a2a_tasks is not None:  # after the runs: their tasks record how they ended
+            await self.a2a_tasks.stop()
+        if self.mcp_tools is not None:
+            await self.mcp_tools.stop()
         if self.local_llm is not None:
             await self.local_llm.stop()
         await self.outbound.close()
@@ -304,14 +323,16 @@ def build_agent(
     events: EventRecorder,
     quotas: QuotaService,
     metrics: Metrics,
+    mcp: McpToolbox | None = None,
 ) -> AgentService:
-    """The agent: prompts, tools, the intent examples (embedded through `encoder` when
-    first needed), the LLM client (none in extractive mode) and the graph."""
+    """The agent: prompts, tools (with the MCP servers' of `mcp`), the intent examples
+    (embedded through `encoder` when first needed), the LLM client (none in extractive
+    mode) and the graph."""
     prompts = PromptManager(settings.prompts_dir, auto_reload=settings.prompts_auto_reload)
     provider = settings.resolved_llm_provider
     # The local provider's client is made when its sidecar has started (Domain.start).
     llm = ChatModel(configured.llm_settings(settings), metrics) if provider == "openai" else None
-    registry = ToolRegistry(build_tools(settings, knowledge, outbound), prompts)
+    registry = ToolRegistry(build_tools(settings, knowledge, outbound), prompts, mcp)
     # Every series a dashboard or an alert reads exists from the first scrape, at 0.
     tools = [tool.name for tool in registry.get_all_tools()]
     metrics.declare_agent_series(Intent, UNKNOWN_INTENT, tools, ToolOutcome)
@@ -484,14 +505,21 @@ def build_domain(
     )
     outbound = OutboundHttp(settings.outbound_allowed_networks)
     quotas = build_quotas(settings, redis, metrics)
-    agent = None
+    agent, mcp_tools = None, None
     if "agent" in served:
         searched = knowledge or _required(peers.knowledge, "KNOWLEDGE_TARGET")
         encoder: TextEncoder = (
             embedder if embedder is not None else _required(peers.encoder, "INDEX_TARGET")
         )
+        # The environment is read here, the root: `${NAME}` secrets of the MCP servers file.
+        mcp_tools = McpToolbox(
+            settings.mcp_servers_file,
+            os.environ,
+            metrics,
+            auto_reload=settings.prompts_auto_reload,
+        )
         agent = build_agent(
-            settings, sessions, encoder, searched, outbound, events, quotas, metrics
+            settings, sessions, encoder, searched, outbound, events, quotas, metrics, mcp_tools
         )
     purge = knowledge.purge_owner if knowledge else None
     if "users" in served and purge is None:
@@ -547,6 +575,8 @@ def build_domain(
         peers=peers,
         local_llm=local_llm,
         local_llm_settings=configured.llm_settings(settings),
+        mcp_tools=mcp_tools,
+        a2a_tasks=A2aTasks(agent, sessions) if agent is not None else None,
     )
 
 

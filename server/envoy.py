@@ -24,6 +24,7 @@ CORS_POLICY_TYPE = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Co
 BUFFER_FILTER = "envoy.filters.http.buffer"
 TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
 GRPC_CLUSTER = "agentmesh_grpc"
+MCP_CLUSTER = "agentmesh_mcp"  # the knowledge base's MCP server (server/kb_mcp.py)
 # The REST routes of envoy/envoy.yaml that cap a body (by the EdgeLimits field of their cap),
 # each after its twin TOO_LARGE that refuses a Content-Length over the cap at once.
 BODY_CAP_ROUTES = {
@@ -95,6 +96,8 @@ class EnvoyAddresses:
     cors_origins: list[str] = field(default_factory=list)
     limits: EdgeLimits | None = None
     """None: the template's own numbers."""
+    mcp_port: int = 8765
+    """The knowledge base's MCP server, on the gRPC host."""
 
 
 def reachable(host: str) -> str:
@@ -228,6 +231,7 @@ def render_config(template: dict[str, Any], where: EnvoyAddresses) -> dict[str, 
     upstreams = {
         GRPC_CLUSTER: (reachable(where.grpc_host), where.grpc_port),
         "agentmesh_ops": (reachable(where.ops_host), where.ops_port),
+        MCP_CLUSTER: (reachable(where.grpc_host), where.mcp_port),
     }
     for cluster in config["static_resources"]["clusters"]:
         host, port = upstreams[cluster["name"]]
@@ -384,9 +388,12 @@ def envoy_config(
     ops_port: int,
     upstream: str | None = None,
     descriptor: Path | None = None,
+    mcp_port: int | None = None,
 ) -> dict[str, Any]:
     """envoy/envoy.yaml rendered for this installation: the sidecar's config, or with
-    `upstream` naming agentmesh's host, the config of an Envoy in its own container."""
+    `upstream` naming agentmesh's host, the config of an Envoy in its own container.
+    `mcp_port` is the MCP server's (None: MCP_PORT; a process without the knowledge base
+    listens on none, and /mcp answers 503)."""
     template = yaml.safe_load(settings.envoy_config_template.read_text())
     addresses = EnvoyAddresses(
         listen_host=settings.http_host,
@@ -399,15 +406,18 @@ def envoy_config(
         descriptor_set=descriptor or settings.descriptor_set,
         cors_origins=settings.cors_allowed_origins,
         limits=edge_limits(settings),
+        mcp_port=settings.mcp_port if mcp_port is None else mcp_port,
     )
     return render_config(template, addresses)
 
 
-def envoy_sidecar(settings: Settings, *, grpc_port: int, ops_port: int) -> EnvoySidecar:
-    """The sidecar Envoy in front of this process's gRPC and operations ports."""
+def envoy_sidecar(
+    settings: Settings, *, grpc_port: int, ops_port: int, mcp_port: int | None = None
+) -> EnvoySidecar:
+    """The sidecar Envoy in front of this process's gRPC, operations and MCP ports."""
     return EnvoySidecar(
         settings.resolved_envoy_binary,
-        envoy_config(settings, grpc_port=grpc_port, ops_port=ops_port),
+        envoy_config(settings, grpc_port=grpc_port, ops_port=ops_port, mcp_port=mcp_port),
         settings.data_dir / "envoy",
         concurrency=settings.envoy_concurrency,
     )

@@ -5,7 +5,8 @@ service, each with several replicas, in place of the single process's one gRPC c
   compose service gives as many hosts, re-resolved every 5 s), HTTP/2 as the template's
   gRPC cluster, an active grpc.health.v1 check of that service's full name, outlier
   detection, a retry budget, and the template's circuit breaker times the replicas listed.
-  `agentmesh_ops` holds every operations server (/health).
+  `agentmesh_ops` holds every operations server (/health); `agentmesh_mcp` the knowledge
+  replicas' MCP servers (their hosts at MCP_PORT: /mcp, server/kb_mcp.py).
 - Routes: the template's own, each sent to the cluster of the service its path names (the
   REST routes that cap bodies, matched before transcoding, to the front service's: only a
   request the transcoder leaves as it is goes there);
@@ -30,8 +31,16 @@ import yaml
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
+from server.a2a_descriptors import SERVICE as A2A_SERVICE
 from server.config import Settings
-from server.envoy import EnvoyFront, edge_limits, public_manager, reachable, render_front
+from server.envoy import (
+    MCP_CLUSTER,
+    EnvoyFront,
+    edge_limits,
+    public_manager,
+    reachable,
+    render_front,
+)
 from server.upstreams import check_upstreams, split_address
 
 # The public services by the keys of AGENTMESH_ENVOY_UPSTREAMS, in server/served.py's order.
@@ -45,7 +54,8 @@ FULL_NAMES: dict[str, str] = {
     "analytics": "agentmesh.analytics.v1.AnalyticsService",
     "audit": "agentmesh.audit.v1.AuditService",
 }
-KEYS = {name: key for key, name in FULL_NAMES.items()}
+# The agent over A2A (issue 22) is served with the agent: its routes go to the agent's.
+KEYS = {**{name: key for key, name in FULL_NAMES.items()}, A2A_SERVICE: "agent"}
 # Whose cluster takes reflection, grpc.health.v1 and paths of no service.
 FRONT_SERVICE = "auth"
 # Methods that only read though their REST binding is not a GET (a search takes a body).
@@ -207,7 +217,7 @@ def _rerouted(route: dict[str, Any], streams: set[str], reads: set[str]) -> dict
     action = route.get("route")
     if action is None:
         return route  # a direct response
-    if action["cluster"] == OPS_CLUSTER:
+    if action["cluster"] in (OPS_CLUSTER, MCP_CLUSTER):
         return {**route, "route": {**action, "retry_policy": retry_policy(NOT_SENT)}}
     path = route["match"].get("path") or route["match"].get("prefix", "")
     key = KEYS.get(path.strip("/").split("/")[0], FRONT_SERVICE)
@@ -249,10 +259,12 @@ def mesh_config(
     front: EnvoyFront,
     upstreams: Mapping[str, Sequence[str]],
     ops: Sequence[str],
+    mcp_port: int = 8765,
 ) -> dict[str, Any]:
     """envoy/envoy.yaml (`template`) rendered for a mesh: `front` as the sidecar's, every
     service of FULL_NAMES at its `upstreams` (host:port of each replica, by service key),
-    and /health at the operations servers `ops` (host:port)."""
+    /health at the operations servers `ops` (host:port) and /mcp at the knowledge
+    replicas' hosts on `mcp_port`."""
     check_upstreams(upstreams, list(FULL_NAMES))
     if not ops:
         raise ValueError("the mesh needs an operations server for /health")
@@ -266,6 +278,8 @@ def mesh_config(
         _service_cluster(prototypes[GRPC_CLUSTER], key, upstreams[key]) for key in FULL_NAMES
     ]
     clusters.append(_cluster(prototypes[OPS_CLUSTER], OPS_CLUSTER, ops))
+    mcp = [f"{split_address(a)[0]}:{mcp_port}" for a in upstreams["knowledge"]]
+    clusters.append(_cluster(prototypes[MCP_CLUSTER], MCP_CLUSTER, mcp))
     config["static_resources"]["clusters"] = clusters
     virtual_host = public_manager(config)["route_config"]["virtual_hosts"][0]
     virtual_host["routes"] = _routes(virtual_host["routes"], methods)
@@ -290,4 +304,4 @@ def mesh_envoy_config(
         cors_origins=settings.cors_allowed_origins,
         limits=edge_limits(settings),
     )
-    return mesh_config(settings.envoy_config_template, front, upstreams, ops)
+    return mesh_config(settings.envoy_config_template, front, upstreams, ops, settings.mcp_port)

@@ -23,6 +23,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from server.a2a_card import agent_card_json
 from server.admission import CALLS, RUNS, Admission
 from server.authentication import Authentication
 from server.config import Settings
@@ -30,6 +31,7 @@ from server.domain import Domain, build_domain
 from server.envoy import envoy_sidecar
 from server.health import ServiceHealth
 from server.interceptors import CallPipeline, Stages
+from server.kb_mcp import KnowledgeMcpServer, knowledge_mcp
 from server.logs import configure_logging
 from server.ops_http import OpsServer
 from server.peers import connect_peers
@@ -45,7 +47,7 @@ from server.runtime_metrics import (
     Probe,
     RuntimeMonitor,
 )
-from server.served import INDEXING, SERVICE_NAMES, SERVICES
+from server.served import A2A_SERVICE, INDEXING, SERVICE_NAMES, SERVICES
 from services.db import ping, pool_stats
 
 __all__ = ["SERVICE_NAMES", "Application", "build_application", "serve"]
@@ -119,6 +121,13 @@ def rate_limits(settings: Settings) -> RateLimits:
     )
 
 
+def authentication(domain: Domain) -> Authentication:
+    """Who makes a call, from its bearer credential: one path for gRPC and MCP."""
+    return Authentication(
+        domain.tokens, domain.auth_states, domain.service_token, domain.api_keys.credentials
+    )
+
+
 def interceptors(
     settings: Settings, domain: Domain, registry: CollectorRegistry
 ) -> list[grpc.aio.ServerInterceptor]:
@@ -135,9 +144,7 @@ def interceptors(
         admission=admission(settings, registry),
         log=RequestLog(rpc_log, domain.events),
         receive_limits=receive_limits(settings),
-        auth=Authentication(
-            domain.tokens, domain.auth_states, domain.service_token, domain.api_keys.credentials
-        ),
+        auth=authentication(domain),
         limits=limits,
         errors=rpc_log,
     )
@@ -177,11 +184,19 @@ class Application:
     ops: OpsServer
     grpc_port: int
     monitor: RuntimeMonitor
+    mcp: KnowledgeMcpServer | None = None  # with the knowledge base (server/kb_mcp.py)
+
+    @property
+    def mcp_port(self) -> int | None:
+        """The MCP server's port once started; None where the knowledge base is not served."""
+        return self.mcp.port if self.mcp is not None else None
 
     async def start(self) -> None:
         await self.domain.start()
         await self.server.start()
         await self.ops.start()
+        if self.mcp is not None:
+            await self.mcp.start()
         await self.monitor.start()
         await self.health.start_serving()
 
@@ -190,6 +205,8 @@ class Application:
         await self.health.shutdown()
         await asyncio.sleep(self.settings.shutdown_delay_seconds)
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        if self.mcp is not None:
+            await self.mcp.stop()
         await self.monitor.stop()
         await self.ops.stop()
         await self.domain.close()
@@ -225,13 +242,24 @@ def build_application(settings: Settings) -> Application:
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     # Every public service is described, served here or not: behind Envoy, grpcurl lists
     # what the mesh serves whichever process its reflection call reaches.
-    enable_reflection([*SERVICE_NAMES, *internal, health_name], server)
+    enable_reflection([*SERVICE_NAMES, A2A_SERVICE, *internal, health_name], server)
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
-    ops = OpsServer(health, registry, settings.metrics_host, settings.metrics_port)
+    ops = OpsServer(
+        health,
+        registry,
+        settings.metrics_host,
+        settings.metrics_port,
+        agent_card=agent_card_json(settings),
+    )
     monitor = build_monitor(
         domain, registry, probe_qdrant=settings.qdrant_url is not None, health=health
     )
-    return Application(settings, domain, server, health, ops, port, monitor)
+    mcp = None
+    if domain.knowledge_service is not None:
+        mcp_app = knowledge_mcp(domain.knowledge_service, authentication(domain))
+        grace = settings.shutdown_grace_seconds
+        mcp = KnowledgeMcpServer(mcp_app, settings.grpc_host, settings.mcp_port, grace)
+    return Application(settings, domain, server, health, ops, port, monitor, mcp)
 
 
 async def serve(settings: Settings) -> None:
@@ -246,7 +274,9 @@ async def serve(settings: Settings) -> None:
     gc.collect()
     gc.freeze()
     sidecar = (
-        envoy_sidecar(settings, grpc_port=app.grpc_port, ops_port=app.ops.port)
+        envoy_sidecar(
+            settings, grpc_port=app.grpc_port, ops_port=app.ops.port, mcp_port=app.mcp_port
+        )
         if settings.envoy_enabled
         else None
     )
@@ -255,7 +285,8 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     if app.domain.agent_service is not None:
-        loop.add_signal_handler(signal.SIGHUP, app.domain.agent_service.reload_prompts)
+        # The prompts and the MCP servers file (Domain.reload).
+        loop.add_signal_handler(signal.SIGHUP, app.domain.reload)
     try:
         if sidecar is not None:
             await sidecar.start()
@@ -265,6 +296,7 @@ async def serve(settings: Settings) -> None:
                 "grpc": f"{settings.grpc_host}:{app.grpc_port}",
                 "http": f"{settings.http_host}:{sidecar.port}" if sidecar else None,
                 "ops": f"{settings.metrics_host}:{app.ops.port}",
+                "mcp": f"{settings.grpc_host}:{app.mcp_port}" if app.mcp_port else None,
                 "database": settings.resolved_database_url.split("@")[-1],
             },
         )

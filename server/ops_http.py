@@ -1,5 +1,6 @@
 """The operations HTTP server (METRICS_PORT): /metrics for Prometheus and /health, a plain
-JSON view of gRPC health for load balancers and humans (Envoy routes /health here)."""
+JSON view of gRPC health for load balancers and humans (Envoy routes /health here), and
+A2A's Agent Card (Envoy routes /.well-known/agent-card.json here)."""
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -10,11 +11,19 @@ from server.health import ServiceHealth
 
 class OpsServer:
     def __init__(
-        self, health: ServiceHealth, registry: CollectorRegistry, host: str, port: int
+        self,
+        health: ServiceHealth,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        agent_card: dict[str, object] | None = None,
     ) -> None:
         self._health = health
         app = web.Application()
         app.router.add_get("/health", self._health_view)
+        self._agent_card = agent_card
+        if agent_card is not None:  # A2A's Agent Card (server/a2a_card.py), public
+            app.router.add_get("/.well-known/agent-card.json", self._agent_card_view)
         app.router.add_get("/metrics", make_aiohttp_handler(registry))
         self._runner = web.AppRunner(app, access_log=None)
         self._host, self._port = host, port
@@ -24,6 +33,9 @@ class OpsServer:
         snapshot = self._health.snapshot()
         body = {"status": snapshot[""], "services": {k: v for k, v in snapshot.items() if k}}
         return web.json_response(body, status=200 if self._health.serving else 503)
+
+    async def _agent_card_view(self, _request: web.Request) -> web.Response:
+        return web.json_response(self._agent_card)
 
     async def start(self) -> None:
         await self._runner.setup()

@@ -5,6 +5,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+from a2a.types import a2a_pb2
+from a2a.types import a2a_pb2_grpc as a2a_grpc
 from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
 from agentmesh.agent.v1 import agent_service_pb2_grpc as agent_grpc
 from agentmesh.analytics.v1 import analytics_service_pb2 as analytics_pb
@@ -26,6 +28,7 @@ from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as knowledge_grpc
 from google.protobuf.descriptor import FileDescriptor
 
 from server.domain import Domain
+from server.servicers.a2a import A2aServicer
 from server.servicers.agent import AgentServicer
 from server.servicers.analytics import AnalyticsServicer
 from server.servicers.api_keys import ApiKeyServicer
@@ -55,6 +58,16 @@ class ServedService:
     needs: frozenset[str] = frozenset({"database"})
 
 
+def add_agent(domain: Domain, server: grpc.aio.Server) -> None:
+    """The agent's own service, and the same agent for other agents over A2A (issue 22):
+    lf.a2a.v1.A2AService goes with the agent's key (its runs live in this process)."""
+    servicer = AgentServicer(domain.agent, domain.feedback)
+    agent_grpc.add_AgentServiceServicer_to_server(servicer, server)
+    assert domain.a2a_tasks is not None  # built with the agent
+    add_a2a = a2a_grpc.add_A2AServiceServicer_to_server  # a2a-sdk's stubs are untyped
+    add_a2a(A2aServicer(domain.a2a_tasks), server)  # type: ignore[no-untyped-call]
+
+
 SERVICES = (
     ServedService(
         "auth",
@@ -78,9 +91,7 @@ SERVICES = (
     ServedService(
         "agent",
         _name(agent_pb.DESCRIPTOR, "AgentService"),
-        lambda d, s: agent_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(d.agent, d.feedback), s
-        ),
+        add_agent,
         frozenset({"database", "redis"}),
     ),
     ServedService(
@@ -115,6 +126,9 @@ SERVICES = (
     ),
 )
 SERVICE_NAMES = [service.name for service in SERVICES]
+# Served with the agent, described by reflection beside ours (not a service of our contract:
+# the A2A project's proto, shipped by a2a-sdk).
+A2A_SERVICE = a2a_pb2.DESCRIPTOR.services_by_name["A2AService"].full_name
 SERVICE_KEYS = [service.key for service in SERVICES]
 
 # Internal: ingestion workers write into the vector index of the process that owns the

@@ -1,5 +1,6 @@
 """Every table of the product, imported in one place for Alembic's autogenerate."""
 
+from services.agent.a2a_task_models import A2aTask
 from services.agent.models import Conversation, Message
 from services.audit.models import AuditRecord
 from services.auth.models import ApiKey, Invitation, RefreshToken, User
@@ -9,6 +10,7 @@ from services.knowledge.models import Document, DocumentUpload
 from services.usage_events.models import Event
 
 __all__ = [
+    "A2aTask",
     "ApiKey",
     "AuditRecord",
     "Base",

@@ -40,3 +40,18 @@ def tool_names(body: JSON) -> list[str]:
 
 def arguments(query: str) -> str:
     return json.dumps({"query": query})
+
+
+def cite(needle: str, text: str) -> "ToolAnswer":
+    """A scripted answer citing the source that contains `needle`: `text` with `{n}`."""
+    return ToolAnswer(needle, text)
+
+
+class ToolAnswer:
+    """An answer that cites the prompt's source containing `needle` by its number."""
+
+    def __init__(self, needle: str, text: str) -> None:
+        self.needle, self.text = needle, text
+
+    def __call__(self, body: JSON) -> str:
+        return self.text.format(n=source_number(body, self.needle))

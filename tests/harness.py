@@ -35,6 +35,7 @@ def settings_for(database_url: str, data_dir: Path, **overrides: Any) -> Setting
         "database_url": database_url,
         "grpc_port": 0,
         "metrics_port": 0,
+        "mcp_port": 0,
         "http_port": 0,
         "envoy_admin_port": 0,
         "jwt_secret": TEST_JWT_SECRET,
@@ -155,7 +156,9 @@ def envoy_for(
             "cors_allowed_origins": cors_origins or [],
         }
     )
-    config = envoy_config(settings, grpc_port=app.grpc_port, ops_port=app.ops.port)
+    config = envoy_config(
+        settings, grpc_port=app.grpc_port, ops_port=app.ops.port, mcp_port=app.mcp_port
+    )
     return EnvoySidecar(settings.resolved_envoy_binary, config, workdir)
 
 

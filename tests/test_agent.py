@@ -19,8 +19,8 @@ from server.main import Application
 from tests.agent import (
     answer_text,
     arguments,
+    cite,
     of_kind,
-    source_number,
     stream,
     tool_names,
 )
@@ -97,20 +97,6 @@ async def stubs_(agent_app: tuple[Application, Stubs], llm: FakeLlm, fake_web: F
     fake_web.lookups.clear()
     fake_web.search_status = 200
     return agent_app[1]
-
-
-def cite(needle: str, text: str) -> "ToolAnswer":
-    return ToolAnswer(needle, text)
-
-
-class ToolAnswer:
-    """An answer that cites the prompt's source containing `needle` by its number."""
-
-    def __init__(self, needle: str, text: str) -> None:
-        self.needle, self.text = needle, text
-
-    def __call__(self, body: JSON) -> str:
-        return self.text.format(n=source_number(body, self.needle))
 
 
 def assert_well_formed(events: list[agent_pb.StreamQueryResponse]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from a2a.types import a2a_pb2
 from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
 from agentmesh.auth.v1 import api_key_service_pb2 as keys_pb
 from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
@@ -47,7 +48,9 @@ from tests.langfuse_recorder import serving, span_attributes
 from tests.limited import limited_app
 from tests.rpc_errors import error_info, field_violations, quota_violations
 
-METHODS = {method_path(m): m for m in contract_methods()}
+# The agent over A2A (issue 22) is in the access table too: a2a-sdk's descriptors.
+A2A = a2a_pb2.DESCRIPTOR.services_by_name["A2AService"].methods
+METHODS = {method_path(m): m for m in [*contract_methods(), *A2A]}
 ME = users_pb.GetCurrentUserRequest()
 
 

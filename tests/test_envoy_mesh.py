@@ -114,7 +114,10 @@ def test_mesh_config_is_valid_for_envoy(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
     clusters = {cluster["name"]: cluster for cluster in config["static_resources"]["clusters"]}
-    assert set(clusters) == {f"svc_{key}" for key in FULL_NAMES} | {"agentmesh_ops"}
+    assert set(clusters) == {f"svc_{key}" for key in FULL_NAMES} | {
+        "agentmesh_ops",
+        "agentmesh_mcp",
+    }
     for key, name in FULL_NAMES.items():
         cluster = clusters[f"svc_{key}"]
         # A DNS name stands for every replica it resolves to (a scaled compose service).
@@ -131,6 +134,15 @@ def test_mesh_config_is_valid_for_envoy(tmp_path: Path) -> None:
         assert "http2_protocol_options" in json.dumps(cluster["typed_extension_protocol_options"])
     ops = clusters["agentmesh_ops"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert len(ops) == 2
+    # /mcp goes to the knowledge replicas' MCP servers (MCP_PORT on their hosts), over HTTP/1.1.
+    (mcp,) = clusters["agentmesh_mcp"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert mcp["endpoint"]["address"]["socket_address"] == {
+        "address": "knowledge",
+        "port_value": SETTINGS.mcp_port,
+    }
+    assert "typed_extension_protocol_options" not in clusters["agentmesh_mcp"]
+    (mcp_route,) = [route for route in routes(config) if route.get("name") == "mcp"]
+    assert mcp_route["route"]["cluster"] == "agentmesh_mcp"
 
 
 def test_every_method_is_routed_to_its_service_with_retries_only_where_safe() -> None:

@@ -18,7 +18,7 @@ from server.config import ROOT
 from server.envoy import EnvoySidecar
 from server.main import SERVICE_NAMES, Application
 from server.reflection import V1, V1ALPHA
-from server.served import INDEXING
+from server.served import A2A_SERVICE, INDEXING
 from tests.harness import Stubs, new_user
 
 BIN = Path(sys.executable).parent
@@ -28,7 +28,7 @@ README_BLOCK = re.compile(
 HEALTH = "grpc.health.v1.Health"
 # The test server is the whole platform in one process: the index owner's internal
 # service is there too.
-LISTED = {*SERVICE_NAMES, INDEXING.name, HEALTH, V1, V1ALPHA}
+LISTED = {*SERVICE_NAMES, A2A_SERVICE, INDEXING.name, HEALTH, V1, V1ALPHA}
 
 
 def readme_commands() -> list[str]:

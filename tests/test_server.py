@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from sqlalchemy import text
 
+from server.a2a_descriptors import SERVICE as A2A_SERVICE
 from server.access import RPC_ACCESS, Access
 from server.logs import RequestContextFilter
 from server.main import SERVICE_NAMES, Application, build_application
@@ -40,7 +41,8 @@ def _all_methods() -> set[str]:
     pool = descriptor_pool.Default()
     return {
         f"/{name}/{method.name}"
-        for name in [*SERVICE_NAMES, INDEXING.name]  # the public services and the internal one
+        # The public services, the agent over A2A (issue 22) and the internal one.
+        for name in [*SERVICE_NAMES, A2A_SERVICE, INDEXING.name]
         for method in pool.FindServiceByName(name).methods
     }
 

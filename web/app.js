@@ -136,6 +136,7 @@ function signedOut(reason = "") {
   sessionStorage.removeItem(RUN_KEY);
   $("who").textContent = "";
   $("auth-error").textContent = reason;
+  $("documents").replaceChildren();
   show(false);
 }
 
@@ -633,8 +634,11 @@ async function watchDocument(row, document) {
 async function listDocuments() {
   try {
     const { documents } = await json("GET", "/v1/kb/documents");
-    $("documents").replaceChildren();
+    // Added to what is shown, never replacing it: an upload started while the list loaded
+    // already has its row (signing out empties the list).
+    const shown = new Set([...$("documents").children].map((item) => item.dataset.documentId));
     for (const document of documents) {
+      if (shown.has(document.document_id)) continue;
       const row = documentRow();
       $("documents").append(row.item);
       watchDocument(row, document).catch((error) => showError("chat-error", error));
@@ -660,6 +664,10 @@ async function upload(file) {
   try {
     const content = base64(await file.arrayBuffer());
     const { document } = await json("POST", "/v1/kb/documents", { filename: file.name, content });
+    // The list, if it loaded meanwhile, may show the same document: one row is enough.
+    for (const item of $("documents").querySelectorAll("li.document")) {
+      if (item !== row.item && item.dataset.documentId === document.document_id) item.remove();
+    }
     await watchDocument(row, document);
   } catch (error) {
     row.update({ filename: file.name, status: "DOCUMENT_STATUS_FAILED" });

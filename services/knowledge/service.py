@@ -38,7 +38,7 @@ from services.knowledge.retrieval import (
     single_leg,
 )
 from services.knowledge.storage_quota import check_storage
-from services.knowledge.vector_store import SearchScope, VectorStore
+from services.knowledge.vector_store import ChunkOwner, SearchScope, VectorStore, point_id
 from services.metrics import Metrics
 from services.pagination import decode_cursor, page_size, split_page
 from services.usage_events.recorder import EventKind, EventRecorder
@@ -52,6 +52,7 @@ MAX_QUERY = 2000
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 100
 MAX_DOCUMENT_FILTER = 100  # document ids one search may be narrowed to
+MAX_READ_PASSAGES = 50  # passages one read of a document returns
 # The payload keys candidates are ranked and checked by; the rest of a passage's payload
 # (its text above all) is read only for the passages served.
 HIT_FIELDS = ("document_id", "generation")
@@ -293,6 +294,29 @@ class KnowledgeService:
         # Searches drop hits of documents that no longer exist, so the rows going first
         # hides the passages at once even if removing the points fails.
         await self._store.delete_document(parsed)
+
+    async def read_passages(
+        self, principal: Principal, document_id: str, *, first: int = 0, limit: int = 20
+    ) -> tuple[Document, list[Passage]]:
+        """A document the caller may see (as `get`) and its passages `first`.. in document
+        order, as indexed at its current generation (score 0: nothing was ranked)."""
+        violations = Violations()
+        if first < 0:
+            violations.add("first", "must be 0 or more")
+        if not 1 <= limit <= MAX_READ_PASSAGES:
+            violations.add("limit", f"must be between 1 and {MAX_READ_PASSAGES}")
+        violations.raise_if_any()
+        document = await self.get(principal, document_id)
+        if document.generation is None:  # nothing indexed yet
+            return document, []
+        # Point ids are derived from (document, generation, chunk index), so the current
+        # generation's passages are read by id: no scan, and never an old generation's.
+        owner = ChunkOwner(document.id, document.generation, document.owner_id, document.shared)
+        indexes = range(first, min(first + limit, document.chunk_count))
+        ids = [point_id(owner, index) for index in indexes]
+        payloads = await self._store.payloads(ids)
+        candidates = [Candidate(i, payloads[i]) for i in ids if i in payloads]
+        return document, [_passage(candidate, document) for candidate in candidates]
 
     async def indexed_chunks(self, document_id: uuid.UUID) -> int:
         """How many points the index holds for a document, over all its generations."""

@@ -2,7 +2,8 @@
 caller's role), and their LangChain / OpenAI function-calling forms."""
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from langchain_core.tools import BaseTool, StructuredTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -27,18 +28,49 @@ INTENT_TOOLS: Mapping[Intent, tuple[str, ...]] = {
 FALLBACK_TOOLS: tuple[str, ...] = ("knowledge_base_search",)
 
 
-class ToolRegistry:
-    """The configured tools (a tool whose service is not configured is not registered)."""
+@dataclass(frozen=True)
+class RoutedTool:
+    """A tool that comes from configuration (an MCP server's), with the intents routed to
+    it: rows its configuration adds to INTENT_TOOLS."""
 
-    def __init__(self, tools: list[Tool], prompts: PromptManager) -> None:
+    tool: Tool
+    intents: frozenset[Intent]
+
+
+class RoutedTools(Protocol):
+    """Where configured tools come from; what it returns may change between runs (reload)."""
+
+    def routed(self) -> tuple[RoutedTool, ...]: ...
+
+
+def wire_name(name: str) -> str:
+    """`name` as an OpenAI function name (^[a-zA-Z0-9_-]{1,64}$ has no dot): `server.tool`
+    becomes `server__tool`; everywhere else (events, metrics, traces) the name stays."""
+    return name.replace(".", "__", 1)
+
+
+class ToolRegistry:
+    """The configured tools (a tool whose service is not configured is not registered),
+    plus those of `routed` (MCP servers), as they are at each call."""
+
+    def __init__(
+        self, tools: list[Tool], prompts: PromptManager, routed: RoutedTools | None = None
+    ) -> None:
         self._tools = {tool.name: tool for tool in tools}
         self._prompts = prompts
+        self._routed = routed
+
+    def _configured(self) -> tuple[RoutedTool, ...]:
+        return self._routed.routed() if self._routed is not None else ()
 
     def get_all_tools(self) -> list[Tool]:
-        return list(self._tools.values())
+        return [*self._tools.values(), *(r.tool for r in self._configured())]
 
     def get_tool_by_name(self, name: str) -> Tool | None:
-        return self._tools.get(name)
+        found = self._tools.get(name)
+        if found is None:
+            found = next((r.tool for r in self._configured() if r.tool.name == name), None)
+        return found
 
     def tools_for(self, intent: Intent, role: Role) -> list[Tool]:
         """The tools the router allows for `intent` and a caller with `role`."""
@@ -47,6 +79,9 @@ class ToolRegistry:
             return []
         allowed = [
             self._tools[n] for n in names if n in self._tools and role in self._tools[n].roles
+        ]
+        allowed += [
+            r.tool for r in self._configured() if intent in r.intents and role in r.tool.roles
         ]
         if allowed:
             return allowed
@@ -69,11 +104,13 @@ class ToolRegistry:
             )
             return [vars(source) for source in result.sources]
 
+        # A tool that brings its own JSON schema (an MCP server's) is offered with it.
+        schema = getattr(tool, "input_schema", None)
         return StructuredTool.from_function(
             coroutine=run,
-            name=tool.name,
+            name=wire_name(tool.name),
             description=self.description(tool),
-            args_schema=tool.Args,
+            args_schema=schema if isinstance(schema, dict) else tool.Args,
         )
 
     def openai_specs(self, tools: list[Tool], principal: Principal) -> list[dict[str, Any]]:
