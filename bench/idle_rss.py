@@ -170,6 +170,7 @@ class Run:
             **env,
             "AGENTMESH_GRPC_PORT": str(grpc_port),
             "AGENTMESH_METRICS_PORT": str(free_port()),
+            "AGENTMESH_MCP_PORT": str(free_port()),
             "AGENTMESH_LOG_LEVEL": "INFO",
         }
         worker = kind.argv == ["worker"]

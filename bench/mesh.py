@@ -233,6 +233,7 @@ async def run(queries: int) -> dict[str, Any]:
                 AGENTMESH_GRPC_PORT=str(free_port()),
                 AGENTMESH_METRICS_PORT=str(free_port()),
                 AGENTMESH_ENVOY_ADMIN_PORT=str(free_port()),
+                AGENTMESH_MCP_PORT=str(free_port()),
             )
             mesh_env = environment(
                 mesh_db, root / "mesh", AGENTMESH_HTTP_PORT="0", AGENTMESH_ENVOY_ADMIN_PORT="0"

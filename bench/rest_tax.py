@@ -70,6 +70,7 @@ async def start_server(
         AGENTMESH_HTTP_PORT="0",
         AGENTMESH_METRICS_PORT="0",
         AGENTMESH_ENVOY_ADMIN_PORT="0",
+        AGENTMESH_MCP_PORT="0",
     )
     migrate = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "server", "migrate", env=env, stdout=asyncio.subprocess.DEVNULL,

@@ -34,6 +34,7 @@ _ANALYTICS = "/agentmesh.analytics.v1.AnalyticsService/"
 _INDEXING = "/agentmesh.indexing.v1.IndexingService/"
 _AUDIT = "/agentmesh.audit.v1.AuditService/"
 _A2A = "/lf.a2a.v1.A2AService/"  # the agent over A2A (issue 22)
+_GROUPS = "/agentmesh.teams.v1.GroupService/"
 
 RPC_ACCESS: Mapping[str, Access] = {
     _AUTH + "Register": Access.PUBLIC,
@@ -53,6 +54,17 @@ RPC_ACCESS: Mapping[str, Access] = {
     _USERS + "EnableUser": Access.ADMIN,
     _USERS + "ExportCurrentUser": Access.USER,
     _USERS + "DeleteCurrentUser": Access.USER,
+    # Groups (issue 23): administrators alone create, rename and delete them; who may
+    # change a group's members is decided per group (services/teams/groups.py).
+    _GROUPS + "CreateGroup": Access.ADMIN,
+    _GROUPS + "UpdateGroup": Access.ADMIN,
+    _GROUPS + "DeleteGroup": Access.ADMIN,
+    _GROUPS + "GetGroup": Access.USER,
+    _GROUPS + "ListGroups": Access.USER,
+    _GROUPS + "ListGroupMembers": Access.USER,
+    _GROUPS + "AddGroupMember": Access.USER,
+    _GROUPS + "RemoveGroupMember": Access.USER,
+    _GROUPS + "SetGroupMemberRole": Access.USER,
     _API_KEYS + "CreateApiKey": Access.USER,
     _API_KEYS + "ListApiKeys": Access.USER,
     _API_KEYS + "RevokeApiKey": Access.USER,
@@ -112,6 +124,9 @@ READ_ONLY_RPCS = frozenset(
         _USERS + "GetUser",
         _USERS + "ExportCurrentUser",
         _API_KEYS + "ListApiKeys",
+        _GROUPS + "GetGroup",
+        _GROUPS + "ListGroups",
+        _GROUPS + "ListGroupMembers",
         _AGENT + "AttachRun",
         _AGENT + "ListConversations",
         _AGENT + "GetConversation",

@@ -79,6 +79,7 @@ from services.limits import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from services.metrics import Metrics
 from services.quotas.counters import Counters, InProcessCounters, RedisCounters
 from services.quotas.service import QuotaService
+from services.teams.groups import GroupService
 from services.usage_events.recorder import EventRecorder
 
 # Threads parsing, chunking and building lexical vectors (a PDF waits on its child process).
@@ -115,6 +116,7 @@ class Domain:
     users: UserService
     invitations: Invitations  # CreateUser's one-time tokens, redeemed by AcceptInvitation
     account_exports: AccountExports  # everything held about a person, as one download
+    groups: GroupService  # groups of accounts (issue 23), served with the users' service
     # API keys: managed, and checked on every call that presents one (with their last use).
     api_keys: ApiKeyService
     knowledge_service: KnowledgeService | None
@@ -554,6 +556,7 @@ def build_domain(
         ),
         invitations=invitations,
         account_exports=AccountExports(sessions, audit),
+        groups=GroupService(sessions, audit),
         api_keys=ApiKeyService(sessions, states, audit, KeyCredentials(sessions, states)),
         knowledge_service=knowledge,
         agent_service=agent,

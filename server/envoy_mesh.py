@@ -12,7 +12,8 @@ service, each with several replicas, in place of the single process's one gRPC c
   request the transcoder leaves as it is goes there);
   reflection, grpc.health.v1 and unknown paths go to the front service's cluster (auth's,
   FRONT_SERVICE). Then a route per read method and per server stream the template does not
-  route, one per service, and the template's catch-all last.
+  route, one per service (a service served under another's key, SERVED_WITH, to that key's
+  cluster), and the template's catch-all last.
 - Retries only where they are safe: every route retries a call no server saw (connect
   failure, refused stream, reset before the request went out); idempotent reads also one
   that reached a replica that reset or answered UNAVAILABLE; streams (timeout 0s) only on
@@ -54,8 +55,11 @@ FULL_NAMES: dict[str, str] = {
     "analytics": "agentmesh.analytics.v1.AnalyticsService",
     "audit": "agentmesh.audit.v1.AuditService",
 }
+# Services of our contract served under another's key (server/served.py ServedService.also):
+# a route each, to that key's cluster.
+SERVED_WITH: dict[str, str] = {"agentmesh.teams.v1.GroupService": "users"}
 # The agent over A2A (issue 22) is served with the agent: its routes go to the agent's.
-KEYS = {**{name: key for key, name in FULL_NAMES.items()}, A2A_SERVICE: "agent"}
+KEYS = {**{name: key for key, name in FULL_NAMES.items()}, **SERVED_WITH, A2A_SERVICE: "agent"}
 # Whose cluster takes reflection, grpc.health.v1 and paths of no service.
 FRONT_SERVICE = "auth"
 # Methods that only read though their REST binding is not a GET (a search takes a body).
@@ -234,12 +238,13 @@ def _routes(template: list[dict[str, Any]], methods: dict[str, list[Method]]) ->
     if catch_all["match"] != {"prefix": "/"}:
         raise ValueError("the template's last route must be the catch-all (prefix /)")
     unary_timeout = catch_all["route"]["timeout"]
-    every = [method for name in FULL_NAMES.values() for method in methods[name]]
+    routed_services = [*FULL_NAMES.items(), *((key, name) for name, key in SERVED_WITH.items())]
+    every = [method for _, name in routed_services for method in methods[name]]
     streams = {method.path for method in every if method.streams}
     reads = {method.path for method in every if method.reads}
     routes = [_rerouted(route, streams, reads) for route in special]
     routed = {route["match"].get("path") for route in special}
-    for key, name in FULL_NAMES.items():
+    for key, name in routed_services:
         cluster = f"svc_{key}"
         for method in methods[name]:
             if method.path in routed:
@@ -249,7 +254,8 @@ def _routes(template: list[dict[str, Any]], methods: dict[str, list[Method]]) ->
                 routes.append(_route(label, {"path": method.path}, cluster, "0s", STREAM))
             elif method.reads:
                 routes.append(_route(label, {"path": method.path}, cluster, unary_timeout, READ))
-        routes.append(_route(key, {"prefix": f"/{name}/"}, cluster, unary_timeout, NOT_SENT))
+        label = key if name == FULL_NAMES[key] else f"{key}.{name.rsplit('.', 1)[1]}"
+        routes.append(_route(label, {"prefix": f"/{name}/"}, cluster, unary_timeout, NOT_SENT))
     routes.append(_rerouted(catch_all, streams, reads))
     return routes
 
@@ -269,7 +275,7 @@ def mesh_config(
     if not ops:
         raise ValueError("the mesh needs an operations server for /health")
     methods = service_methods(front.descriptor_set)
-    missing = [name for name in FULL_NAMES.values() if name not in methods]
+    missing = [name for name in [*FULL_NAMES.values(), *SERVED_WITH] if name not in methods]
     if missing:
         raise ValueError(f"{front.descriptor_set} lacks {', '.join(missing)}")
     config = render_front(yaml.safe_load(template.read_text()), front)
@@ -293,9 +299,11 @@ def mesh_envoy_config(
     ops: Sequence[str],
     listen_port: int | None = None,
     descriptor: Path | None = None,
+    mcp_port: int | None = None,
 ) -> dict[str, Any]:
     """mesh_config with the template, listener (HTTP_HOST, HTTP_PORT unless `listen_port`),
-    admin port, descriptor set, CORS origins and limits of `settings`."""
+    admin port, descriptor set, CORS origins and limits of `settings`; the knowledge
+    replicas' MCP servers on MCP_PORT unless `mcp_port`."""
     front = EnvoyFront(
         listen_host=settings.http_host,
         listen_port=settings.http_port if listen_port is None else listen_port,
@@ -304,4 +312,5 @@ def mesh_envoy_config(
         cors_origins=settings.cors_allowed_origins,
         limits=edge_limits(settings),
     )
-    return mesh_config(settings.envoy_config_template, front, upstreams, ops, settings.mcp_port)
+    port = settings.mcp_port if mcp_port is None else mcp_port
+    return mesh_config(settings.envoy_config_template, front, upstreams, ops, port)

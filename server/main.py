@@ -232,12 +232,14 @@ def build_application(settings: Settings) -> Application:
     services = [service for service in SERVICES if service.key in settings.services]
     for service in services:
         service.add(domain, server)
-    names = [service.name for service in services]
+    names = [name for service in services for name in service.names]
     internal = []
     if domain.knowledge_service is not None:  # the index owner: workers write through it
         INDEXING.add(domain, server)
         internal.append(INDEXING.name)
-    health = ServiceHealth(names, {service.name: service.needs for service in services})
+    health = ServiceHealth(
+        names, {name: service.needs for service in services for name in service.names}
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     # Every public service is described, served here or not: behind Envoy, grpcurl lists

@@ -61,6 +61,8 @@ class Member:
     ops_port: int | None = None
     services: list[str] = field(default_factory=list)
     pid: int | None = None
+    mcp_port: int | None = None
+    """The knowledge base's MCP server (server/kb_mcp.py), where it is served."""
 
     @property
     def target(self) -> str:
@@ -76,7 +78,9 @@ def free_port() -> int:
 
 def plan(replicas: int, workers: int) -> list[Member]:
     members = [
-        Member("knowledge", ["serve"], free_port(), free_port(), ["knowledge"]),
+        Member(
+            "knowledge", ["serve"], free_port(), free_port(), ["knowledge"], mcp_port=free_port()
+        ),
         *(
             Member(f"front-{i}", ["serve"], free_port(), free_port(), list(FRONT_SERVICES))
             for i in range(1, replicas + 1)
@@ -107,6 +111,8 @@ def member_environment(
         env["AGENTMESH_GRPC_PORT"] = str(member.grpc_port)
     if member.ops_port is not None:
         env["AGENTMESH_METRICS_PORT"] = str(member.ops_port)
+    if member.mcp_port is not None:
+        env["AGENTMESH_MCP_PORT"] = str(member.mcp_port)
     return env
 
 
@@ -238,8 +244,14 @@ class Mesh:
             for service in member.services:
                 upstreams.setdefault(service, []).append(member.target)
         ops = [f"127.0.0.1:{m.ops_port}" for m in self.members if m.ops_port is not None]
+        # One knowledge process here, on a free port (compose's replicas share MCP_PORT).
+        mcp_port = next(m.mcp_port for m in self.members if m.mcp_port is not None)
         return mesh_envoy_config(
-            self._settings, upstreams=upstreams, ops=ops, listen_port=self.http_port
+            self._settings,
+            upstreams=upstreams,
+            ops=ops,
+            listen_port=self.http_port,
+            mcp_port=mcp_port,
         )
 
     def _write_manifest(self) -> None:

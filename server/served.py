@@ -25,6 +25,8 @@ from agentmesh.indexing.v1 import indexing_service_pb2 as indexing_pb
 from agentmesh.indexing.v1 import indexing_service_pb2_grpc as indexing_grpc
 from agentmesh.knowledge.v1 import knowledge_service_pb2 as knowledge_pb
 from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as knowledge_grpc
+from agentmesh.teams.v1 import group_service_pb2 as groups_pb
+from agentmesh.teams.v1 import group_service_pb2_grpc as groups_grpc
 from google.protobuf.descriptor import FileDescriptor
 
 from server.domain import Domain
@@ -35,6 +37,7 @@ from server.servicers.api_keys import ApiKeyServicer
 from server.servicers.audit import AuditServicer
 from server.servicers.auth import AuthServicer
 from server.servicers.feedback import FeedbackServicer
+from server.servicers.groups import GroupServicer
 from server.servicers.indexing import IndexingServicer
 from server.servicers.knowledge import KnowledgeBaseServicer
 from server.servicers.users import UserServicer
@@ -56,6 +59,24 @@ class ServedService:
     # service needs the database; the agent (runs, quotas) and analytics (quotas) need
     # Redis when it is configured; the knowledge base a Qdrant server when there is one.
     needs: frozenset[str] = frozenset({"database"})
+    # More services of our contract served under the same key (GroupService with the
+    # users'): they come and go with it, report its health, and the mesh routes them to
+    # its cluster, so a new one needs no new process kind, upstream or compose service.
+    also: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The full names of every service it serves."""
+        return (self.name, *self.also)
+
+
+def add_users(domain: Domain, server: grpc.aio.Server) -> None:
+    """Accounts, and the groups of accounts (issue 23) beside them: both read the same
+    tables of users, and groups need nothing the users' processes lack."""
+    users_grpc.add_UserServiceServicer_to_server(
+        UserServicer(domain.users, domain.account_exports), server
+    )
+    groups_grpc.add_GroupServiceServicer_to_server(GroupServicer(domain.groups), server)
 
 
 def add_agent(domain: Domain, server: grpc.aio.Server) -> None:
@@ -79,9 +100,8 @@ SERVICES = (
     ServedService(
         "users",
         _name(users_pb.DESCRIPTOR, "UserService"),
-        lambda d, s: users_grpc.add_UserServiceServicer_to_server(
-            UserServicer(d.users, d.account_exports), s
-        ),
+        add_users,
+        also=(_name(groups_pb.DESCRIPTOR, "GroupService"),),
     ),
     ServedService(
         "api_keys",
@@ -125,7 +145,8 @@ SERVICES = (
         ),
     ),
 )
-SERVICE_NAMES = [service.name for service in SERVICES]
+# Every public service of our contract, in SERVICES' order (Envoy's transcoder lists them so).
+SERVICE_NAMES = [name for service in SERVICES for name in service.names]
 # Served with the agent, described by reflection beside ours (not a service of our contract:
 # the A2A project's proto, shipped by a2a-sdk).
 A2A_SERVICE = a2a_pb2.DESCRIPTOR.services_by_name["A2AService"].full_name

@@ -7,6 +7,7 @@ from services.auth.models import ApiKey, Invitation, RefreshToken, User
 from services.db import Base
 from services.feedback.models import Feedback
 from services.knowledge.models import Document, DocumentUpload
+from services.teams.models import Group, GroupMember
 from services.usage_events.models import Event
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "DocumentUpload",
     "Event",
     "Feedback",
+    "Group",
+    "GroupMember",
     "Invitation",
     "Message",
     "RefreshToken",

@@ -40,6 +40,9 @@ from agentmesh.auth.v1 import user_service_pb2 as users_pb
 from agentmesh.indexing.v1 import indexing_service_pb2 as indexing_pb
 from agentmesh.knowledge.v1 import knowledge_pb2 as kb_pb
 from agentmesh.knowledge.v1 import knowledge_service_pb2 as kb
+from agentmesh.teams.v1 import group_pb2
+from agentmesh.teams.v1 import group_service_pb2 as groups_pb
+from agentmesh.teams.v1 import group_service_pb2_grpc as groups_grpc
 from google.protobuf import field_mask_pb2, text_format
 from google.protobuf.descriptor import Descriptor, MethodDescriptor
 from google.protobuf.message import Message
@@ -82,6 +85,9 @@ class Victim:
     documents_page_token: str
     key_id: str
     keys_page_token: str
+    group_id: str  # a group A manages
+    groups_page_token: str
+    members_page_token: str
     generation: str = "generation-1"
 
     def owned(self) -> set[str]:
@@ -100,6 +106,7 @@ def ghost_of(victim: Victim) -> Victim:
         run_id=uuid.uuid4().hex,
         document_id=str(uuid.uuid4()),
         key_id=str(uuid.uuid4()),
+        group_id=str(uuid.uuid4()),
     )
 
 
@@ -148,6 +155,7 @@ _ANALYTICS = "/agentmesh.analytics.v1.AnalyticsService/"
 _INDEXING = "/agentmesh.indexing.v1.IndexingService/"
 _AUDIT = "/agentmesh.audit.v1.AuditService/"
 _API_KEYS = "/agentmesh.auth.v1.ApiKeyService/"
+_GROUPS = "/agentmesh.teams.v1.GroupService/"
 
 
 def _user_change(
@@ -231,6 +239,63 @@ ROWS: dict[str, Row] = {
         request(_API_KEYS + "RevokeApiKey", api_key_id=lambda v: v.key_id),
         Expect.NOT_FOUND,
         control=False,
+    ),
+    # Groups: only administrators make, rename and delete them; a group B does not belong
+    # to is NOT_FOUND, as one that does not exist.
+    _GROUPS + "CreateGroup": Row(request(_GROUPS + "CreateGroup", name="B's group")),
+    _GROUPS + "UpdateGroup": Row(
+        request(
+            _GROUPS + "UpdateGroup",
+            group=lambda v: group_pb2.Group(group_id=v.group_id, name="Taken over"),
+        )
+    ),
+    _GROUPS + "DeleteGroup": Row(request(_GROUPS + "DeleteGroup", group_id=lambda v: v.group_id)),
+    _GROUPS + "GetGroup": Row(
+        request(_GROUPS + "GetGroup", group_id=lambda v: v.group_id), Expect.NOT_FOUND
+    ),
+    _GROUPS + "ListGroups": Row(
+        request(_GROUPS + "ListGroups", page_size=1, page_token=lambda v: v.groups_page_token),
+        Expect.NOTHING_OF_THEIRS,
+    ),
+    _GROUPS + "ListGroupMembers": Row(
+        request(
+            _GROUPS + "ListGroupMembers",
+            group_id=lambda v: v.group_id,
+            page_size=1,
+            page_token=lambda v: v.members_page_token,
+        ),
+        Expect.NOT_FOUND,
+    ),
+    # B adds A (already a member: A's control would be ALREADY_EXISTS), removes A, or makes
+    # A a manager: each on a group B cannot see.
+    _GROUPS + "AddGroupMember": Row(
+        request(
+            _GROUPS + "AddGroupMember",
+            group_id=lambda v: v.group_id,
+            user_id=lambda v: v.user_id,
+            role=group_pb2.GROUP_ROLE_MANAGER,
+        ),
+        Expect.NOT_FOUND,
+        control=False,
+    ),
+    _GROUPS + "RemoveGroupMember": Row(
+        request(
+            _GROUPS + "RemoveGroupMember",
+            group_id=lambda v: v.group_id,
+            user_id=lambda v: v.user_id,
+        ),
+        Expect.NOT_FOUND,
+        control=False,
+    ),
+    _GROUPS + "SetGroupMemberRole": Row(
+        request(
+            _GROUPS + "SetGroupMemberRole",
+            group_id=lambda v: v.group_id,
+            user_id=lambda v: v.user_id,
+            role=group_pb2.GROUP_ROLE_MEMBER,
+        ),
+        Expect.NOT_FOUND,
+        control=False,  # A would step down
     ),
     _AGENT + "Query": Row(
         request(
@@ -404,6 +469,9 @@ DUMMY = Victim(
     documents_page_token="documents-cursor",
     key_id=str(uuid.uuid4()),
     keys_page_token="keys-cursor",
+    group_id=str(uuid.uuid4()),
+    groups_page_token="groups-cursor",
+    members_page_token="members-cursor",
 )
 
 
@@ -450,6 +518,7 @@ async def _query(stubs: Stubs, account: Account, text: str, cid: str = "") -> An
 @pytest.fixture(scope="module")
 async def cast(app: Application, stubs: Stubs) -> AsyncIterator[Cast]:
     owner = await new_user(stubs, "victim")
+    admin = await new_admin(app, stubs)
     first = await _query(stubs, owner, "Remember that my locker code is 4417.")
     await _query(stubs, owner, "And what about the weather?")
     conversations = await stubs.agent.ListConversations(
@@ -467,6 +536,7 @@ async def cast(app: Application, stubs: Stubs) -> AsyncIterator[Cast]:
     )
     assert conversations.next_page_token and documents.next_page_token
     assert keys.next_page_token
+    group_id, groups_token, members_token = await _groups_of(stubs, admin, owner)
     victim = Victim(
         user_id=owner.user_id,
         email=owner.email,
@@ -480,10 +550,44 @@ async def cast(app: Application, stubs: Stubs) -> AsyncIterator[Cast]:
         documents_page_token=documents.next_page_token,
         key_id=key.api_key.api_key_id,
         keys_page_token=keys.next_page_token,
+        group_id=group_id,
+        groups_page_token=groups_token,
+        members_page_token=members_token,
     )
     intruder = await new_user(stubs, "intruder")
-    admin = await new_admin(app, stubs)
     yield Cast(app, stubs, victim, owner, intruder, admin)
+
+
+async def _groups_of(stubs: Stubs, admin: Account, owner: Account) -> tuple[str, str, str]:
+    """A group A manages with another member, and a second one A belongs to: A's group id
+    and A's cursors into both lists."""
+    groups = groups_grpc.GroupServiceStub(stubs.channel)
+    made = []
+    for name in ("kestrel team", "basalt team"):
+        created = await groups.CreateGroup(
+            groups_pb.CreateGroupRequest(name=f"{name} {uuid.uuid4().hex[:8]}"),
+            metadata=admin.metadata,
+        )
+        made.append(created.group.group_id)
+    managed, other = made
+    colleague = await new_user(stubs, "colleague")
+    for group_id, user_id, role in (
+        (managed, owner.user_id, group_pb2.GROUP_ROLE_MANAGER),
+        (managed, colleague.user_id, group_pb2.GROUP_ROLE_MEMBER),
+        (other, owner.user_id, group_pb2.GROUP_ROLE_MEMBER),
+    ):
+        await groups.AddGroupMember(
+            groups_pb.AddGroupMemberRequest(group_id=group_id, user_id=user_id, role=role),
+            metadata=admin.metadata,
+        )
+    listed = await groups.ListGroups(
+        groups_pb.ListGroupsRequest(page_size=1), metadata=owner.metadata
+    )
+    members = await groups.ListGroupMembers(
+        groups_pb.ListGroupMembersRequest(group_id=managed, page_size=1), metadata=owner.metadata
+    )
+    assert listed.next_page_token and members.next_page_token
+    return managed, listed.next_page_token, members.next_page_token
 
 
 async def _new_key(stubs: Stubs, account: Account, name: str) -> Any:
@@ -525,6 +629,14 @@ async def state_of(cast: Cast) -> dict[str, Any]:
     keys = await stubs.keys.ListApiKeys(
         keys_pb.ListApiKeysRequest(page_size=200), metadata=owner.metadata
     )
+    groups = groups_grpc.GroupServiceStub(stubs.channel)
+    my_groups = await groups.ListGroups(
+        groups_pb.ListGroupsRequest(page_size=200), metadata=owner.metadata
+    )
+    members = await groups.ListGroupMembers(
+        groups_pb.ListGroupMembersRequest(group_id=victim.group_id, page_size=200),
+        metadata=owner.metadata,
+    )
     return {
         "user": (me.user_id, me.email, me.full_name, me.role),
         "keys": sorted((k.api_key_id, k.name, k.HasField("revoked_at")) for k in keys.api_keys),
@@ -535,6 +647,11 @@ async def state_of(cast: Cast) -> dict[str, Any]:
         ),
         "passages": sorted((h.chunk_id, h.text) for h in hits),
         "run": (replay.code, [r.WhichOneof("event") for r in replay.responses]),
+        "groups": sorted(
+            (g.group_id, g.name, g.description, g.member_count, g.caller_role)
+            for g in my_groups.groups
+        ),
+        "members": sorted((m.user_id, m.role) for m in members.members),
     }
 
 
@@ -629,11 +746,12 @@ async def _check_user_row(
                 *getattr(listed, "results", []),
                 *getattr(listed, "documents", []),
                 *getattr(listed, "conversations", []),
+                *getattr(listed, "groups", []),
             ]
             mine = [i for i in items if getattr(i, "owner_id", "") == cast.victim.user_id]
             assert not mine, f"{path}: B got A's {mine}"
             for item in items:
-                for name in ("document_id", "conversation_id"):
+                for name in ("document_id", "conversation_id", "group_id"):
                     assert getattr(item, name, "") not in cast.victim.owned(), (path, item)
     elif row.expect is Expect.ACTS_ON_CALLER:
         assert outcome.ok, outcome

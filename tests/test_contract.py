@@ -212,6 +212,16 @@ REQUIRED_FIELDS = {
     # services/auth/api_keys.py clean_key_name(): "is required"; revoke(): require_uuid.
     "agentmesh.auth.v1.CreateApiKeyRequest": {"name"},
     "agentmesh.auth.v1.RevokeApiKeyRequest": {"api_key_id"},
+    # services/teams/groups.py clean_name(): "is required"; _id(): "must be a UUID" on
+    # `group_id` and `user_id` (`group.group_id` for UpdateGroup); set_role(): an unset role.
+    "agentmesh.teams.v1.CreateGroupRequest": {"name"},
+    "agentmesh.teams.v1.GetGroupRequest": {"group_id"},
+    "agentmesh.teams.v1.UpdateGroupRequest": {"group"},
+    "agentmesh.teams.v1.DeleteGroupRequest": {"group_id"},
+    "agentmesh.teams.v1.ListGroupMembersRequest": {"group_id"},
+    "agentmesh.teams.v1.AddGroupMemberRequest": {"group_id", "user_id"},
+    "agentmesh.teams.v1.RemoveGroupMemberRequest": {"group_id", "user_id"},
+    "agentmesh.teams.v1.SetGroupMemberRoleRequest": {"group_id", "user_id", "role"},
     # services/knowledge/service.py _validate_upload(): filename "is required";
     # parsing.inspect_upload(): "the document is empty".
     "agentmesh.knowledge.v1.UploadDocumentRequest": {"filename", "content"},

@@ -22,7 +22,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import ROOT, SERVICE_KEYS, Settings
 from server.envoy import EnvoyFront, EnvoySidecar, public_manager
-from server.envoy_mesh import FRONT_SERVICE, FULL_NAMES, RETRIES, mesh_config, service_methods
+from server.envoy_mesh import (
+    FRONT_SERVICE,
+    FULL_NAMES,
+    RETRIES,
+    SERVED_WITH,
+    mesh_config,
+    service_methods,
+)
 from server.main import Application, build_application
 from server.served import SERVICES
 from tests.backends import Database
@@ -39,6 +46,9 @@ IDEMPOTENT_READS = {
     "/agentmesh.auth.v1.UserService/GetUser",
     "/agentmesh.auth.v1.UserService/ExportCurrentUser",
     "/agentmesh.auth.v1.ApiKeyService/ListApiKeys",
+    "/agentmesh.teams.v1.GroupService/GetGroup",
+    "/agentmesh.teams.v1.GroupService/ListGroups",
+    "/agentmesh.teams.v1.GroupService/ListGroupMembers",
     "/agentmesh.agent.v1.AgentService/ListConversations",
     "/agentmesh.agent.v1.AgentService/GetConversation",
     "/agentmesh.knowledge.v1.KnowledgeBaseService/ListDocuments",
@@ -84,8 +94,10 @@ def retry_on(route: dict[str, Any]) -> set[str]:
 
 
 def every_method() -> Iterator[tuple[str, Any]]:
+    """Every public method with the key of the service whose cluster serves it (GroupService
+    is served with the users')."""
     methods = service_methods(SETTINGS.descriptor_set)
-    for key, name in FULL_NAMES.items():
+    for key, name in [*FULL_NAMES.items(), *((k, n) for n, k in SERVED_WITH.items())]:
         for method in methods[name]:
             yield key, method
 
@@ -95,6 +107,7 @@ def every_method() -> Iterator[tuple[str, Any]]:
 
 def test_the_mesh_services_are_the_served_ones() -> None:
     assert {service.key: service.name for service in SERVICES} == FULL_NAMES
+    assert {name: service.key for service in SERVICES for name in service.also} == SERVED_WITH
     assert list(FULL_NAMES) == list(SERVICE_KEYS)
 
 

@@ -42,6 +42,12 @@ class AuditAction(enum.StrEnum):
     USER_DELETED = "user_deleted"
     ACCOUNT_EXPORTED = "account_exported"
     DOCUMENT_DELETED = "document_deleted"
+    GROUP_CREATED = "group_created"
+    GROUP_UPDATED = "group_updated"
+    GROUP_DELETED = "group_deleted"
+    GROUP_MEMBER_ADDED = "group_member_added"
+    GROUP_MEMBER_REMOVED = "group_member_removed"
+    GROUP_MEMBER_ROLE_CHANGED = "group_member_role_changed"
 
 
 class Outcome(enum.StrEnum):

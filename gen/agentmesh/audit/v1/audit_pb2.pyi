@@ -67,8 +67,10 @@ class AuditEvent(_message.Message):
     action: _builtins.str
     """What was done, in snake_case: login, logout, password_changed, invitation_accepted,
     api_key_created, api_key_revoked, user_created, service_account_created, role_changed,
-    user_disabled, user_enabled, user_deleted, account_exported, document_deleted. New
-    actions may be added; clients should show an unknown one as it is.
+    user_disabled, user_enabled, user_deleted, account_exported, document_deleted,
+    group_created, group_updated, group_deleted, group_member_added,
+    group_member_removed, group_member_role_changed. New actions may be added; clients
+    should show an unknown one as it is.
     """
     outcome: Global___AuditOutcome.ValueType
     """How the action ended."""
@@ -77,7 +79,7 @@ class AuditEvent(_message.Message):
     actor_key_id: _builtins.str
     """The API key the actor used; empty when they used an access token."""
     target_type: _builtins.str
-    """The kind of thing acted on: user, api_key or document; empty when none."""
+    """The kind of thing acted on: user, api_key, document or group; empty when none."""
     target_id: _builtins.str
     """The id of the thing acted on; empty when none."""
     request_id: _builtins.str
