@@ -31,6 +31,7 @@ Examples are bounded and derandomized (REST_EXAMPLES per operation and mode).
 import asyncio
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -87,17 +88,23 @@ HTTP_OF_CODE = {
 SERVER_FAULT_CODES = {2, 13}
 
 
+# A path parameter naming a field of the request's message (`{user.user_id}` of an Update
+# RPC), which schemathesis cannot read: renamed to the field's own name.
+DOTTED_PARAMETER = re.compile(r"\{(\w+)\.(\w+)\}")
+
+
 def load_document() -> dict[str, Any]:
     document: dict[str, Any] = json.loads(SPEC_PATH.read_text())
     paths = document["paths"]
-    for path in [p for p in paths if "{user.user_id}" in p]:
+    for path in [p for p in paths if DOTTED_PARAMETER.search(p)]:
         operations = paths.pop(path)
         for operation in operations.values():
             for parameter in operation.get("parameters", []):
-                if parameter["name"] == "user.user_id":
-                    parameter["name"] = "user_id"
-        # Merged into GET/DELETE /v1/users/{user_id}: the same URL template.
-        paths.setdefault(path.replace("{user.user_id}", "{user_id}"), {}).update(operations)
+                dotted = DOTTED_PARAMETER.fullmatch("{" + parameter["name"] + "}")
+                if parameter.get("in") == "path" and dotted:
+                    parameter["name"] = dotted.group(2)
+        # Merged into GET/DELETE /v1/users/{user_id} and the like: the same URL template.
+        paths.setdefault(DOTTED_PARAMETER.sub(r"{\2}", path), {}).update(operations)
     return document
 
 
