@@ -11,7 +11,7 @@ import pytest
 from server.config import ROOT
 
 # Bottom to top: a feature package may import the ones before it, never the ones after.
-FEATURES = ["auth", "quotas", "knowledge", "agent", "feedback", "analytics", "accounts"]
+FEATURES = ["auth", "teams", "quotas", "knowledge", "agent", "feedback", "analytics", "accounts"]
 # Shared infrastructure, below every feature; it imports no feature package.
 SHARED = {
     "errors",
