@@ -36,7 +36,6 @@ def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
         AGENTMESH_HTTP_PORT="0",
         AGENTMESH_METRICS_PORT="0",
         AGENTMESH_ENVOY_ADMIN_PORT="0",
-        AGENTMESH_MCP_PORT="0",
         **extra,
     )
     return env
