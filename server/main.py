@@ -24,6 +24,7 @@ from prometheus_client import (
 )
 
 from server.a2a_card import agent_card_json
+from server.a2a_descriptors import SERVICE as A2A_SERVICE
 from server.admission import CALLS, RUNS, Admission
 from server.authentication import Authentication
 from server.config import Settings
@@ -47,7 +48,7 @@ from server.runtime_metrics import (
     Probe,
     RuntimeMonitor,
 )
-from server.served import A2A_SERVICE, INDEXING, SERVICE_NAMES, SERVICES
+from server.served import INDEXING, SERVICE_NAMES, SERVICES
 from services.db import ping, pool_stats
 
 __all__ = ["SERVICE_NAMES", "Application", "build_application", "serve"]

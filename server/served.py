@@ -5,7 +5,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-from a2a.types import a2a_pb2
 from a2a.types import a2a_pb2_grpc as a2a_grpc
 from agentmesh.agent.v1 import agent_service_pb2 as agent_pb
 from agentmesh.agent.v1 import agent_service_pb2_grpc as agent_grpc
@@ -147,9 +146,6 @@ SERVICES = (
 )
 # Every public service of our contract, in SERVICES' order (Envoy's transcoder lists them so).
 SERVICE_NAMES = [name for service in SERVICES for name in service.names]
-# Served with the agent, described by reflection beside ours (not a service of our contract:
-# the A2A project's proto, shipped by a2a-sdk).
-A2A_SERVICE = a2a_pb2.DESCRIPTOR.services_by_name["A2AService"].full_name
 SERVICE_KEYS = [service.key for service in SERVICES]
 
 # Internal: ingestion workers write into the vector index of the process that owns the

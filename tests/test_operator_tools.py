@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from server.a2a_descriptors import SERVICE as A2A_SERVICE
 from server.config import ROOT
 from server.envoy import EnvoySidecar
 from server.main import SERVICE_NAMES, Application
 from server.reflection import V1, V1ALPHA
-from server.served import A2A_SERVICE, INDEXING
+from server.served import INDEXING
 from tests.harness import Stubs, new_user
 
 BIN = Path(sys.executable).parent
