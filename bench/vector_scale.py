@@ -5,8 +5,9 @@ scan of the same vectors, in the same run, at each corpus size.
 The corpus is synthetic and shaped like the product's: 384-d unit vectors around 256 topics,
 passages in documents of `--doc-passages`, documents spread over `--owners` owners with
 `--shared` of them shared, ~130 words a passage (a BM25 sparse vector, as `lexical.py` makes
-one). Every query is a caller's search as the knowledge base runs it: `SearchScope(owner_id)`
-(so the owner filter is `scope_filter`'s: the caller's own passages + shared ones), a dense
+one; a shared document is in the built-in Everyone collection). Every query is a caller's
+search as the knowledge base runs it: `SearchScope(owner_id, (Everyone,))` (so the filter is
+`scope_filter`'s: the caller's own passages + those of the collection), a dense
 leg and a sparse leg of 4 random terms, top 10, in one `VectorStore.search`.
 
   edge hybrid    both legs through VectorStore.search (thread hop included)
@@ -45,6 +46,7 @@ from qdrant_client import AsyncQdrantClient
 
 from services.knowledge.chunking import Chunk
 from services.knowledge.lexical import AVERAGE_LENGTH, K1, B, SparseVector
+from services.knowledge.models import EVERYONE_COLLECTION_ID
 from services.knowledge.qdrant_server_store import QdrantServerStore
 from services.knowledge.vector_backends import connect_vector_store
 from services.knowledge.vector_store import (
@@ -58,6 +60,7 @@ from services.knowledge.vector_store import (
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "build" / "bench" / "vector_scale.json"
 COLLECTION = "bench"
+EVERYONE = str(EVERYONE_COLLECTION_ID)  # where shared documents are (every caller reads it)
 TARGET_P50_MS = 10.0
 TARGET_SIZE = 100_000
 TOPICS = 256
@@ -184,13 +187,17 @@ def build_corpus(
         start, stop = index * doc_passages, min(size, (index + 1) * doc_passages)
         document_id = uuid.UUID(bytes=rng.bytes(16), version=4)
         documents.append(
-            Document(ChunkOwner(document_id, "g1", owner_ids[owner], is_shared), start, stop)
+            Document(
+                ChunkOwner(document_id, "g1", owner_ids[owner], (EVERYONE,) if is_shared else ()),
+                start,
+                stop,
+            )
         )
         if not is_shared:  # an owner's unshared documents are adjacent
             first, last = own_rows[owner]
             own_rows[owner] = (start if first == last else first, stop)
     own = [own_rows[owner] for owner in range(owners)]
-    shared_rows = sum(d.stop - d.start for d in documents if d.owner.shared)
+    shared_rows = sum(d.stop - d.start for d in documents if d.owner.collection_ids)
     visible = [
         np.concatenate([np.arange(shared_rows), np.arange(a, b)]).astype(np.int64) for a, b in own
     ]
@@ -340,7 +347,7 @@ def disk_mb(path: Path) -> float:
 
 
 def scope(corpus: Corpus, owner: int) -> SearchScope:
-    return SearchScope(owner_id=corpus.owner_ids[owner])
+    return SearchScope(owner_id=corpus.owner_ids[owner], collection_ids=(EVERYONE_COLLECTION_ID,))
 
 
 def query_sparse(terms: list[int]) -> SparseVector:
@@ -448,7 +455,7 @@ def check_answers(
 
 def visible(corpus: Corpus, owner: int, hit: StoredHit) -> bool:
     mine = hit.payload.get("owner_id") == str(corpus.owner_ids[owner])
-    return mine or hit.payload.get("shared") is True
+    return mine or EVERYONE in hit.payload.get("collections", ())
 
 
 @dataclass
@@ -473,7 +480,7 @@ async def reopen(data_dir: Path, probe: Probe) -> tuple[VectorStore, float]:
     store = connect_vector_store(url=None, api_key=None, data_dir=data_dir, collection=COLLECTION)
     await store.ensure_collection(probe.dimension)
     await store.search(
-        SearchScope(owner_id=uuid.UUID(probe.owner_id)),
+        SearchScope(owner_id=uuid.UUID(probe.owner_id), collection_ids=(EVERYONE_COLLECTION_ID,)),
         dense=probe.dense,
         sparse=query_sparse(probe.terms),
         limit=probe.limit,

@@ -35,6 +35,7 @@ _INDEXING = "/agentmesh.indexing.v1.IndexingService/"
 _AUDIT = "/agentmesh.audit.v1.AuditService/"
 _A2A = "/lf.a2a.v1.A2AService/"  # the agent over A2A (issue 22)
 _GROUPS = "/agentmesh.teams.v1.GroupService/"
+_COLLECTIONS = "/agentmesh.knowledge.v1.CollectionService/"
 
 RPC_ACCESS: Mapping[str, Access] = {
     _AUTH + "Register": Access.PUBLIC,
@@ -98,6 +99,23 @@ RPC_ACCESS: Mapping[str, Access] = {
     _ANALYTICS + "GetUsage": Access.USER,
     _ANALYTICS + "GetSystemStats": Access.ADMIN,
     _ANALYTICS + "GetUserStats": Access.ADMIN,
+    # Collections (issue 23): any user; who may do what with one is decided per collection
+    # (services/knowledge/collection_access.py).
+    **{
+        _COLLECTIONS + method: Access.USER
+        for method in (
+            "CreateCollection",
+            "GetCollection",
+            "ListCollections",
+            "DeleteCollection",
+            "AddCollectionDocument",
+            "RemoveCollectionDocument",
+            "MoveDocument",
+            "GrantCollectionAccess",
+            "RevokeCollectionAccess",
+            "ListCollectionGrants",
+        )
+    },
     _AUDIT + "ListAuditEvents": Access.ADMIN,
     _INDEXING + "UpsertPassages": Access.SERVICE,
     _INDEXING + "DeleteGeneration": Access.SERVICE,
@@ -138,6 +156,9 @@ READ_ONLY_RPCS = frozenset(
         _KB + "ListDocuments",
         _KB + "GetDocument",
         _KB + "SearchKnowledgeBase",
+        _COLLECTIONS + "GetCollection",
+        _COLLECTIONS + "ListCollections",
+        _COLLECTIONS + "ListCollectionGrants",
         _FEEDBACK + "ListFeedback",
         _FEEDBACK + "GetFeedbackStats",
         _ANALYTICS + "GetUsage",

@@ -29,7 +29,7 @@ from agentmesh.audit.v1 import audit_service_pb2
 from agentmesh.auth.v1 import api_key_service_pb2, auth_service_pb2, user_service_pb2
 from agentmesh.feedback.v1 import feedback_service_pb2
 from agentmesh.indexing.v1 import indexing_service_pb2
-from agentmesh.knowledge.v1 import knowledge_service_pb2
+from agentmesh.knowledge.v1 import collection_service_pb2, knowledge_service_pb2
 from agentmesh.teams.v1 import group_service_pb2
 from google.api import annotations_pb2, http_pb2
 from google.protobuf.descriptor import FileDescriptor, MethodDescriptor
@@ -40,6 +40,7 @@ FILES: tuple[FileDescriptor, ...] = (
     auth_service_pb2.DESCRIPTOR,
     user_service_pb2.DESCRIPTOR,
     group_service_pb2.DESCRIPTOR,
+    collection_service_pb2.DESCRIPTOR,
     agent_service_pb2.DESCRIPTOR,
     knowledge_service_pb2.DESCRIPTOR,
     feedback_service_pb2.DESCRIPTOR,

@@ -57,7 +57,10 @@ FULL_NAMES: dict[str, str] = {
 }
 # Services of our contract served under another's key (server/served.py ServedService.also):
 # a route each, to that key's cluster.
-SERVED_WITH: dict[str, str] = {"agentmesh.teams.v1.GroupService": "users"}
+SERVED_WITH: dict[str, str] = {
+    "agentmesh.teams.v1.GroupService": "users",
+    "agentmesh.knowledge.v1.CollectionService": "knowledge",
+}
 # The agent over A2A (issue 22) is served with the agent: its routes go to the agent's.
 KEYS = {**{name: key for key, name in FULL_NAMES.items()}, **SERVED_WITH, A2A_SERVICE: "agent"}
 # Whose cluster takes reflection, grpc.health.v1 and paths of no service.

@@ -53,7 +53,7 @@ class RemoteIndex:
                 document_id=str(owner.document_id),
                 generation=owner.generation,
                 owner_id=str(owner.owner_id),
-                shared=owner.shared,
+                collection_ids=owner.collection_ids,
                 passages=passages[first : first + UPSERT_BATCH],
             )
             await self._stub.UpsertPassages(request, metadata=self._metadata, timeout=self._timeout)

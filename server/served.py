@@ -22,6 +22,8 @@ from agentmesh.feedback.v1 import feedback_service_pb2 as feedback_pb
 from agentmesh.feedback.v1 import feedback_service_pb2_grpc as feedback_grpc
 from agentmesh.indexing.v1 import indexing_service_pb2 as indexing_pb
 from agentmesh.indexing.v1 import indexing_service_pb2_grpc as indexing_grpc
+from agentmesh.knowledge.v1 import collection_service_pb2 as collections_pb
+from agentmesh.knowledge.v1 import collection_service_pb2_grpc as collections_grpc
 from agentmesh.knowledge.v1 import knowledge_service_pb2 as knowledge_pb
 from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as knowledge_grpc
 from agentmesh.teams.v1 import group_service_pb2 as groups_pb
@@ -35,6 +37,7 @@ from server.servicers.analytics import AnalyticsServicer
 from server.servicers.api_keys import ApiKeyServicer
 from server.servicers.audit import AuditServicer
 from server.servicers.auth import AuthServicer
+from server.servicers.collections import CollectionServicer
 from server.servicers.feedback import FeedbackServicer
 from server.servicers.groups import GroupServicer
 from server.servicers.indexing import IndexingServicer
@@ -78,6 +81,17 @@ def add_users(domain: Domain, server: grpc.aio.Server) -> None:
     groups_grpc.add_GroupServiceServicer_to_server(GroupServicer(domain.groups), server)
 
 
+def add_knowledge(domain: Domain, server: grpc.aio.Server) -> None:
+    """Documents and search, and the collections sharing them (issue 23) beside them: the
+    grants are enforced in this process's search index and written to it from here."""
+    knowledge_grpc.add_KnowledgeBaseServiceServicer_to_server(
+        KnowledgeBaseServicer(domain.knowledge), server
+    )
+    collections_grpc.add_CollectionServiceServicer_to_server(
+        CollectionServicer(domain.knowledge), server
+    )
+
+
 def add_agent(domain: Domain, server: grpc.aio.Server) -> None:
     """The agent's own service, and the same agent for other agents over A2A (issue 22):
     lf.a2a.v1.A2AService goes with the agent's key (its runs live in this process)."""
@@ -116,10 +130,9 @@ SERVICES = (
     ServedService(
         "knowledge",
         _name(knowledge_pb.DESCRIPTOR, "KnowledgeBaseService"),
-        lambda d, s: knowledge_grpc.add_KnowledgeBaseServiceServicer_to_server(
-            KnowledgeBaseServicer(d.knowledge), s
-        ),
+        add_knowledge,
         frozenset({"database", "qdrant"}),
+        also=(_name(collections_pb.DESCRIPTOR, "CollectionService"),),
     ),
     ServedService(
         "feedback",

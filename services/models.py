@@ -6,7 +6,13 @@ from services.audit.models import AuditRecord
 from services.auth.models import ApiKey, Invitation, RefreshToken, User
 from services.db import Base
 from services.feedback.models import Feedback
-from services.knowledge.models import Document, DocumentUpload
+from services.knowledge.models import (
+    Collection,
+    CollectionDocument,
+    CollectionGrant,
+    Document,
+    DocumentUpload,
+)
 from services.teams.models import Group, GroupMember
 from services.usage_events.models import Event
 
@@ -15,6 +21,9 @@ __all__ = [
     "ApiKey",
     "AuditRecord",
     "Base",
+    "Collection",
+    "CollectionDocument",
+    "CollectionGrant",
     "Conversation",
     "Document",
     "DocumentUpload",

@@ -38,6 +38,9 @@ from agentmesh.auth.v1 import auth_service_pb2 as auth_pb
 from agentmesh.auth.v1 import user_pb2
 from agentmesh.auth.v1 import user_service_pb2 as users_pb
 from agentmesh.indexing.v1 import indexing_service_pb2 as indexing_pb
+from agentmesh.knowledge.v1 import collection_pb2
+from agentmesh.knowledge.v1 import collection_service_pb2 as coll_pb
+from agentmesh.knowledge.v1 import collection_service_pb2_grpc as coll_grpc
 from agentmesh.knowledge.v1 import knowledge_pb2 as kb_pb
 from agentmesh.knowledge.v1 import knowledge_service_pb2 as kb
 from agentmesh.teams.v1 import group_pb2
@@ -88,6 +91,10 @@ class Victim:
     group_id: str  # a group A manages
     groups_page_token: str
     members_page_token: str
+    collection_id: str  # A's collection: both documents, a read grant to A's group
+    other_collection_id: str  # A's second, empty collection
+    collections_page_token: str
+    collection_documents_page_token: str
     generation: str = "generation-1"
 
     def owned(self) -> set[str]:
@@ -107,6 +114,8 @@ def ghost_of(victim: Victim) -> Victim:
         document_id=str(uuid.uuid4()),
         key_id=str(uuid.uuid4()),
         group_id=str(uuid.uuid4()),
+        collection_id=str(uuid.uuid4()),
+        other_collection_id=str(uuid.uuid4()),
     )
 
 
@@ -130,10 +139,17 @@ class Row:
     # More requests of the method, for id fields that cannot go in one request together
     # (an edit or a regenerate): each is attacked, and expected, like `build`.
     also: tuple[Callable[[Victim], Message], ...] = ()
+    # Requests of the method with an expectation of their own (a listing or a search narrowed
+    # to one of A's collections is NOT_FOUND, where the plain one shows B nothing of A's).
+    besides: tuple["Row", ...] = ()
 
     @property
     def builds(self) -> tuple[Callable[[Victim], Message], ...]:
         return (self.build, *self.also)
+
+    @property
+    def variants(self) -> tuple["Row", ...]:
+        return (self, *self.besides)
 
 
 def request(path: str, **values: Any) -> Callable[[Victim], Message]:
@@ -156,6 +172,7 @@ _INDEXING = "/agentmesh.indexing.v1.IndexingService/"
 _AUDIT = "/agentmesh.audit.v1.AuditService/"
 _API_KEYS = "/agentmesh.auth.v1.ApiKeyService/"
 _GROUPS = "/agentmesh.teams.v1.GroupService/"
+_COLLECTIONS = "/agentmesh.knowledge.v1.CollectionService/"
 
 
 def _user_change(
@@ -167,6 +184,15 @@ def _user_change(
             paths=["full_name", "role"] if role != user_pb2.ROLE_USER else ["full_name"]
         ),
     }
+
+
+def _grant(
+    victim: Victim, grantee: str, access: collection_pb2.CollectionAccess.ValueType
+) -> collection_pb2.CollectionGrant:
+    """A grant on A's collection for A's group or A's own account."""
+    if grantee == "group":
+        return collection_pb2.CollectionGrant(group_id=victim.group_id, access=access)
+    return collection_pb2.CollectionGrant(user_id=victim.user_id, access=access)
 
 
 def _passage() -> list[indexing_pb.IndexedPassage]:
@@ -369,10 +395,34 @@ ROWS: dict[str, Row] = {
         ),
         Expect.NOT_FOUND,
         control=False,
+        # B uploads into A's collection.
+        besides=(
+            Row(
+                request(
+                    _KB + "UploadDocument",
+                    filename="planted.txt",
+                    content=b"Planted in someone else's collection.",
+                    collection_ids=lambda v: [v.collection_id],
+                ),
+                Expect.NOT_FOUND,
+                control=False,
+            ),
+        ),
     ),
     _KB + "ListDocuments": Row(
         request(_KB + "ListDocuments", page_size=1, page_token=lambda v: v.documents_page_token),
         Expect.NOTHING_OF_THEIRS,
+        besides=(
+            Row(
+                request(
+                    _KB + "ListDocuments",
+                    collection_id=lambda v: v.collection_id,
+                    page_size=1,
+                    page_token=lambda v: v.collection_documents_page_token,
+                ),
+                Expect.NOT_FOUND,
+            ),
+        ),
     ),
     _KB + "GetDocument": Row(
         request(_KB + "GetDocument", document_id=lambda v: v.document_id), Expect.NOT_FOUND
@@ -390,6 +440,122 @@ ROWS: dict[str, Row] = {
             document_ids=lambda v: [v.document_id],
         ),
         Expect.NOTHING_OF_THEIRS,
+        besides=(
+            Row(
+                request(
+                    _KB + "SearchKnowledgeBase",
+                    query=SECRET,
+                    top_k=50,
+                    collection_ids=lambda v: [v.collection_id],
+                ),
+                Expect.NOT_FOUND,
+            ),
+        ),
+    ),
+    # Collections: one B may not read is NOT_FOUND for every RPC, as one that does not exist.
+    _COLLECTIONS + "CreateCollection": Row(
+        request(
+            _COLLECTIONS + "CreateCollection",
+            name="B's collection in A's group",
+            owner_group_id=lambda v: v.group_id,
+        ),
+        Expect.NOT_FOUND,
+    ),
+    _COLLECTIONS + "GetCollection": Row(
+        request(_COLLECTIONS + "GetCollection", collection_id=lambda v: v.collection_id),
+        Expect.NOT_FOUND,
+    ),
+    _COLLECTIONS + "ListCollections": Row(
+        request(
+            _COLLECTIONS + "ListCollections",
+            page_size=1,
+            page_token=lambda v: v.collections_page_token,
+        ),
+        Expect.NOTHING_OF_THEIRS,
+    ),
+    _COLLECTIONS + "DeleteCollection": Row(
+        request(_COLLECTIONS + "DeleteCollection", collection_id=lambda v: v.collection_id),
+        Expect.NOT_FOUND,
+        control=False,
+    ),
+    # B adds A's document to A's collection (it is there already: A's control changes
+    # nothing), removes it, or moves it to A's other collection.
+    _COLLECTIONS + "AddCollectionDocument": Row(
+        request(
+            _COLLECTIONS + "AddCollectionDocument",
+            collection_id=lambda v: v.collection_id,
+            document_id=lambda v: v.document_id,
+        ),
+        Expect.NOT_FOUND,
+    ),
+    _COLLECTIONS + "RemoveCollectionDocument": Row(
+        request(
+            _COLLECTIONS + "RemoveCollectionDocument",
+            collection_id=lambda v: v.collection_id,
+            document_id=lambda v: v.document_id,
+        ),
+        Expect.NOT_FOUND,
+        control=False,
+    ),
+    _COLLECTIONS + "MoveDocument": Row(
+        request(
+            _COLLECTIONS + "MoveDocument",
+            document_id=lambda v: v.document_id,
+            from_collection_id=lambda v: v.collection_id,
+            to_collection_id=lambda v: v.other_collection_id,
+        ),
+        Expect.NOT_FOUND,
+        control=False,
+    ),
+    # B gives A's group write access (A's control: the read grant it has, again), or A
+    # themselves read access (no control: a grant to the owner is not A's to expect).
+    _COLLECTIONS + "GrantCollectionAccess": Row(
+        request(
+            _COLLECTIONS + "GrantCollectionAccess",
+            collection_id=lambda v: v.collection_id,
+            grant=lambda v: _grant(v, "group", collection_pb2.COLLECTION_ACCESS_WRITE),
+        ),
+        Expect.NOT_FOUND,
+        control=False,
+        besides=(
+            Row(
+                request(
+                    _COLLECTIONS + "GrantCollectionAccess",
+                    collection_id=lambda v: v.collection_id,
+                    grant=lambda v: _grant(v, "user", collection_pb2.COLLECTION_ACCESS_READ),
+                ),
+                Expect.NOT_FOUND,
+                control=False,
+            ),
+            Row(
+                request(
+                    _COLLECTIONS + "GrantCollectionAccess",
+                    collection_id=lambda v: v.collection_id,
+                    grant=lambda v: _grant(v, "group", collection_pb2.COLLECTION_ACCESS_READ),
+                ),
+                Expect.NOT_FOUND,
+            ),
+        ),
+    ),
+    _COLLECTIONS + "RevokeCollectionAccess": Row(
+        request(
+            _COLLECTIONS + "RevokeCollectionAccess",
+            collection_id=lambda v: v.collection_id,
+            grant=lambda v: _grant(v, "group", collection_pb2.COLLECTION_ACCESS_READ),
+        ),
+        Expect.NOT_FOUND,
+        control=False,
+        also=(
+            request(
+                _COLLECTIONS + "RevokeCollectionAccess",
+                collection_id=lambda v: v.collection_id,
+                grant=lambda v: _grant(v, "user", collection_pb2.COLLECTION_ACCESS_READ),
+            ),
+        ),
+    ),
+    _COLLECTIONS + "ListCollectionGrants": Row(
+        request(_COLLECTIONS + "ListCollectionGrants", collection_id=lambda v: v.collection_id),
+        Expect.NOT_FOUND,
     ),
     _FEEDBACK + "SubmitFeedback": Row(
         request(
@@ -428,6 +594,7 @@ ROWS: dict[str, Row] = {
             owner_id=lambda v: v.user_id,
             generation=lambda v: v.generation,
             passages=lambda v: _passage(),
+            collection_ids=lambda v: [v.collection_id],
         )
     ),
     _INDEXING + "DeleteGeneration": Row(
@@ -472,6 +639,10 @@ DUMMY = Victim(
     group_id=str(uuid.uuid4()),
     groups_page_token="groups-cursor",
     members_page_token="members-cursor",
+    collection_id=str(uuid.uuid4()),
+    other_collection_id=str(uuid.uuid4()),
+    collections_page_token="collections-cursor",
+    collection_documents_page_token="collection-documents-cursor",
 )
 
 
@@ -482,7 +653,7 @@ def test_every_rpc_has_a_row_an_access_level_and_names_the_victim() -> None:
     assert not paths - set(RPC_ACCESS), f"not in RPC_ACCESS: {sorted(paths - set(RPC_ACCESS))}"
     for path in sorted(paths):
         method, row, access = BY_PATH[path], ROWS[path], RPC_ACCESS[path]
-        built = [build(DUMMY) for build in row.builds]
+        built = [build(DUMMY) for variant in row.variants for build in variant.builds]
         assert all(b.DESCRIPTOR is method.input_type for b in built), path
         for field_path in _required_ids(method, access):
             values = [v for b in built for v in values_at(b, field_path)]
@@ -525,7 +696,7 @@ async def cast(app: Application, stubs: Stubs) -> AsyncIterator[Cast]:
         agent_pb.ListConversationsRequest(page_size=1), metadata=owner.metadata
     )
     document = await ingest(stubs, owner, "kestrel.txt", f"{SECRET}\n\nKestrel notes.".encode())
-    await ingest(stubs, owner, "second.txt", b"Another of A's documents, about basalt.")
+    second = await ingest(stubs, owner, "second.txt", b"Another of A's documents, about basalt.")
     documents = await stubs.kb.ListDocuments(
         kb.ListDocumentsRequest(page_size=1), metadata=owner.metadata
     )
@@ -537,6 +708,9 @@ async def cast(app: Application, stubs: Stubs) -> AsyncIterator[Cast]:
     assert conversations.next_page_token and documents.next_page_token
     assert keys.next_page_token
     group_id, groups_token, members_token = await _groups_of(stubs, admin, owner)
+    collection_ids, collection_tokens = await _collections_of(
+        stubs, owner, [document.document_id, second.document_id], group_id
+    )
     victim = Victim(
         user_id=owner.user_id,
         email=owner.email,
@@ -553,6 +727,10 @@ async def cast(app: Application, stubs: Stubs) -> AsyncIterator[Cast]:
         group_id=group_id,
         groups_page_token=groups_token,
         members_page_token=members_token,
+        collection_id=collection_ids[0],
+        other_collection_id=collection_ids[1],
+        collections_page_token=collection_tokens[0],
+        collection_documents_page_token=collection_tokens[1],
     )
     intruder = await new_user(stubs, "intruder")
     yield Cast(app, stubs, victim, owner, intruder, admin)
@@ -588,6 +766,43 @@ async def _groups_of(stubs: Stubs, admin: Account, owner: Account) -> tuple[str,
     )
     assert listed.next_page_token and members.next_page_token
     return managed, listed.next_page_token, members.next_page_token
+
+
+async def _collections_of(
+    stubs: Stubs, owner: Account, document_ids: list[str], group_id: str
+) -> tuple[tuple[str, str], tuple[str, str]]:
+    """A's two collections, the first holding A's documents and read by A's group, and A's
+    cursors into A's collections and into the first one's documents."""
+    collections = coll_grpc.CollectionServiceStub(stubs.channel)
+    made = []
+    for name in ("kestrel files", "basalt files"):
+        created = await collections.CreateCollection(
+            coll_pb.CreateCollectionRequest(name=name), metadata=owner.metadata
+        )
+        made.append(created.collection.collection_id)
+    holding, empty = made
+    for document_id in document_ids:
+        await collections.AddCollectionDocument(
+            coll_pb.AddCollectionDocumentRequest(collection_id=holding, document_id=document_id),
+            metadata=owner.metadata,
+        )
+    await collections.GrantCollectionAccess(
+        coll_pb.GrantCollectionAccessRequest(
+            collection_id=holding,
+            grant=collection_pb2.CollectionGrant(
+                group_id=group_id, access=collection_pb2.COLLECTION_ACCESS_READ
+            ),
+        ),
+        metadata=owner.metadata,
+    )
+    listed = await collections.ListCollections(
+        coll_pb.ListCollectionsRequest(page_size=1), metadata=owner.metadata
+    )
+    held = await stubs.kb.ListDocuments(
+        kb.ListDocumentsRequest(collection_id=holding, page_size=1), metadata=owner.metadata
+    )
+    assert listed.next_page_token and held.next_page_token
+    return (holding, empty), (listed.next_page_token, held.next_page_token)
 
 
 async def _new_key(stubs: Stubs, account: Account, name: str) -> Any:
@@ -637,12 +852,32 @@ async def state_of(cast: Cast) -> dict[str, Any]:
         groups_pb.ListGroupMembersRequest(group_id=victim.group_id, page_size=200),
         metadata=owner.metadata,
     )
+    collections = coll_grpc.CollectionServiceStub(stubs.channel)
+    my_collections = await collections.ListCollections(
+        coll_pb.ListCollectionsRequest(page_size=200), metadata=owner.metadata
+    )
+    grants = await collections.ListCollectionGrants(
+        coll_pb.ListCollectionGrantsRequest(collection_id=victim.collection_id),
+        metadata=owner.metadata,
+    )
+    held = await stubs.kb.ListDocuments(
+        kb.ListDocumentsRequest(collection_id=victim.collection_id, page_size=100),
+        metadata=owner.metadata,
+    )
     return {
         "user": (me.user_id, me.email, me.full_name, me.role),
         "keys": sorted((k.api_key_id, k.name, k.HasField("revoked_at")) for k in keys.api_keys),
         "conversations": conversations,
         "documents": sorted(
-            (d.document_id, d.content_sha256, d.status, d.chunk_count, d.shared, d.title)
+            (
+                d.document_id,
+                d.content_sha256,
+                d.status,
+                d.chunk_count,
+                d.shared,
+                d.title,
+                sorted(d.collection_ids),
+            )
             for d in documents.documents
         ),
         "passages": sorted((h.chunk_id, h.text) for h in hits),
@@ -652,6 +887,14 @@ async def state_of(cast: Cast) -> dict[str, Any]:
             for g in my_groups.groups
         ),
         "members": sorted((m.user_id, m.role) for m in members.members),
+        "collections": sorted(
+            (c.collection_id, c.name, c.owner_group_id, c.document_count, c.caller_access)
+            for c in my_collections.collections
+        ),
+        "grants": sorted((g.user_id, g.group_id, g.everyone, g.access) for g in grants.grants),
+        "collection documents": sorted(
+            (d.document_id, tuple(sorted(d.collection_ids))) for d in held.documents
+        ),
     }
 
 
@@ -687,8 +930,9 @@ async def test_no_one_reaches_another_users_resources(cast: Cast, path: str) -> 
     row, access = ROWS.get(path), RPC_ACCESS.get(path)
     assert row is not None, f"{path} has no row in ROWS"
     assert access is not None, f"{path} is not in RPC_ACCESS"
-    for build in row.builds:
-        await _attack(cast, path, row, access, build)
+    for variant in row.variants:
+        for build in variant.builds:
+            await _attack(cast, path, variant, access, build)
 
 
 async def _attack(
@@ -747,11 +991,17 @@ async def _check_user_row(
                 *getattr(listed, "documents", []),
                 *getattr(listed, "conversations", []),
                 *getattr(listed, "groups", []),
+                *getattr(listed, "collections", []),
             ]
-            mine = [i for i in items if getattr(i, "owner_id", "") == cast.victim.user_id]
+            mine = [
+                i
+                for i in items
+                if cast.victim.user_id
+                in (getattr(i, "owner_id", ""), getattr(i, "owner_user_id", ""))
+            ]
             assert not mine, f"{path}: B got A's {mine}"
             for item in items:
-                for name in ("document_id", "conversation_id", "group_id"):
+                for name in ("document_id", "conversation_id", "group_id", "collection_id"):
                     assert getattr(item, name, "") not in cast.victim.owned(), (path, item)
     elif row.expect is Expect.ACTS_ON_CALLER:
         assert outcome.ok, outcome

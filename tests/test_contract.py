@@ -222,6 +222,21 @@ REQUIRED_FIELDS = {
     "agentmesh.teams.v1.AddGroupMemberRequest": {"group_id", "user_id"},
     "agentmesh.teams.v1.RemoveGroupMemberRequest": {"group_id", "user_id"},
     "agentmesh.teams.v1.SetGroupMemberRoleRequest": {"group_id", "user_id", "role"},
+    # services/knowledge/collections.py clean_name(): "is required"; collection_id(): "must
+    # be a UUID" on every id; parse_grantee(): "name a grantee"; grant(): an unset access.
+    "agentmesh.knowledge.v1.CreateCollectionRequest": {"name"},
+    "agentmesh.knowledge.v1.GetCollectionRequest": {"collection_id"},
+    "agentmesh.knowledge.v1.DeleteCollectionRequest": {"collection_id"},
+    "agentmesh.knowledge.v1.AddCollectionDocumentRequest": {"collection_id", "document_id"},
+    "agentmesh.knowledge.v1.RemoveCollectionDocumentRequest": {"collection_id", "document_id"},
+    "agentmesh.knowledge.v1.MoveDocumentRequest": {
+        "document_id",
+        "from_collection_id",
+        "to_collection_id",
+    },
+    "agentmesh.knowledge.v1.GrantCollectionAccessRequest": {"collection_id", "grant"},
+    "agentmesh.knowledge.v1.RevokeCollectionAccessRequest": {"collection_id", "grant"},
+    "agentmesh.knowledge.v1.ListCollectionGrantsRequest": {"collection_id"},
     # services/knowledge/service.py _validate_upload(): filename "is required";
     # parsing.inspect_upload(): "the document is empty".
     "agentmesh.knowledge.v1.UploadDocumentRequest": {"filename", "content"},

@@ -27,7 +27,7 @@ from services.knowledge.vector_store import (
     VectorStore,
     chunk_points,
 )
-from tests.test_vector_store import DIM, owner_of, put, unit
+from tests.test_vector_store import DIM, TEAM, owner_of, put, unit
 
 COLLECTION = "agentmesh_chunks"
 
@@ -54,7 +54,7 @@ async def test_an_old_local_mode_index_moves_into_the_embedded_engine_on_start(
 ) -> None:
     data_dir = tmp_path / "data"
     alice, bob = uuid.uuid4(), uuid.uuid4()
-    owners = [owner_of(alice), owner_of(bob), owner_of(bob, shared=True)]
+    owners = [owner_of(alice), owner_of(bob), owner_of(bob, collections=(TEAM,))]
     before = await write_local_mode(data_dir, owners)
     (data_dir / "vectors.migrating").mkdir()  # as an interrupted migration leaves it
     (data_dir / "vectors.migrating" / "junk").write_text("half a shard")
@@ -85,7 +85,10 @@ async def test_an_old_local_mode_index_moves_into_the_embedded_engine_on_start(
                 )
                 assert hits[0].payload["text"] == f"old passage {n}.{i} about lakes"
         _, sparse = await store.search(
-            SearchScope(alice), dense=None, sparse=LexicalEncoder().encode_query("lakes"), limit=20
+            SearchScope(alice, (TEAM,)),
+            dense=None,
+            sparse=LexicalEncoder().encode_query("lakes"),
+            limit=20,
         )
         assert {h.payload["document_id"] for h in sparse} == {
             str(owners[0].document_id),

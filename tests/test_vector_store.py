@@ -65,8 +65,13 @@ def unit(seed: int) -> list[float]:
     return [float(x) for x in vector / np.linalg.norm(vector)]
 
 
-def owner_of(owner_id: uuid.UUID, *, shared: bool = False, generation: str = "g1") -> ChunkOwner:
-    return ChunkOwner(uuid.uuid4(), generation, owner_id, shared)
+TEAM = uuid.uuid4()  # a collection some tests put documents in
+
+
+def owner_of(
+    owner_id: uuid.UUID, *, collections: tuple[uuid.UUID, ...] = (), generation: str = "g1"
+) -> ChunkOwner:
+    return ChunkOwner(uuid.uuid4(), generation, owner_id, tuple(str(c) for c in collections))
 
 
 async def put(store: VectorStore, owner: ChunkOwner, texts: list[str], seed: int) -> list[str]:
@@ -87,27 +92,63 @@ async def both_legs(
     return {h.point_id for h in dense_hits}, {h.point_id for h in sparse_hits}
 
 
-async def test_a_search_sees_own_and_shared_passages_never_another_owners(
+async def test_a_search_sees_own_and_readable_collections_passages_never_another_owners(
     store: VectorStore,
 ) -> None:
-    alice, bob, admin = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    alice, bob, carol = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    other_team = uuid.uuid4()
     mine = await put(store, owner_of(alice), ["alpine glaciers retreat"], seed=1)
     theirs = await put(store, owner_of(bob), ["alpine glaciers advance"], seed=2)
-    shared = await put(store, owner_of(admin, shared=True), ["alpine glaciers melt"], seed=3)
+    team = await put(
+        store, owner_of(carol, collections=(other_team, TEAM)), ["alpine glaciers melt"], seed=3
+    )
 
     # Bob's own vector as the query: the nearest passage exists, but is not Alice's to see.
-    dense, sparse = await both_legs(store, SearchScope(alice), unit(2), "alpine glaciers")
-    assert dense == sparse == {*mine, *shared}
+    dense, sparse = await both_legs(store, SearchScope(alice, (TEAM,)), unit(2), "alpine glaciers")
+    assert dense == sparse == {*mine, *team}
     dense, sparse = await both_legs(store, SearchScope(bob), unit(1), "alpine glaciers")
-    assert dense == sparse == {*theirs, *shared}
+    assert dense == sparse == set(theirs)
+    # Only the collections named: not even the caller's own passages.
+    dense, sparse = await both_legs(store, SearchScope(None, (TEAM,)), unit(1), "alpine glaciers")
+    assert dense == sparse == set(team)
+    dense, sparse = await both_legs(store, SearchScope(None), unit(1), "alpine glaciers")
+    assert dense == sparse == set()
 
-    hits, _ = await store.search(SearchScope(alice), dense=unit(1), sparse=None, limit=5)
+    hits, _ = await store.search(SearchScope(alice, (TEAM,)), dense=unit(1), sparse=None, limit=5)
     assert hits[0].point_id == mine[0] and hits[0].score == pytest.approx(1.0, abs=1e-5)
-    assert (
-        hits[0].payload["shared"] is False and hits[0].payload["text"] == "alpine glaciers retreat"
+    assert hits[0].payload["collections"] == []
+    assert hits[0].payload["text"] == "alpine glaciers retreat"
+    team_hit = next(h for h in hits if h.point_id == team[0])
+    assert team_hit.payload["collections"] == sorted([str(other_team), str(TEAM)])
+    assert team_hit.payload["owner_id"] == str(carol)
+
+
+async def test_a_documents_collections_change_on_its_points_without_re_indexing(
+    store: VectorStore,
+) -> None:
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    owner = owner_of(alice, collections=(TEAM,))
+    ids = await put(store, owner, ["basalt columns cool", "basalt columns crack"], seed=60)
+    before = await store.dense_vectors(ids)
+    assert await both_legs(store, SearchScope(bob, (TEAM,)), unit(60), "basalt") == (
+        set(ids),
+        set(ids),
     )
-    shared_hit = next(h for h in hits if h.point_id == shared[0])
-    assert shared_hit.payload["shared"] is True and shared_hit.payload["owner_id"] == str(admin)
+
+    moved = uuid.uuid4()
+    await store.set_collections(owner.document_id, [str(moved)])
+    assert await both_legs(store, SearchScope(bob, (TEAM,)), unit(60), "basalt") == (set(), set())
+    assert await both_legs(store, SearchScope(bob, (moved,)), unit(60), "basalt") == (
+        set(ids),
+        set(ids),
+    )
+    await store.set_collections(owner.document_id, [])
+    assert await both_legs(store, SearchScope(bob, (moved,)), unit(60), "basalt") == (set(), set())
+    assert await both_legs(store, SearchScope(alice), unit(60), "basalt") == (set(ids), set(ids))
+    # The same points: vectors and the rest of the payload untouched.
+    after = await store.dense_vectors(ids)
+    assert all(after[i] == pytest.approx(before[i], abs=1e-6) for i in ids)
+    assert (await store.payloads(ids))[ids[1]]["text"] == "basalt columns crack"
 
 
 async def test_a_search_can_return_only_named_payload_fields_and_fetch_the_rest(
@@ -130,7 +171,7 @@ async def test_a_search_can_return_only_named_payload_fields_and_fetch_the_rest(
     payloads = await store.payloads([ids[1], point_id(owner_of(alice), 0)])  # one unknown id
     assert list(payloads) == [ids[1]]
     assert payloads[ids[1]]["text"] == "coral reefs recover"
-    assert payloads[ids[1]]["shared"] is False and payloads[ids[1]]["chunk_index"] == 1
+    assert payloads[ids[1]]["collections"] == [] and payloads[ids[1]]["chunk_index"] == 1
     assert payloads[ids[1]]["generation"] == "g7"
 
 
@@ -143,7 +184,7 @@ async def test_document_ids_narrow_a_search_within_what_the_caller_may_see(
     await put(store, second, ["tidal energy too"], seed=20)
     await put(store, foreign, ["tidal energy again"], seed=30)
 
-    scope = SearchScope(alice, (first.document_id, foreign.document_id))
+    scope = SearchScope(alice, document_ids=(first.document_id, foreign.document_id))
     dense, sparse = await both_legs(store, scope, unit(20), "tidal energy")
     assert dense == sparse == set(wanted)
 
@@ -162,7 +203,7 @@ async def test_a_leg_not_asked_for_is_empty(store: VectorStore) -> None:
 async def test_delete_document_keeps_the_named_generation(store: VectorStore) -> None:
     alice = uuid.uuid4()
     old = owner_of(alice, generation="g1")
-    new = ChunkOwner(old.document_id, "g2", alice, False)
+    new = ChunkOwner(old.document_id, "g2", alice)
     await put(store, old, ["first draft", "second paragraph"], seed=50)
     kept = await put(store, new, ["final text"], seed=60)
     assert await store.count(old.document_id) == 3
@@ -179,7 +220,7 @@ async def test_delete_document_keeps_the_named_generation(store: VectorStore) ->
 async def test_delete_generation_removes_that_generation_only(store: VectorStore) -> None:
     alice = uuid.uuid4()
     done = owner_of(alice, generation="g1")
-    stale = ChunkOwner(done.document_id, "g2", alice, False)
+    stale = ChunkOwner(done.document_id, "g2", alice)
     other = owner_of(alice, generation="g2")
     await put(store, done, ["published"], seed=70)
     await put(store, stale, ["abandoned", "abandoned too"], seed=71)
@@ -193,7 +234,7 @@ async def test_delete_generation_removes_that_generation_only(store: VectorStore
 async def test_delete_owner_removes_every_passage_of_that_owner(store: VectorStore) -> None:
     alice, bob = uuid.uuid4(), uuid.uuid4()
     await put(store, owner_of(alice), ["a", "b"], seed=80)
-    await put(store, owner_of(alice, shared=True), ["c"], seed=82)
+    await put(store, owner_of(alice, collections=(TEAM,)), ["c"], seed=82)
     bobs = owner_of(bob)
     await put(store, bobs, ["d"], seed=83)
 
@@ -245,7 +286,7 @@ async def test_every_point_copies_with_its_ids_vectors_and_payload(
     store: VectorStore, tmp_path: Path
 ) -> None:
     alice = uuid.uuid4()
-    owner = owner_of(alice, shared=True)
+    owner = owner_of(alice, collections=(TEAM,))
     texts = [f"passage number {i} about rivers" for i in range(300)]  # more than one page
     ids = await put(store, owner, texts, seed=1000)
     other = "server-local-mode" if isinstance(store, QdrantEdgeStore) else "edge"
@@ -260,11 +301,12 @@ async def test_every_point_copies_with_its_ids_vectors_and_payload(
         by_id = {p.point_id: p for p in copied}
         for point in original:
             twin = by_id[point.point_id]
-            assert twin.payload == point.payload and twin.payload["shared"] is True
+            assert twin.payload == point.payload and twin.payload["collections"] == [str(TEAM)]
             assert twin.sparse.indices == point.sparse.indices
             assert twin.sparse.values == pytest.approx(point.sparse.values)
             assert twin.dense == pytest.approx(point.dense, abs=1e-6)
-        dense, sparse = await both_legs(target, SearchScope(uuid.uuid4()), unit(1007), "rivers")
+        scope = SearchScope(uuid.uuid4(), (TEAM,))
+        dense, sparse = await both_legs(target, scope, unit(1007), "rivers")
         assert ids[7] in dense and len(sparse) == 50
     finally:
         await target.close()
@@ -306,7 +348,7 @@ async def test_the_payload_indexes_exist_in_the_embedded_shard(tmp_path: Path) -
     assert {k: v.data_type for k, v in schema.items()} == {
         "owner_id": qe.PayloadSchemaType.Keyword,
         "document_id": qe.PayloadSchemaType.Keyword,
-        "shared": qe.PayloadSchemaType.Keyword,
+        "collections": qe.PayloadSchemaType.Keyword,
         "generation": qe.PayloadSchemaType.Keyword,
     }
     owner_index = schema["owner_id"].params

@@ -34,7 +34,9 @@ def _owner(request: indexing_pb.UpsertPassagesRequest) -> ChunkOwner:
         document_id=require_uuid(request.document_id, field="document_id"),
         generation=_generation(request.generation),
         owner_id=require_uuid(request.owner_id, field="owner_id"),
-        shared=request.shared,
+        collection_ids=tuple(
+            str(require_uuid(raw, field="collection_ids")) for raw in request.collection_ids
+        ),
     )
 
 

@@ -1,5 +1,7 @@
 """KnowledgeBaseService: documents and search over them."""
 
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from agentmesh.knowledge.v1 import knowledge_pb2 as kb_pb
@@ -8,8 +10,9 @@ from agentmesh.knowledge.v1 import knowledge_service_pb2_grpc as kb_grpc
 
 from server.request_context import current_principal
 from server.servicers.converters import search_result_to_proto, to_timestamp
+from services.auth.principal import Principal
 from services.errors import InvalidArgument
-from services.knowledge.models import Document, DocumentStatus, Stage
+from services.knowledge.models import EVERYONE_COLLECTION_ID, Document, DocumentStatus, Stage
 from services.knowledge.parsing import DocumentFormat
 from services.knowledge.retrieval import Rerank, SearchMode
 from services.knowledge.service import KnowledgeService, SearchRequest, Upload
@@ -58,7 +61,8 @@ RERANK_TO_PROTO = {
 }
 
 
-def document_to_proto(document: Document) -> kb_pb.Document:
+def document_to_proto(document: Document, collections: Sequence[uuid.UUID] = ()) -> kb_pb.Document:
+    """The document, with the collections holding it that the caller may read."""
     return kb_pb.Document(
         document_id=str(document.id),
         title=document.title,
@@ -71,7 +75,8 @@ def document_to_proto(document: Document) -> kb_pb.Document:
         page_count=document.page_count,
         chunk_count=document.chunk_count,
         content_sha256=document.content_sha256,
-        shared=document.shared,
+        shared=EVERYONE_COLLECTION_ID in collections,
+        collection_ids=[str(collection_id) for collection_id in collections],
         owner_id=str(document.owner_id),
         metadata=document.extra,
         created_at=to_timestamp(document.created_at),
@@ -91,12 +96,19 @@ def search_from_proto(request: kb_service_pb.SearchKnowledgeBaseRequest) -> Sear
         min_score=request.min_score,
         mode=MODE_FROM_PROTO[request.mode],
         rerank=RERANK_FROM_PROTO[request.rerank],
+        collection_ids=tuple(request.collection_ids),
     )
 
 
 class KnowledgeBaseServicer(kb_grpc.KnowledgeBaseServiceServicer):
     def __init__(self, knowledge: KnowledgeService) -> None:
         self._knowledge = knowledge
+
+    async def _documents(
+        self, principal: Principal, documents: list[Document]
+    ) -> list[kb_pb.Document]:
+        held = await self._knowledge.collections_of(principal, documents)
+        return [document_to_proto(d, held.get(d.id, ())) for d in documents]
 
     async def UploadDocument(
         self, request: kb_service_pb.UploadDocumentRequest, context: Any
@@ -108,10 +120,13 @@ class KnowledgeBaseServicer(kb_grpc.KnowledgeBaseServiceServicer):
             metadata=dict(request.metadata),
             document_id=request.document_id,
             shared=request.shared,
+            collection_ids=tuple(request.collection_ids),
         )
-        result = await self._knowledge.upload(current_principal(), upload)
+        principal = current_principal()
+        result = await self._knowledge.upload(principal, upload)
+        [document] = await self._documents(principal, [result.document])
         return kb_service_pb.UploadDocumentResponse(
-            document=document_to_proto(result.document), deduplicated=result.deduplicated
+            document=document, deduplicated=result.deduplicated
         )
 
     async def ListDocuments(
@@ -124,17 +139,20 @@ class KnowledgeBaseServicer(kb_grpc.KnowledgeBaseServiceServicer):
             requested_page_size=request.page_size,
             page_token=request.page_token,
             status=STATUS_FROM_PROTO.get(request.status),
+            collection=request.collection_id,
         )
         return kb_service_pb.ListDocumentsResponse(
-            documents=[document_to_proto(d) for d in page.documents],
+            documents=await self._documents(current_principal(), page.documents),
             next_page_token=page.next_page_token,
         )
 
     async def GetDocument(
         self, request: kb_service_pb.GetDocumentRequest, context: Any
     ) -> kb_service_pb.GetDocumentResponse:
-        document = await self._knowledge.get(current_principal(), request.document_id)
-        return kb_service_pb.GetDocumentResponse(document=document_to_proto(document))
+        principal = current_principal()
+        document = await self._knowledge.get(principal, request.document_id)
+        [found] = await self._documents(principal, [document])
+        return kb_service_pb.GetDocumentResponse(document=found)
 
     async def DeleteDocument(
         self, request: kb_service_pb.DeleteDocumentRequest, context: Any

@@ -148,15 +148,31 @@ class DurableQueue:
         await self._app.close_async()
 
     async def _work(self) -> None:
-        await self._app.run_worker_async(
-            queues=[self._queue],
-            concurrency=self._settings.workers,
-            install_signal_handlers=False,
-            update_heartbeat_interval=self._settings.heartbeat_seconds,
-            stalled_worker_timeout=self._settings.stalled_seconds,
-            delete_jobs="successful",
-            shutdown_graceful_timeout=0,
-        )
+        """Run procrastinate's worker until cancelled, starting it again whenever it stops.
+
+        The worker stops for good when one of its own queries fails (fetching the next job,
+        its heartbeat, its listener): a moment without PostgreSQL would otherwise leave this
+        process running no job at all, every later upload PROCESSING for ever. The job it
+        was running goes back to the queue through `sweep`, like a dead worker's."""
+        while True:
+            try:
+                await self._app.run_worker_async(
+                    queues=[self._queue],
+                    concurrency=self._settings.workers,
+                    install_signal_handlers=False,
+                    update_heartbeat_interval=self._settings.heartbeat_seconds,
+                    stalled_worker_timeout=self._settings.stalled_seconds,
+                    delete_jobs="successful",
+                    shutdown_graceful_timeout=0,
+                )
+                error = None
+            except Exception as failure:
+                error = repr(failure)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # stop(): the worker was cancelled
+                return
+            log.warning("ingestion worker stopped; starting it again", extra={"error": error})
+            await asyncio.sleep(self._settings.backoff_seconds)
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.errors import ResourceExhausted
 from services.knowledge import queries
 from services.knowledge.chunking import Chunk, ChunkingPolicy, chunk_document
+from services.knowledge.collection_access import document_collections
 from services.knowledge.embeddings import Embedder
 from services.knowledge.lexical import LexicalEncoder, SparseVector
 from services.knowledge.models import Document, DocumentStatus, Stage
@@ -193,9 +194,9 @@ class IngestionPipeline:
             dense = await self._embedder.encode_passages([c.text for c in prepared.chunks])
             stage = Stage.INDEXING
             await self._stage(job, stage, clock)
-            owner = ChunkOwner(job.document_id, job.generation, document.owner_id, document.shared)
+            owner, acl_version = await self._owner(job, document.owner_id)
             await self._store.upsert(owner, prepared.chunks, dense, prepared.sparse)
-            await self._publish(job, prepared)
+            await self._publish(job, prepared, acl_version)
             clock.done(len(prepared.chunks))
         except Stale:
             await self._discard(job)
@@ -251,8 +252,21 @@ class IngestionPipeline:
             ):
                 raise Stale()
 
-    async def _publish(self, job: Job, prepared: Prepared) -> None:
-        """Make the new generation the one searches see, then drop the older ones."""
+    async def _owner(self, job: Job, owner_id: uuid.UUID) -> tuple[ChunkOwner, int]:
+        """Whose the passages are and the collections holding the document now, with the
+        version of that list (acl_sync.py)."""
+        async with self._sessions.begin() as s:
+            version = await s.scalar(
+                select(Document.acl_version).where(Document.id == job.document_id)
+            )
+            held = (await document_collections(s, [job.document_id]))[job.document_id]
+        collections = tuple(str(collection_id) for collection_id in held)
+        return ChunkOwner(job.document_id, job.generation, owner_id, collections), version or 0
+
+    async def _publish(self, job: Job, prepared: Prepared, acl_version: int) -> None:
+        """Make the new generation the one searches see, then drop the older ones. The
+        points carry the collections of `acl_version`: if they changed since, the versions
+        differ and the index owner's repair loop writes the new list (acl_sync.py)."""
         async with self._sessions.begin() as s:
             previous = await s.scalar(
                 select(Document.generation).where(Document.id == job.document_id)
@@ -268,6 +282,7 @@ class IngestionPipeline:
                     "failure_reason": None,
                     "page_count": prepared.parsed.page_count,
                     "chunk_count": len(prepared.chunks),
+                    "indexed_acl_version": acl_version,
                 },
             )
         if not published:

@@ -42,6 +42,7 @@ from services.knowledge.vector_store import (
     StoredHit,
     StoredPoint,
     chunk_points,
+    collections_payload,
     document_filter,
     equals,
     generation_filter,
@@ -56,7 +57,8 @@ EDGE_THREADS = min(4, os.cpu_count() or 1)
 # Longest a write waits for its fsync (what a machine crash may lose; kill -9 loses nothing).
 FLUSH_SECONDS = 5.0
 # Boolean payload fields, stored as the keywords "true"/"false": in qdrant-edge 0.9.0
-# MatchValue(True) becomes the integer 1, so a bool filter silently matches nothing.
+# MatchValue(True) becomes the integer 1, so a bool filter silently matches nothing. (The
+# `shared` flag of points written before collections; nothing filters on it any more.)
 FLAGS = frozenset({"shared"})
 # Where a scroll continues: the engine's point id type (a stub-only alias in qdrant_edge).
 Cursor = int | str | uuid.UUID
@@ -125,6 +127,13 @@ class QdrantEdgeStore:
 
     async def delete_owner(self, owner_id: uuid.UUID) -> None:
         await self._delete(owner_filter(owner_id))
+
+    async def set_collections(self, document_id: uuid.UUID, collection_ids: Sequence[str]) -> None:
+        operation = qe.UpdateOperation.set_payload_by_filter(
+            edge_filter(document_filter(document_id)), collections_payload(collection_ids)
+        )
+        await self._run(self._require().update, operation)
+        self._unflushed = True
 
     async def search(
         self,
@@ -276,7 +285,7 @@ def _ensure_indexes(shard: qe.EdgeShard) -> None:
     indexes: dict[str, qe.PayloadSchemaType | qe.KeywordIndexParams] = {
         "owner_id": qe.KeywordIndexParams(is_tenant=True),
         "document_id": qe.PayloadSchemaType.Keyword,
-        "shared": qe.PayloadSchemaType.Keyword,
+        "collections": qe.PayloadSchemaType.Keyword,
         "generation": qe.PayloadSchemaType.Keyword,
     }
     existing = shard.info().payload_schema

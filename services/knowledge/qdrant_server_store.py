@@ -26,6 +26,7 @@ from services.knowledge.vector_store import (
     StoredHit,
     StoredPoint,
     chunk_points,
+    collections_payload,
     document_filter,
     equals,
     generation_filter,
@@ -47,7 +48,9 @@ class QdrantServerStore:
         return self._collection
 
     async def ensure_collection(self, dimension: int) -> None:
-        """Create the collection for `dimension`-sized vectors, or check an existing one."""
+        """Create the collection for `dimension`-sized vectors, or check an existing one;
+        either way add the payload indexes it lacks (a collection made by an older version
+        lacks `collections`)."""
         if await self.exists():
             size = await self.dimension()
             if size != dimension:
@@ -56,22 +59,27 @@ class QdrantServerStore:
                     f"but the embedding model makes {dimension}; configure another collection, "
                     "or run `agentmesh reindex` to re-embed every passage into a new one"
                 )
-            return
-        await self._client.create_collection(
-            self._collection,
-            vectors_config={DENSE: qm.VectorParams(size=dimension, distance=qm.Distance.COSINE)},
-            sparse_vectors_config={SPARSE: qm.SparseVectorParams(modifier=qm.Modifier.IDF)},
-        )
-        if not self._local:  # local mode has no payload indexes (it scans)
-            await self._client.create_payload_index(
+        else:
+            await self._client.create_collection(
                 self._collection,
-                "owner_id",
-                qm.KeywordIndexParams(type=qm.KeywordIndexType.KEYWORD, is_tenant=True),
+                vectors_config={
+                    DENSE: qm.VectorParams(size=dimension, distance=qm.Distance.COSINE)
+                },
+                sparse_vectors_config={SPARSE: qm.SparseVectorParams(modifier=qm.Modifier.IDF)},
             )
-            for key, schema in (
-                ("document_id", qm.PayloadSchemaType.KEYWORD),
-                ("shared", qm.PayloadSchemaType.BOOL),
-            ):
+        if not self._local:  # local mode has no payload indexes (it scans)
+            await self._ensure_indexes()
+
+    async def _ensure_indexes(self) -> None:
+        """The payload index of every field a filter reads (the tenant key first)."""
+        info = await self._client.get_collection(self._collection)
+        schemas: dict[str, qm.PayloadSchemaType | qm.KeywordIndexParams] = {
+            "owner_id": qm.KeywordIndexParams(type=qm.KeywordIndexType.KEYWORD, is_tenant=True),
+            "document_id": qm.PayloadSchemaType.KEYWORD,
+            "collections": qm.PayloadSchemaType.KEYWORD,
+        }
+        for key, schema in schemas.items():
+            if key not in (info.payload_schema or {}):
                 await self._client.create_payload_index(self._collection, key, schema)
 
     async def open_existing(self) -> None:
@@ -135,6 +143,14 @@ class QdrantServerStore:
 
     async def delete_owner(self, owner_id: uuid.UUID) -> None:
         await self._delete(owner_filter(owner_id))
+
+    async def set_collections(self, document_id: uuid.UUID, collection_ids: Sequence[str]) -> None:
+        await self._client.set_payload(
+            self._collection,
+            collections_payload(collection_ids),
+            points=document_filter(document_id),
+            wait=True,
+        )
 
     async def search(
         self,

@@ -3,24 +3,26 @@
 import uuid
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import Select, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.auth.models import User
 from services.db import utcnow
-from services.knowledge.models import Document, DocumentStatus, DocumentUpload, Stage
+from services.knowledge.models import (
+    CollectionDocument,
+    Document,
+    DocumentStatus,
+    DocumentUpload,
+    Stage,
+)
 from services.pagination import Cursor
 
 
-def visible_to(owner_id: uuid.UUID) -> Select[Document]:
-    """Documents `owner_id` may read: their own and shared ones."""
-    return select(Document).where(or_(Document.owner_id == owner_id, Document.shared.is_(True)))
-
-
 async def get_visible(
-    s: AsyncSession, *, owner_id: uuid.UUID, document_id: uuid.UUID
+    s: AsyncSession, visible: Select[Document], *, document_id: uuid.UUID
 ) -> Document | None:
-    result = await s.scalars(visible_to(owner_id).where(Document.id == document_id))
+    """The document if it is among `visible` (collection_access.visible_documents)."""
+    result = await s.scalars(visible.where(Document.id == document_id))
     return result.one_or_none()
 
 
@@ -50,6 +52,21 @@ async def find_same_content(
     return (await s.scalars(query)).one_or_none()
 
 
+async def list_in_collection(
+    s: AsyncSession,
+    *,
+    collection_id: uuid.UUID,
+    status: DocumentStatus | None,
+    after: Cursor | None,
+    limit: int,
+) -> list[Document]:
+    """A collection's documents, newest first, after the keyset cursor."""
+    held = select(CollectionDocument.document_id).where(
+        CollectionDocument.collection_id == collection_id
+    )
+    return await _newest_first(s, Document.id.in_(held), status, after, limit)
+
+
 async def list_owned(
     s: AsyncSession,
     *,
@@ -59,7 +76,17 @@ async def list_owned(
     limit: int,
 ) -> list[Document]:
     """The owner's documents, newest first, after the keyset cursor."""
-    query = select(Document).where(Document.owner_id == owner_id)
+    return await _newest_first(s, Document.owner_id == owner_id, status, after, limit)
+
+
+async def _newest_first(
+    s: AsyncSession,
+    condition: ColumnElement[bool],
+    status: DocumentStatus | None,
+    after: Cursor | None,
+    limit: int,
+) -> list[Document]:
+    query = select(Document).where(condition)
     if status is not None:
         query = query.where(Document.status == status)
     if after is not None:
@@ -74,13 +101,14 @@ async def list_owned(
 
 
 async def current_generations(
-    s: AsyncSession, *, owner_id: uuid.UUID, document_ids: Iterable[uuid.UUID]
+    s: AsyncSession, visible: Select[Document], *, document_ids: Iterable[uuid.UUID]
 ) -> dict[uuid.UUID, Document]:
-    """The visible documents among `document_ids`, by id (for checking search hits)."""
+    """The documents among `document_ids` that are among `visible`, by id (for checking
+    search hits)."""
     ids = list(set(document_ids))
     if not ids:
         return {}
-    result = await s.scalars(visible_to(owner_id).where(Document.id.in_(ids)))
+    result = await s.scalars(visible.where(Document.id.in_(ids)))
     return {document.id: document for document in result}
 
 

@@ -1,4 +1,5 @@
-"""The knowledge base: documents in, passages out, each owner seeing only what is theirs."""
+"""The knowledge base: documents in, passages out, each caller seeing only their own
+documents and those of the collections they may read (collections.py)."""
 
 import asyncio
 import hashlib
@@ -22,10 +23,24 @@ from services.errors import (
     Violations,
 )
 from services.knowledge import queries
+from services.knowledge.acl_sync import AclSync
+from services.knowledge.collection_access import (
+    Access,
+    document_collections,
+    readable_ids,
+    visible_documents,
+)
+from services.knowledge.collections import (
+    MAX_UPLOAD_COLLECTIONS,
+    CollectionService,
+    add_to,
+    collection_id,
+    require_access,
+)
 from services.knowledge.embeddings import Embedder
 from services.knowledge.ingestion import Job, JobQueue, PassageIndex, QueueStats
 from services.knowledge.lexical import LexicalEncoder
-from services.knowledge.models import Document, DocumentStatus, Stage
+from services.knowledge.models import EVERYONE_COLLECTION_ID, Document, DocumentStatus, Stage
 from services.knowledge.parsing import DocumentFormat, ParseLimits, inspect_upload
 from services.knowledge.reranking import RERANK_DEPTH, CrossEncoderReranker
 from services.knowledge.retrieval import (
@@ -56,6 +71,7 @@ MAX_READ_PASSAGES = 50  # passages one read of a document returns
 # The payload keys candidates are ranked and checked by; the rest of a passage's payload
 # (its text above all) is read only for the passages served.
 HIT_FIELDS = ("document_id", "generation")
+TEXT = "text"  # a key of the whole payload only
 SEARCH_ATTEMPTS = 2
 
 
@@ -75,7 +91,8 @@ class Upload:
     title: str = ""
     metadata: Mapping[str, str] | None = None
     document_id: str = ""
-    shared: bool = False
+    shared: bool = False  # into the collection every user reads (administrators only)
+    collection_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,6 +115,7 @@ class SearchRequest:
     min_score: float = 0.0
     mode: SearchMode = SearchMode.HYBRID
     rerank: Rerank = Rerank.NONE
+    collection_ids: tuple[str, ...] = ()  # empty: own documents + every readable collection
 
 
 @dataclass(frozen=True)
@@ -143,6 +161,8 @@ class KnowledgeService:
         self._executor = executor
         self._settings = settings
         self._reranker = reranker
+        self._acl = AclSync(sessions, store)
+        self.collections = CollectionService(sessions, self._acl)
 
     async def ping_store(self) -> None:
         """Raise unless the vector store answers (the dependency probe)."""
@@ -166,21 +186,25 @@ class KnowledgeService:
         """Create the collection if needed, then start the ingestion queue."""
         await self._store.ensure_collection(self._embedder.dimension)
         await self._ingestion.start()
+        self._acl.start()  # documents whose collections changed while no one wrote them
 
     async def stop(self) -> None:
         """Stop ingesting (interrupted documents resume on the next start), release resources."""
         await self._ingestion.stop()
+        await self._acl.stop()
         await self._store.close()
         self._embedder.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def upload(self, principal: Principal, upload: Upload) -> UploadResult:
         """Store the upload and queue its ingestion; identical content is not ingested twice."""
-        replaces = _validate_upload(upload, self._settings.max_upload_bytes)
+        replaces, targets = _validate_upload(upload, self._settings.max_upload_bytes)
         if upload.shared and not principal.is_admin:
             raise PermissionDenied(
                 "only administrators can share documents", reason="SHARING_NOT_ALLOWED"
             )
+        if upload.shared:
+            targets = (*targets, EVERYONE_COLLECTION_ID)
         loop = asyncio.get_running_loop()
         fmt = await loop.run_in_executor(
             self._executor,
@@ -191,51 +215,106 @@ class KnowledgeService:
         )
         digest = await loop.run_in_executor(self._executor, _sha256, upload.content)
         await self._ingestion.check_capacity()
-        generation = uuid.uuid4().hex
-        quota = self._settings.storage_quota_bytes
         async with self._sessions.begin() as s:
-            if quota:
-                await queries.lock_owner(s, owner_id=principal.user_id)
+            for target in targets:
+                await require_access(s, principal, target, Access.WRITE)
+            # One owner's uploads take turns (the dedup and the quota check below).
+            document = None
             if replaces is not None:
-                document = await queries.get_owned(
-                    s, owner_id=principal.user_id, document_id=replaces, lock=True
-                )
-                if document is None:
-                    raise _not_found()
+                document = await self._replaceable(s, principal, replaces)
+            owner_id = document.owner_id if document is not None else principal.user_id
+            if self._settings.storage_quota_bytes:
+                await queries.lock_owner(s, owner_id=owner_id)
+            if replaces is None:
+                document = await queries.find_same_content(s, owner_id=owner_id, sha256=digest)
+            same = document is not None and (
+                replaces is None or _same_live_content(document, digest)
+            )
+            if same:
+                assert document is not None
+                result = UploadResult(document, deduplicated=True)
             else:
-                document = await queries.find_same_content(
-                    s, owner_id=principal.user_id, sha256=digest
-                )
-                if document is not None:
-                    self._uploaded(principal, upload, fmt, deduplicated=True)
-                    return UploadResult(document, deduplicated=True)
-                document = Document(owner_id=principal.user_id)
-                s.add(document)
-            if replaces is not None and _same_live_content(document, digest):
-                self._uploaded(principal, upload, fmt, deduplicated=True)
-                return UploadResult(document, deduplicated=True)
-            document.filename = upload.filename
-            # A replacement keeps its title unless the request names a new one.
-            document.title = upload.title or document.title or _default_title(upload.filename)
-            document.document_type = fmt.value
-            document.size_bytes = len(upload.content)
-            document.content_sha256 = digest
-            document.shared = upload.shared
-            document.extra = dict(upload.metadata or {})
-            document.status = DocumentStatus.PROCESSING
-            document.stage = Stage.QUEUED
-            document.failure_reason = None
-            document.pending_generation = generation
-            await s.flush()
-            await check_storage(
-                s, owner_id=principal.user_id, limit=quota, upload_bytes=len(upload.content)
+                result = await self._store_upload(s, principal, upload, fmt, digest, document)
+            for target in targets:
+                await add_to(s, target, result.document.id)
+        if targets:
+            await self._acl.sync([result.document.id])
+        if not result.deduplicated:
+            assert result.document.pending_generation is not None
+            await self._ingestion.submit(
+                Job(result.document.id, result.document.pending_generation)
             )
-            await queries.put_upload(
-                s, document_id=document.id, generation=generation, content=upload.content
-            )
-        await self._ingestion.submit(Job(document.id, generation))
-        self._uploaded(principal, upload, fmt, deduplicated=False)
+        self._uploaded(principal, upload, fmt, deduplicated=result.deduplicated)
+        return result
+
+    async def _store_upload(
+        self,
+        s: AsyncSession,
+        principal: Principal,
+        upload: Upload,
+        fmt: DocumentFormat,
+        digest: str,
+        document: Document | None,
+    ) -> UploadResult:
+        """Keep the new content of `document` (None: a new document of the caller)."""
+        # A replacement's new content counts towards its owner's quota, whoever sends it.
+        owner_id = document.owner_id if document is not None else principal.user_id
+        if document is None:
+            document = Document(owner_id=owner_id)
+            s.add(document)
+        generation = uuid.uuid4().hex
+        document.filename = upload.filename
+        # A replacement keeps its title unless the request names a new one.
+        document.title = upload.title or document.title or _default_title(upload.filename)
+        document.document_type = fmt.value
+        document.size_bytes = len(upload.content)
+        document.content_sha256 = digest
+        document.extra = dict(upload.metadata or {})
+        document.status = DocumentStatus.PROCESSING
+        document.stage = Stage.QUEUED
+        document.failure_reason = None
+        document.pending_generation = generation
+        await s.flush()
+        await check_storage(
+            s,
+            owner_id=owner_id,
+            limit=self._settings.storage_quota_bytes,
+            upload_bytes=len(upload.content),
+        )
+        await queries.put_upload(
+            s, document_id=document.id, generation=generation, content=upload.content
+        )
         return UploadResult(document, deduplicated=False)
+
+    async def _replaceable(
+        self, s: AsyncSession, principal: Principal, document_id: uuid.UUID
+    ) -> Document:
+        """The document the caller replaces the content of, locked: their own, or one in a
+        collection they may write; NOT_FOUND if they cannot see it, PERMISSION_DENIED if
+        they can but may not change it."""
+        document = await queries.get_visible(
+            s, visible_documents(principal), document_id=document_id
+        )
+        if document is None:
+            raise _not_found()
+        if document.owner_id != principal.user_id:
+            held = (await document_collections(s, [document.id]))[document.id]
+            for held_by in held:
+                try:
+                    await require_access(s, principal, held_by, Access.WRITE)
+                    break
+                except (NotFound, PermissionDenied):
+                    continue
+            else:
+                raise PermissionDenied(
+                    "you may read this document but not replace it", reason="DOCUMENT_READ_ONLY"
+                )
+        locked = await queries.get_owned(
+            s, owner_id=document.owner_id, document_id=document.id, lock=True
+        )
+        if locked is None:  # deleted meanwhile
+            raise _not_found()
+        return locked
 
     def _uploaded(
         self, principal: Principal, upload: Upload, fmt: DocumentFormat, *, deduplicated: bool
@@ -248,10 +327,12 @@ class KnowledgeService:
         )
 
     async def get(self, principal: Principal, document_id: str) -> Document:
-        """A document the caller owns or that is shared; NOT_FOUND otherwise."""
+        """A document the caller owns or may read through a collection; NOT_FOUND otherwise."""
         parsed = _document_id(document_id)
         async with self._sessions.begin() as s:
-            document = await queries.get_visible(s, owner_id=principal.user_id, document_id=parsed)
+            document = await queries.get_visible(
+                s, visible_documents(principal), document_id=parsed
+            )
         if document is None:
             raise _not_found()
         return document
@@ -263,15 +344,33 @@ class KnowledgeService:
         requested_page_size: int,
         page_token: str,
         status: DocumentStatus | None = None,
+        collection: str = "",
     ) -> DocumentPage:
-        """The caller's documents, newest first, one keyset page at a time."""
+        """The caller's documents, or those of a `collection` they may read, newest first,
+        one keyset page at a time."""
         size = page_size(requested_page_size)
         after = decode_cursor(page_token)
+        violations = Violations()
+        listed = collection_id(collection, "collection_id", violations) if collection else None
+        violations.raise_if_any()
         async with self._sessions.begin() as s:
-            documents = await queries.list_owned(
-                s, owner_id=principal.user_id, status=status, after=after, limit=size + 1
-            )
+            if listed is not None:
+                await require_access(s, principal, listed, Access.READ)
+                documents = await queries.list_in_collection(
+                    s, collection_id=listed, status=status, after=after, limit=size + 1
+                )
+            else:
+                documents = await queries.list_owned(
+                    s, owner_id=principal.user_id, status=status, after=after, limit=size + 1
+                )
         return DocumentPage(*split_page(documents, size))
+
+    async def collections_of(
+        self, principal: Principal, documents: list[Document]
+    ) -> dict[uuid.UUID, list[uuid.UUID]]:
+        """The collections holding each document that the caller may read."""
+        async with self._sessions() as s:
+            return await document_collections(s, [d.id for d in documents], readable_by=principal)
 
     async def delete(self, principal: Principal, document_id: str) -> None:
         """Delete the caller's document, its waiting upload and its passages."""
@@ -311,7 +410,7 @@ class KnowledgeService:
             return document, []
         # Point ids are derived from (document, generation, chunk index), so the current
         # generation's passages are read by id: no scan, and never an old generation's.
-        owner = ChunkOwner(document.id, document.generation, document.owner_id, document.shared)
+        owner = ChunkOwner(document.id, document.generation, document.owner_id)
         indexes = range(first, min(first + limit, document.chunk_count))
         ids = [point_id(owner, index) for index in indexes]
         payloads = await self._store.payloads(ids)
@@ -328,30 +427,50 @@ class KnowledgeService:
 
     async def search(self, principal: Principal, request: SearchRequest) -> list[Passage]:
         """The best passages the caller may see for `request.query`."""
-        top_k, document_ids = _validate_search(request)
+        top_k, document_ids, named = _validate_search(request)
         if request.rerank is Rerank.CROSS_ENCODER and self._reranker is None:
             raise FailedPrecondition(
                 "no cross-encoder is configured (AGENTMESH_RERANKER_MODEL)",
                 reason="RERANKER_NOT_CONFIGURED",
             )
         started = time.perf_counter()
-        passages = await self._search(principal, request, document_ids, top_k)
+        scope = await self._scope(principal, named, document_ids)
+        passages = await self._search(principal, request, scope, top_k) if not scope.empty else []
         self._metrics.retrieval_seconds.observe(time.perf_counter() - started)
         self._metrics.retrieval_hits.observe(len(passages))
         return passages
+
+    async def _scope(
+        self,
+        principal: Principal,
+        named: tuple[uuid.UUID, ...],
+        document_ids: tuple[uuid.UUID, ...],
+    ) -> SearchScope:
+        """What the caller may search now: the collections named (each checked), or their
+        own documents plus every collection they may read, from the database (no cache, so
+        a revoked grant or a removed member counts from this search on)."""
+        async with self._sessions() as s:
+            if named:
+                for collection in named:
+                    await require_access(s, principal, collection, Access.READ)
+                return SearchScope(None, named, document_ids)
+            return SearchScope(principal.user_id, await readable_ids(s, principal), document_ids)
 
     async def _search(
         self,
         principal: Principal,
         request: SearchRequest,
-        document_ids: tuple[uuid.UUID, ...],
+        scope: SearchScope,
         top_k: int,
     ) -> list[Passage]:
         # The legs return point ids; the passages' text is read afterwards. A point can go
         # in between (its generation swapped out, its document deleted): the search then
-        # looks once more, at the index as it is now, rather than serve fewer passages.
-        for _ in range(SEARCH_ATTEMPTS):
-            passages, moved = await self._search_once(principal, request, document_ids, top_k)
+        # looks once more, at the index as it is now, rather than serve fewer passages. That
+        # look reads every candidate's whole payload with the query itself, so nothing can
+        # go in between again (only then: carrying every candidate's text slows the query).
+        for attempt in range(SEARCH_ATTEMPTS):
+            whole = attempt > 0
+            passages, moved = await self._search_once(principal, request, scope, top_k, whole=whole)
             if not moved:
                 break
         return passages
@@ -360,12 +479,17 @@ class KnowledgeService:
         self,
         principal: Principal,
         request: SearchRequest,
-        document_ids: tuple[uuid.UUID, ...],
+        scope: SearchScope,
         top_k: int,
+        *,
+        whole: bool = False,
     ) -> tuple[list[Passage], bool]:
-        """The passages, and whether a chosen point vanished before its text was read."""
-        ranked = await self._retrieve(principal, request, document_ids, top_k)
-        candidates, documents = await self._served(principal, ranked, _pool(request, top_k, ranked))
+        """The passages, and whether a chosen point vanished before its text was read
+        (never when `whole`: the legs then return every candidate's whole payload)."""
+        ranked = await self._retrieve(request, scope, top_k, whole=whole)
+        candidates, documents = await self._served(
+            principal, scope, ranked, _pool(request, top_k, ranked)
+        )
         text_first = request.rerank is Rerank.CROSS_ENCODER  # the cross-encoder reads it
         moved = False
         if text_first:
@@ -379,11 +503,7 @@ class KnowledgeService:
         return passages, moved
 
     async def _retrieve(
-        self,
-        principal: Principal,
-        request: SearchRequest,
-        document_ids: tuple[uuid.UUID, ...],
-        top_k: int,
+        self, request: SearchRequest, scope: SearchScope, top_k: int, *, whole: bool = False
     ) -> list[Candidate]:
         mode = request.mode
         dense = (
@@ -393,11 +513,11 @@ class KnowledgeService:
         )
         sparse = self._lexical.encode_query(request.query) if mode is not SearchMode.DENSE else None
         dense_hits, sparse_hits = await self._store.search(
-            SearchScope(principal.user_id, document_ids),
+            scope,
             dense=dense,
             sparse=sparse,
             limit=max(self._settings.candidates, top_k),
-            fields=HIT_FIELDS,
+            fields=None if whole else HIT_FIELDS,
         )
         if mode is SearchMode.DENSE:
             return single_leg(dense_hits, Leg.DENSE)
@@ -416,16 +536,19 @@ class KnowledgeService:
         return candidates
 
     async def _served(
-        self, principal: Principal, ranked: list[Candidate], wanted: int
+        self, principal: Principal, scope: SearchScope, ranked: list[Candidate], wanted: int
     ) -> tuple[list[Candidate], dict[uuid.UUID, Document]]:
         """The best `wanted` candidates whose document the caller sees at their generation.
 
-        The vector filter already limits hits to the caller's and shared documents; checking
-        against the database as well hides a replaced generation the moment the new one is
-        published (the atomic swap) and the passages of a document deleted a moment ago.
+        The vector filter already limits hits to the scope's documents; checking against
+        the database as well hides a replaced generation the moment the new one is
+        published (the atomic swap), the passages of a document deleted a moment ago, and
+        those of a document that left a collection while its points' copy of its
+        collections is not yet rewritten (acl_sync.py).
         Only the documents of the candidates that may be served are read: the first
         `wanted`, then twice as many more while stale ones leave the count short.
         """
+        visible = visible_documents(principal, scope.collection_ids, own=scope.owner_id is not None)
         served: list[Candidate] = []
         documents: dict[uuid.UUID, Document] = {}
         checked: set[uuid.UUID] = set()
@@ -437,7 +560,7 @@ class KnowledgeService:
             if unchecked:
                 async with self._sessions.begin() as s:
                     documents |= await queries.current_generations(
-                        s, owner_id=principal.user_id, document_ids=unchecked
+                        s, visible, document_ids=unchecked
                     )
                 checked |= unchecked
             served += [c for c in window if _is_served(c, documents)]
@@ -445,8 +568,8 @@ class KnowledgeService:
 
     async def _with_payloads(self, candidates: list[Candidate]) -> tuple[list[Candidate], bool]:
         """`candidates` with their whole payloads, and whether any point had gone meanwhile."""
-        if not candidates:
-            return [], False
+        if all(TEXT in c.payload for c in candidates):  # read with the query (or none)
+            return candidates, False
         payloads = await self._store.payloads([c.point_id for c in candidates])
         present = [c for c in candidates if c.point_id in payloads]
         for candidate in present:
@@ -488,8 +611,11 @@ def _passage(candidate: Candidate, document: Document) -> Passage:
     )
 
 
-def _validate_upload(upload: Upload, max_bytes: int) -> uuid.UUID | None:
-    """Check the request's fields; returns the id of the document to replace, if any."""
+def _validate_upload(
+    upload: Upload, max_bytes: int
+) -> tuple[uuid.UUID | None, tuple[uuid.UUID, ...]]:
+    """Check the request's fields; returns the id of the document to replace, if any, and
+    the collections to put the document in."""
     if len(upload.content) > max_bytes:
         raise ResourceExhausted(
             f"the document is {len(upload.content)} bytes; the limit is {max_bytes} bytes",
@@ -515,11 +641,24 @@ def _validate_upload(upload: Upload, max_bytes: int) -> uuid.UUID | None:
         replaces = parse_uuid(upload.document_id)
         if replaces is None:
             violations.add("document_id", "must be a UUID")
+    targets = _ids(upload.collection_ids, "collection_ids", MAX_UPLOAD_COLLECTIONS, violations)
     violations.raise_if_any()
-    return replaces
+    return replaces, targets
 
 
-def _validate_search(request: SearchRequest) -> tuple[int, tuple[uuid.UUID, ...]]:
+def _ids(
+    raw: tuple[str, ...], field: str, most: int, violations: Violations
+) -> tuple[uuid.UUID, ...]:
+    """The distinct ids of a repeated id field, at most `most`, with its violations."""
+    if len(raw) > most:
+        violations.add(field, f"must name at most {most}")
+    ids = [collection_id(value, f"{field}[{i}]", violations) for i, value in enumerate(raw[:most])]
+    return tuple(dict.fromkeys(ids))
+
+
+def _validate_search(
+    request: SearchRequest,
+) -> tuple[int, tuple[uuid.UUID, ...], tuple[uuid.UUID, ...]]:
     violations = Violations()
     if not request.query.strip():
         violations.add("query", "is required")
@@ -538,8 +677,9 @@ def _validate_search(request: SearchRequest) -> tuple[int, tuple[uuid.UUID, ...]
             violations.add(f"document_ids[{index}]", "must be a UUID")
         else:
             document_ids.append(parsed)
+    collections = _ids(request.collection_ids, "collection_ids", MAX_DOCUMENT_FILTER, violations)
     violations.raise_if_any()
-    return request.top_k or DEFAULT_TOP_K, tuple(document_ids)
+    return request.top_k or DEFAULT_TOP_K, tuple(document_ids), collections
 
 
 def _document_id(raw: str) -> uuid.UUID:

@@ -8,7 +8,15 @@ Two backends implement `VectorStore`: the Qdrant engine embedded in process
 (`qdrant_edge_store.py`, the default) and a Qdrant server through qdrant-client
 (`qdrant_server_store.py`); `vector_backends.py` picks one. Every filter is written here, in
 qdrant-client's models, and the embedded backend translates it; `scope_filter` is the one
-place the owner filter is added to a search.
+place the permission filter is added to a search.
+
+Who may read a point is in its payload: `owner_id` (its document's owner) and
+`collections` (the ids of the collections holding its document). A search's filter is
+"owned by the caller, or in one of the collections the caller may read now", the
+collections read from the database for that search; so a revoked grant or a removed group
+member changes the next search without touching a point, and `top_k`, counts and dense
+scores are computed over readable points only (the sparse leg's IDF, Qdrant's modifier, is
+a statistic of the whole index). Both fields have payload indexes in both backends.
 """
 
 import uuid
@@ -25,6 +33,7 @@ DENSE = "dense"
 SPARSE = "sparse"
 UPSERT_BATCH = 64
 POINT_NAMESPACE = uuid.UUID("5b0e7d2a-3f43-4c8e-9d6e-0d1c2b7a9e51")
+NOBODY = "nobody"  # an owner id no point has (owner ids are UUIDs)
 
 
 class CollectionMismatch(RuntimeError):
@@ -33,10 +42,17 @@ class CollectionMismatch(RuntimeError):
 
 @dataclass(frozen=True)
 class SearchScope:
-    """Whose chunks a search may see: the caller's own and shared ones, optionally narrowed."""
+    """Which chunks a search may see: those of `owner_id`'s documents (None: none of them)
+    and of the documents in `collection_ids`, optionally narrowed to `document_ids`."""
 
-    owner_id: uuid.UUID
+    owner_id: uuid.UUID | None
+    collection_ids: tuple[uuid.UUID, ...] = ()
     document_ids: tuple[uuid.UUID, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        """Whether the scope reaches no document at all (nothing to ask the index)."""
+        return self.owner_id is None and not self.collection_ids
 
 
 @dataclass(frozen=True)
@@ -44,7 +60,7 @@ class ChunkOwner:
     document_id: uuid.UUID
     generation: str
     owner_id: uuid.UUID
-    shared: bool
+    collection_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,10 @@ class VectorStore(Protocol):
         """Delete every point of an owner."""
         ...
 
+    async def set_collections(self, document_id: uuid.UUID, collection_ids: Sequence[str]) -> None:
+        """Record the collections holding a document on every point of it (no re-embedding)."""
+        ...
+
     async def search(
         self,
         scope: SearchScope,
@@ -143,14 +163,17 @@ class VectorStore(Protocol):
 
 
 def scope_filter(scope: SearchScope) -> qm.Filter:
-    """The owner filter every vector query goes through (the caller's own + shared chunks)."""
-    visible = qm.Filter(
-        should=[
-            qm.FieldCondition(key="owner_id", match=qm.MatchValue(value=str(scope.owner_id))),
-            qm.FieldCondition(key="shared", match=qm.MatchValue(value=True)),
-        ]
-    )
-    must: list[Any] = [visible]
+    """The permission filter every vector query goes through: the caller's own chunks and
+    those of the collections the caller may read (an empty scope matches nothing)."""
+    reach: list[Any] = []
+    if scope.owner_id is not None:
+        reach.append(equals("owner_id", str(scope.owner_id)))
+    if scope.collection_ids:
+        ids = [str(collection_id) for collection_id in scope.collection_ids]
+        reach.append(qm.FieldCondition(key="collections", match=qm.MatchAny(any=ids)))
+    if not reach:  # no owner and no collection: a filter no point passes
+        reach.append(equals("owner_id", NOBODY))
+    must: list[Any] = [qm.Filter(should=reach)]
     if scope.document_ids:
         ids = [str(document_id) for document_id in scope.document_ids]
         must.append(qm.FieldCondition(key="document_id", match=qm.MatchAny(any=ids)))
@@ -169,6 +192,11 @@ def generation_filter(document_id: uuid.UUID, generation: str) -> qm.Filter:
     return qm.Filter(
         must=[equals("document_id", str(document_id)), equals("generation", generation)]
     )
+
+
+def collections_payload(collection_ids: Sequence[str]) -> dict[str, Any]:
+    """The payload that records which collections hold a document."""
+    return {"collections": sorted(collection_ids)}
 
 
 def owner_filter(owner_id: uuid.UUID) -> qm.Filter:
@@ -198,7 +226,7 @@ def chunk_points(
             sparse=lexical,
             payload={
                 "owner_id": str(owner.owner_id),
-                "shared": owner.shared,
+                **collections_payload(owner.collection_ids),
                 "document_id": str(owner.document_id),
                 "generation": owner.generation,
                 "chunk_index": chunk.index,

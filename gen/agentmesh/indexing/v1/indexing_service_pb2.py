@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,agentmesh/indexing/v1/indexing_service.proto\x12\x15\x61gentmesh.indexing.v1\x1a\x1fgoogle/api/field_behavior.proto\"\xd8\x01\n\x0eIndexedPassage\x12\x14\n\x05index\x18\x01 \x01(\x05R\x05index\x12\x12\n\x04text\x18\x02 \x01(\tR\x04text\x12\x14\n\x05start\x18\x03 \x01(\x05R\x05start\x12\x10\n\x03\x65nd\x18\x04 \x01(\x05R\x03\x65nd\x12\x12\n\x04page\x18\x05 \x01(\x05R\x04page\x12\x14\n\x05\x64\x65nse\x18\x06 \x03(\x02R\x05\x64\x65nse\x12%\n\x0esparse_indices\x18\x07 \x03(\rR\rsparseIndices\x12#\n\rsparse_values\x18\x08 \x03(\x02R\x0csparseValues\"\xe0\x01\n\x15UpsertPassagesRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\x12$\n\ngeneration\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\ngeneration\x12\x1f\n\x08owner_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02R\x07ownerId\x12\x16\n\x06shared\x18\x04 \x01(\x08R\x06shared\x12\x41\n\x08passages\x18\x05 \x03(\x0b\x32%.agentmesh.indexing.v1.IndexedPassageR\x08passages\"\x18\n\x16UpsertPassagesResponse\"f\n\x17\x44\x65leteGenerationRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\x12$\n\ngeneration\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\ngeneration\"\x1a\n\x18\x44\x65leteGenerationResponse\"u\n\x1d\x44\x65leteDocumentPassagesRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\x12-\n\x0fkeep_generation\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\x0ekeepGeneration\" \n\x1e\x44\x65leteDocumentPassagesResponse\"=\n\x1a\x44\x65leteOwnerPassagesRequest\x12\x1f\n\x08owner_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x07ownerId\"\x1d\n\x1b\x44\x65leteOwnerPassagesResponse\"o\n\x11\x45mbedTextsRequest\x12\x1a\n\x05texts\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02R\x05texts\x12>\n\x04kind\x18\x02 \x01(\x0e\x32$.agentmesh.indexing.v1.EmbeddingKindB\x04\xe2\x41\x01\x02R\x04kind\"#\n\tEmbedding\x12\x16\n\x06values\x18\x01 \x03(\x02R\x06values\"V\n\x12\x45mbedTextsResponse\x12@\n\nembeddings\x18\x01 \x03(\x0b\x32 .agentmesh.indexing.v1.EmbeddingR\nembeddings*e\n\rEmbeddingKind\x12\x1e\n\x1a\x45MBEDDING_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45MBEDDING_KIND_QUERY\x10\x01\x12\x1a\n\x16\x45MBEDDING_KIND_PASSAGE\x10\x02\x32\xe3\x04\n\x0fIndexingService\x12m\n\x0eUpsertPassages\x12,.agentmesh.indexing.v1.UpsertPassagesRequest\x1a-.agentmesh.indexing.v1.UpsertPassagesResponse\x12s\n\x10\x44\x65leteGeneration\x12..agentmesh.indexing.v1.DeleteGenerationRequest\x1a/.agentmesh.indexing.v1.DeleteGenerationResponse\x12\x85\x01\n\x16\x44\x65leteDocumentPassages\x12\x34.agentmesh.indexing.v1.DeleteDocumentPassagesRequest\x1a\x35.agentmesh.indexing.v1.DeleteDocumentPassagesResponse\x12|\n\x13\x44\x65leteOwnerPassages\x12\x31.agentmesh.indexing.v1.DeleteOwnerPassagesRequest\x1a\x32.agentmesh.indexing.v1.DeleteOwnerPassagesResponse\x12\x66\n\nEmbedTexts\x12(.agentmesh.indexing.v1.EmbedTextsRequest\x1a).agentmesh.indexing.v1.EmbedTextsResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,agentmesh/indexing/v1/indexing_service.proto\x12\x15\x61gentmesh.indexing.v1\x1a\x1fgoogle/api/field_behavior.proto\"\xd8\x01\n\x0eIndexedPassage\x12\x14\n\x05index\x18\x01 \x01(\x05R\x05index\x12\x12\n\x04text\x18\x02 \x01(\tR\x04text\x12\x14\n\x05start\x18\x03 \x01(\x05R\x05start\x12\x10\n\x03\x65nd\x18\x04 \x01(\x05R\x03\x65nd\x12\x12\n\x04page\x18\x05 \x01(\x05R\x04page\x12\x14\n\x05\x64\x65nse\x18\x06 \x03(\x02R\x05\x64\x65nse\x12%\n\x0esparse_indices\x18\x07 \x03(\rR\rsparseIndices\x12#\n\rsparse_values\x18\x08 \x03(\x02R\x0csparseValues\"\x8b\x02\n\x15UpsertPassagesRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\x12$\n\ngeneration\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\ngeneration\x12\x1f\n\x08owner_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02R\x07ownerId\x12\x1a\n\x06shared\x18\x04 \x01(\x08\x42\x02\x18\x01R\x06shared\x12\x41\n\x08passages\x18\x05 \x03(\x0b\x32%.agentmesh.indexing.v1.IndexedPassageR\x08passages\x12%\n\x0e\x63ollection_ids\x18\x06 \x03(\tR\rcollectionIds\"\x18\n\x16UpsertPassagesResponse\"f\n\x17\x44\x65leteGenerationRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\x12$\n\ngeneration\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02R\ngeneration\"\x1a\n\x18\x44\x65leteGenerationResponse\"u\n\x1d\x44\x65leteDocumentPassagesRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\x12-\n\x0fkeep_generation\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01R\x0ekeepGeneration\" \n\x1e\x44\x65leteDocumentPassagesResponse\"=\n\x1a\x44\x65leteOwnerPassagesRequest\x12\x1f\n\x08owner_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x07ownerId\"\x1d\n\x1b\x44\x65leteOwnerPassagesResponse\"o\n\x11\x45mbedTextsRequest\x12\x1a\n\x05texts\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02R\x05texts\x12>\n\x04kind\x18\x02 \x01(\x0e\x32$.agentmesh.indexing.v1.EmbeddingKindB\x04\xe2\x41\x01\x02R\x04kind\"#\n\tEmbedding\x12\x16\n\x06values\x18\x01 \x03(\x02R\x06values\"V\n\x12\x45mbedTextsResponse\x12@\n\nembeddings\x18\x01 \x03(\x0b\x32 .agentmesh.indexing.v1.EmbeddingR\nembeddings*e\n\rEmbeddingKind\x12\x1e\n\x1a\x45MBEDDING_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45MBEDDING_KIND_QUERY\x10\x01\x12\x1a\n\x16\x45MBEDDING_KIND_PASSAGE\x10\x02\x32\xe3\x04\n\x0fIndexingService\x12m\n\x0eUpsertPassages\x12,.agentmesh.indexing.v1.UpsertPassagesRequest\x1a-.agentmesh.indexing.v1.UpsertPassagesResponse\x12s\n\x10\x44\x65leteGeneration\x12..agentmesh.indexing.v1.DeleteGenerationRequest\x1a/.agentmesh.indexing.v1.DeleteGenerationResponse\x12\x85\x01\n\x16\x44\x65leteDocumentPassages\x12\x34.agentmesh.indexing.v1.DeleteDocumentPassagesRequest\x1a\x35.agentmesh.indexing.v1.DeleteDocumentPassagesResponse\x12|\n\x13\x44\x65leteOwnerPassages\x12\x31.agentmesh.indexing.v1.DeleteOwnerPassagesRequest\x1a\x32.agentmesh.indexing.v1.DeleteOwnerPassagesResponse\x12\x66\n\nEmbedTexts\x12(.agentmesh.indexing.v1.EmbedTextsRequest\x1a).agentmesh.indexing.v1.EmbedTextsResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPSERTPASSAGESREQUEST'].fields_by_name['generation']._serialized_options = b'\342A\001\002'
   _globals['_UPSERTPASSAGESREQUEST'].fields_by_name['owner_id']._loaded_options = None
   _globals['_UPSERTPASSAGESREQUEST'].fields_by_name['owner_id']._serialized_options = b'\342A\001\002'
+  _globals['_UPSERTPASSAGESREQUEST'].fields_by_name['shared']._loaded_options = None
+  _globals['_UPSERTPASSAGESREQUEST'].fields_by_name['shared']._serialized_options = b'\030\001'
   _globals['_DELETEGENERATIONREQUEST'].fields_by_name['document_id']._loaded_options = None
   _globals['_DELETEGENERATIONREQUEST'].fields_by_name['document_id']._serialized_options = b'\342A\001\002'
   _globals['_DELETEGENERATIONREQUEST'].fields_by_name['generation']._loaded_options = None
@@ -54,32 +56,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDTEXTSREQUEST'].fields_by_name['kind']._serialized_options = b'\342A\001\002'
   _globals['_INDEXINGSERVICE'].methods_by_name['EmbedTexts']._loaded_options = None
   _globals['_INDEXINGSERVICE'].methods_by_name['EmbedTexts']._serialized_options = b'\220\002\001'
-  _globals['_EMBEDDINGKIND']._serialized_start=1193
-  _globals['_EMBEDDINGKIND']._serialized_end=1294
+  _globals['_EMBEDDINGKIND']._serialized_start=1236
+  _globals['_EMBEDDINGKIND']._serialized_end=1337
   _globals['_INDEXEDPASSAGE']._serialized_start=105
   _globals['_INDEXEDPASSAGE']._serialized_end=321
   _globals['_UPSERTPASSAGESREQUEST']._serialized_start=324
-  _globals['_UPSERTPASSAGESREQUEST']._serialized_end=548
-  _globals['_UPSERTPASSAGESRESPONSE']._serialized_start=550
-  _globals['_UPSERTPASSAGESRESPONSE']._serialized_end=574
-  _globals['_DELETEGENERATIONREQUEST']._serialized_start=576
-  _globals['_DELETEGENERATIONREQUEST']._serialized_end=678
-  _globals['_DELETEGENERATIONRESPONSE']._serialized_start=680
-  _globals['_DELETEGENERATIONRESPONSE']._serialized_end=706
-  _globals['_DELETEDOCUMENTPASSAGESREQUEST']._serialized_start=708
-  _globals['_DELETEDOCUMENTPASSAGESREQUEST']._serialized_end=825
-  _globals['_DELETEDOCUMENTPASSAGESRESPONSE']._serialized_start=827
-  _globals['_DELETEDOCUMENTPASSAGESRESPONSE']._serialized_end=859
-  _globals['_DELETEOWNERPASSAGESREQUEST']._serialized_start=861
-  _globals['_DELETEOWNERPASSAGESREQUEST']._serialized_end=922
-  _globals['_DELETEOWNERPASSAGESRESPONSE']._serialized_start=924
-  _globals['_DELETEOWNERPASSAGESRESPONSE']._serialized_end=953
-  _globals['_EMBEDTEXTSREQUEST']._serialized_start=955
-  _globals['_EMBEDTEXTSREQUEST']._serialized_end=1066
-  _globals['_EMBEDDING']._serialized_start=1068
-  _globals['_EMBEDDING']._serialized_end=1103
-  _globals['_EMBEDTEXTSRESPONSE']._serialized_start=1105
-  _globals['_EMBEDTEXTSRESPONSE']._serialized_end=1191
-  _globals['_INDEXINGSERVICE']._serialized_start=1297
-  _globals['_INDEXINGSERVICE']._serialized_end=1908
+  _globals['_UPSERTPASSAGESREQUEST']._serialized_end=591
+  _globals['_UPSERTPASSAGESRESPONSE']._serialized_start=593
+  _globals['_UPSERTPASSAGESRESPONSE']._serialized_end=617
+  _globals['_DELETEGENERATIONREQUEST']._serialized_start=619
+  _globals['_DELETEGENERATIONREQUEST']._serialized_end=721
+  _globals['_DELETEGENERATIONRESPONSE']._serialized_start=723
+  _globals['_DELETEGENERATIONRESPONSE']._serialized_end=749
+  _globals['_DELETEDOCUMENTPASSAGESREQUEST']._serialized_start=751
+  _globals['_DELETEDOCUMENTPASSAGESREQUEST']._serialized_end=868
+  _globals['_DELETEDOCUMENTPASSAGESRESPONSE']._serialized_start=870
+  _globals['_DELETEDOCUMENTPASSAGESRESPONSE']._serialized_end=902
+  _globals['_DELETEOWNERPASSAGESREQUEST']._serialized_start=904
+  _globals['_DELETEOWNERPASSAGESREQUEST']._serialized_end=965
+  _globals['_DELETEOWNERPASSAGESRESPONSE']._serialized_start=967
+  _globals['_DELETEOWNERPASSAGESRESPONSE']._serialized_end=996
+  _globals['_EMBEDTEXTSREQUEST']._serialized_start=998
+  _globals['_EMBEDTEXTSREQUEST']._serialized_end=1109
+  _globals['_EMBEDDING']._serialized_start=1111
+  _globals['_EMBEDDING']._serialized_end=1146
+  _globals['_EMBEDTEXTSRESPONSE']._serialized_start=1148
+  _globals['_EMBEDTEXTSRESPONSE']._serialized_end=1234
+  _globals['_INDEXINGSERVICE']._serialized_start=1340
+  _globals['_INDEXINGSERVICE']._serialized_end=1951
 # @@protoc_insertion_point(module_scope)

@@ -17,6 +17,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _EmbeddingKind:
@@ -110,17 +115,32 @@ class UpsertPassagesRequest(_message.Message):
     OWNER_ID_FIELD_NUMBER: _builtins.int
     SHARED_FIELD_NUMBER: _builtins.int
     PASSAGES_FIELD_NUMBER: _builtins.int
+    COLLECTION_IDS_FIELD_NUMBER: _builtins.int
     document_id: _builtins.str
     """The document the passages belong to."""
     generation: _builtins.str
     """The generation (one ingestion of one content) they belong to."""
     owner_id: _builtins.str
     """The document's owner (the tenant key of every search)."""
-    shared: _builtins.bool
-    """Whether every user may see the passages."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def shared(self) -> _builtins.bool:
+        """Unused since collections (issue 23): who may read passages is `collection_ids`."""
+
+    @shared.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def shared(self, value: _builtins.bool) -> None:
+        """Unused since collections (issue 23): who may read passages is `collection_ids`."""
+
     @_builtins.property
     def passages(self) -> _containers.RepeatedCompositeFieldContainer[Global___IndexedPassage]:
         """The passages."""
+
+    @_builtins.property
+    def collection_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The collections holding the document when it was read for ingestion: the search
+        filter lets their readers see the passages.
+        """
 
     def __init__(
         self,
@@ -130,10 +150,11 @@ class UpsertPassagesRequest(_message.Message):
         owner_id: _builtins.str = ...,
         shared: _builtins.bool = ...,
         passages: _abc.Iterable[Global___IndexedPassage] | None = ...,
+        collection_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_id", b"document_id", "generation", b"generation", "owner_id", b"owner_id", "passages", b"passages", "shared", b"shared"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection_ids", b"collection_ids", "document_id", b"document_id", "generation", b"generation", "owner_id", b"owner_id", "passages", b"passages", "shared", b"shared"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -186,6 +186,7 @@ class Document(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    COLLECTION_IDS_FIELD_NUMBER: _builtins.int
     document_id: _builtins.str
     """The server-assigned identifier of the document (a UUID). Output only."""
     title: _builtins.str
@@ -209,7 +210,9 @@ class Document(_message.Message):
     content_sha256: _builtins.str
     """The SHA-256 of the file content, hex-encoded. Output only."""
     shared: _builtins.bool
-    """Whether every user can search this document; only administrators can set it."""
+    """Whether every user can search this document: it is in the built-in collection every
+    user reads (only administrators put documents there).
+    """
     owner_id: _builtins.str
     """The identifier of the user who owns the document. Output only."""
     @_builtins.property
@@ -223,6 +226,12 @@ class Document(_message.Message):
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """When the document or its content last changed. Output only."""
+
+    @_builtins.property
+    def collection_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The collections holding the document that the caller may read (CollectionService).
+        Output only.
+        """
 
     def __init__(
         self,
@@ -243,10 +252,11 @@ class Document(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        collection_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "content_sha256", b"content_sha256", "created_at", b"created_at", "document_id", b"document_id", "document_type", b"document_type", "failure_reason", b"failure_reason", "filename", b"filename", "metadata", b"metadata", "owner_id", b"owner_id", "page_count", b"page_count", "shared", b"shared", "size_bytes", b"size_bytes", "stage", b"stage", "status", b"status", "title", b"title", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "collection_ids", b"collection_ids", "content_sha256", b"content_sha256", "created_at", b"created_at", "document_id", b"document_id", "document_type", b"document_type", "failure_reason", b"failure_reason", "filename", b"filename", "metadata", b"metadata", "owner_id", b"owner_id", "page_count", b"page_count", "shared", b"shared", "size_bytes", b"size_bytes", "stage", b"stage", "status", b"status", "title", b"title", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

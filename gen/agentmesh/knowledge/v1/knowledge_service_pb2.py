@@ -27,7 +27,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.agentmesh/knowledge/v1/knowledge_service.proto\x12\x16\x61gentmesh.knowledge.v1\x1a&agentmesh/knowledge/v1/knowledge.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\"\xd6\x02\n\x15UploadDocumentRequest\x12 \n\x08\x66ilename\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x08\x66ilename\x12\x1e\n\x07\x63ontent\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02R\x07\x63ontent\x12\x1a\n\x05title\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\x05title\x12]\n\x08metadata\x18\x04 \x03(\x0b\x32;.agentmesh.knowledge.v1.UploadDocumentRequest.MetadataEntryB\x04\xe2\x41\x01\x01R\x08metadata\x12%\n\x0b\x64ocument_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01R\ndocumentId\x12\x1c\n\x06shared\x18\x06 \x01(\x08\x42\x04\xe2\x41\x01\x01R\x06shared\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"z\n\x16UploadDocumentResponse\x12<\n\x08\x64ocument\x18\x01 \x01(\x0b\x32 .agentmesh.knowledge.v1.DocumentR\x08\x64ocument\x12\"\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08R\x0c\x64\x65\x64uplicated\"\x92\x01\n\x14ListDocumentsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12>\n\x06status\x18\x03 \x01(\x0e\x32&.agentmesh.knowledge.v1.DocumentStatusR\x06status\"\x7f\n\x15ListDocumentsResponse\x12>\n\tdocuments\x18\x01 \x03(\x0b\x32 .agentmesh.knowledge.v1.DocumentR\tdocuments\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\";\n\x12GetDocumentRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\"S\n\x13GetDocumentResponse\x12<\n\x08\x64ocument\x18\x01 \x01(\x0b\x32 .agentmesh.knowledge.v1.DocumentR\x08\x64ocument\">\n\x15\x44\x65leteDocumentRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\"\x18\n\x16\x44\x65leteDocumentResponse\"\x9f\x02\n\x1aSearchKnowledgeBaseRequest\x12\x1a\n\x05query\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05query\x12\x19\n\x05top_k\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x04topK\x12\'\n\x0c\x64ocument_ids\x18\x03 \x03(\tB\x04\xe2\x41\x01\x01R\x0b\x64ocumentIds\x12!\n\tmin_score\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x01R\x08minScore\x12<\n\x04mode\x18\x05 \x01(\x0e\x32\".agentmesh.knowledge.v1.SearchModeB\x04\xe2\x41\x01\x01R\x04mode\x12@\n\x06rerank\x18\x06 \x01(\x0e\x32\".agentmesh.knowledge.v1.RerankModeB\x04\xe2\x41\x01\x01R\x06rerank\"\x95\x01\n\x1bSearchKnowledgeBaseResponse\x12>\n\x07results\x18\x01 \x03(\x0b\x32$.agentmesh.knowledge.v1.SearchResultR\x07results\x12\x36\n\x04mode\x18\x02 \x01(\x0e\x32\".agentmesh.knowledge.v1.SearchModeR\x04mode*p\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12SEARCH_MODE_HYBRID\x10\x01\x12\x15\n\x11SEARCH_MODE_DENSE\x10\x02\x12\x16\n\x12SEARCH_MODE_SPARSE\x10\x03*s\n\nRerankMode\x12\x1b\n\x17RERANK_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10RERANK_MODE_NONE\x10\x01\x12\x13\n\x0fRERANK_MODE_MMR\x10\x02\x12\x1d\n\x19RERANK_MODE_CROSS_ENCODER\x10\x03\x32\xf4\x05\n\x14KnowledgeBaseService\x12\x8c\x01\n\x0eUploadDocument\x12-.agentmesh.knowledge.v1.UploadDocumentRequest\x1a..agentmesh.knowledge.v1.UploadDocumentResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/v1/kb/documents:\x01*\x12\x86\x01\n\rListDocuments\x12,.agentmesh.knowledge.v1.ListDocumentsRequest\x1a-.agentmesh.knowledge.v1.ListDocumentsResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/kb/documents\x12\x8e\x01\n\x0bGetDocument\x12*.agentmesh.knowledge.v1.GetDocumentRequest\x1a+.agentmesh.knowledge.v1.GetDocumentResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/v1/kb/documents/{document_id}\x12\x97\x01\n\x0e\x44\x65leteDocument\x12-.agentmesh.knowledge.v1.DeleteDocumentRequest\x1a..agentmesh.knowledge.v1.DeleteDocumentResponse\"&\x82\xd3\xe4\x93\x02 *\x1e/v1/kb/documents/{document_id}\x12\x98\x01\n\x13SearchKnowledgeBase\x12\x32.agentmesh.knowledge.v1.SearchKnowledgeBaseRequest\x1a\x33.agentmesh.knowledge.v1.SearchKnowledgeBaseResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/kb/search:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.agentmesh/knowledge/v1/knowledge_service.proto\x12\x16\x61gentmesh.knowledge.v1\x1a&agentmesh/knowledge/v1/knowledge.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\"\x83\x03\n\x15UploadDocumentRequest\x12 \n\x08\x66ilename\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x08\x66ilename\x12\x1e\n\x07\x63ontent\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x02R\x07\x63ontent\x12\x1a\n\x05title\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01R\x05title\x12]\n\x08metadata\x18\x04 \x03(\x0b\x32;.agentmesh.knowledge.v1.UploadDocumentRequest.MetadataEntryB\x04\xe2\x41\x01\x01R\x08metadata\x12%\n\x0b\x64ocument_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01R\ndocumentId\x12\x1c\n\x06shared\x18\x06 \x01(\x08\x42\x04\xe2\x41\x01\x01R\x06shared\x12+\n\x0e\x63ollection_ids\x18\x07 \x03(\tB\x04\xe2\x41\x01\x01R\rcollectionIds\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"z\n\x16UploadDocumentResponse\x12<\n\x08\x64ocument\x18\x01 \x01(\x0b\x32 .agentmesh.knowledge.v1.DocumentR\x08\x64ocument\x12\"\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08R\x0c\x64\x65\x64uplicated\"\xbd\x01\n\x14ListDocumentsRequest\x12\x1b\n\tpage_size\x18\x01 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12>\n\x06status\x18\x03 \x01(\x0e\x32&.agentmesh.knowledge.v1.DocumentStatusR\x06status\x12)\n\rcollection_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01R\x0c\x63ollectionId\"\x7f\n\x15ListDocumentsResponse\x12>\n\tdocuments\x18\x01 \x03(\x0b\x32 .agentmesh.knowledge.v1.DocumentR\tdocuments\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\";\n\x12GetDocumentRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\"S\n\x13GetDocumentResponse\x12<\n\x08\x64ocument\x18\x01 \x01(\x0b\x32 .agentmesh.knowledge.v1.DocumentR\x08\x64ocument\">\n\x15\x44\x65leteDocumentRequest\x12%\n\x0b\x64ocument_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\ndocumentId\"\x18\n\x16\x44\x65leteDocumentResponse\"\xcc\x02\n\x1aSearchKnowledgeBaseRequest\x12\x1a\n\x05query\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02R\x05query\x12\x19\n\x05top_k\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01R\x04topK\x12\'\n\x0c\x64ocument_ids\x18\x03 \x03(\tB\x04\xe2\x41\x01\x01R\x0b\x64ocumentIds\x12!\n\tmin_score\x18\x04 \x01(\x01\x42\x04\xe2\x41\x01\x01R\x08minScore\x12<\n\x04mode\x18\x05 \x01(\x0e\x32\".agentmesh.knowledge.v1.SearchModeB\x04\xe2\x41\x01\x01R\x04mode\x12@\n\x06rerank\x18\x06 \x01(\x0e\x32\".agentmesh.knowledge.v1.RerankModeB\x04\xe2\x41\x01\x01R\x06rerank\x12+\n\x0e\x63ollection_ids\x18\x07 \x03(\tB\x04\xe2\x41\x01\x01R\rcollectionIds\"\x95\x01\n\x1bSearchKnowledgeBaseResponse\x12>\n\x07results\x18\x01 \x03(\x0b\x32$.agentmesh.knowledge.v1.SearchResultR\x07results\x12\x36\n\x04mode\x18\x02 \x01(\x0e\x32\".agentmesh.knowledge.v1.SearchModeR\x04mode*p\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12SEARCH_MODE_HYBRID\x10\x01\x12\x15\n\x11SEARCH_MODE_DENSE\x10\x02\x12\x16\n\x12SEARCH_MODE_SPARSE\x10\x03*s\n\nRerankMode\x12\x1b\n\x17RERANK_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10RERANK_MODE_NONE\x10\x01\x12\x13\n\x0fRERANK_MODE_MMR\x10\x02\x12\x1d\n\x19RERANK_MODE_CROSS_ENCODER\x10\x03\x32\xf4\x05\n\x14KnowledgeBaseService\x12\x8c\x01\n\x0eUploadDocument\x12-.agentmesh.knowledge.v1.UploadDocumentRequest\x1a..agentmesh.knowledge.v1.UploadDocumentResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/v1/kb/documents:\x01*\x12\x86\x01\n\rListDocuments\x12,.agentmesh.knowledge.v1.ListDocumentsRequest\x1a-.agentmesh.knowledge.v1.ListDocumentsResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/kb/documents\x12\x8e\x01\n\x0bGetDocument\x12*.agentmesh.knowledge.v1.GetDocumentRequest\x1a+.agentmesh.knowledge.v1.GetDocumentResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/v1/kb/documents/{document_id}\x12\x97\x01\n\x0e\x44\x65leteDocument\x12-.agentmesh.knowledge.v1.DeleteDocumentRequest\x1a..agentmesh.knowledge.v1.DeleteDocumentResponse\"&\x82\xd3\xe4\x93\x02 *\x1e/v1/kb/documents/{document_id}\x12\x98\x01\n\x13SearchKnowledgeBase\x12\x32.agentmesh.knowledge.v1.SearchKnowledgeBaseRequest\x1a\x33.agentmesh.knowledge.v1.SearchKnowledgeBaseResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/kb/search:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,6 +48,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADDOCUMENTREQUEST'].fields_by_name['document_id']._serialized_options = b'\342A\001\001'
   _globals['_UPLOADDOCUMENTREQUEST'].fields_by_name['shared']._loaded_options = None
   _globals['_UPLOADDOCUMENTREQUEST'].fields_by_name['shared']._serialized_options = b'\342A\001\001'
+  _globals['_UPLOADDOCUMENTREQUEST'].fields_by_name['collection_ids']._loaded_options = None
+  _globals['_UPLOADDOCUMENTREQUEST'].fields_by_name['collection_ids']._serialized_options = b'\342A\001\001'
+  _globals['_LISTDOCUMENTSREQUEST'].fields_by_name['collection_id']._loaded_options = None
+  _globals['_LISTDOCUMENTSREQUEST'].fields_by_name['collection_id']._serialized_options = b'\342A\001\001'
   _globals['_GETDOCUMENTREQUEST'].fields_by_name['document_id']._loaded_options = None
   _globals['_GETDOCUMENTREQUEST'].fields_by_name['document_id']._serialized_options = b'\342A\001\002'
   _globals['_DELETEDOCUMENTREQUEST'].fields_by_name['document_id']._loaded_options = None
@@ -64,6 +68,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEARCHKNOWLEDGEBASEREQUEST'].fields_by_name['mode']._serialized_options = b'\342A\001\001'
   _globals['_SEARCHKNOWLEDGEBASEREQUEST'].fields_by_name['rerank']._loaded_options = None
   _globals['_SEARCHKNOWLEDGEBASEREQUEST'].fields_by_name['rerank']._serialized_options = b'\342A\001\001'
+  _globals['_SEARCHKNOWLEDGEBASEREQUEST'].fields_by_name['collection_ids']._loaded_options = None
+  _globals['_SEARCHKNOWLEDGEBASEREQUEST'].fields_by_name['collection_ids']._serialized_options = b'\342A\001\001'
   _globals['_KNOWLEDGEBASESERVICE'].methods_by_name['UploadDocument']._loaded_options = None
   _globals['_KNOWLEDGEBASESERVICE'].methods_by_name['UploadDocument']._serialized_options = b'\202\323\344\223\002\025\"\020/v1/kb/documents:\001*'
   _globals['_KNOWLEDGEBASESERVICE'].methods_by_name['ListDocuments']._loaded_options = None
@@ -74,32 +80,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KNOWLEDGEBASESERVICE'].methods_by_name['DeleteDocument']._serialized_options = b'\202\323\344\223\002 *\036/v1/kb/documents/{document_id}'
   _globals['_KNOWLEDGEBASESERVICE'].methods_by_name['SearchKnowledgeBase']._loaded_options = None
   _globals['_KNOWLEDGEBASESERVICE'].methods_by_name['SearchKnowledgeBase']._serialized_options = b'\202\323\344\223\002\022\"\r/v1/kb/search:\001*'
-  _globals['_SEARCHMODE']._serialized_start=1602
-  _globals['_SEARCHMODE']._serialized_end=1714
-  _globals['_RERANKMODE']._serialized_start=1716
-  _globals['_RERANKMODE']._serialized_end=1831
+  _globals['_SEARCHMODE']._serialized_start=1735
+  _globals['_SEARCHMODE']._serialized_end=1847
+  _globals['_RERANKMODE']._serialized_start=1849
+  _globals['_RERANKMODE']._serialized_end=1964
   _globals['_UPLOADDOCUMENTREQUEST']._serialized_start=178
-  _globals['_UPLOADDOCUMENTREQUEST']._serialized_end=520
-  _globals['_UPLOADDOCUMENTREQUEST_METADATAENTRY']._serialized_start=461
-  _globals['_UPLOADDOCUMENTREQUEST_METADATAENTRY']._serialized_end=520
-  _globals['_UPLOADDOCUMENTRESPONSE']._serialized_start=522
-  _globals['_UPLOADDOCUMENTRESPONSE']._serialized_end=644
-  _globals['_LISTDOCUMENTSREQUEST']._serialized_start=647
-  _globals['_LISTDOCUMENTSREQUEST']._serialized_end=793
-  _globals['_LISTDOCUMENTSRESPONSE']._serialized_start=795
-  _globals['_LISTDOCUMENTSRESPONSE']._serialized_end=922
-  _globals['_GETDOCUMENTREQUEST']._serialized_start=924
-  _globals['_GETDOCUMENTREQUEST']._serialized_end=983
-  _globals['_GETDOCUMENTRESPONSE']._serialized_start=985
-  _globals['_GETDOCUMENTRESPONSE']._serialized_end=1068
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=1070
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=1132
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=1134
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=1158
-  _globals['_SEARCHKNOWLEDGEBASEREQUEST']._serialized_start=1161
-  _globals['_SEARCHKNOWLEDGEBASEREQUEST']._serialized_end=1448
-  _globals['_SEARCHKNOWLEDGEBASERESPONSE']._serialized_start=1451
-  _globals['_SEARCHKNOWLEDGEBASERESPONSE']._serialized_end=1600
-  _globals['_KNOWLEDGEBASESERVICE']._serialized_start=1834
-  _globals['_KNOWLEDGEBASESERVICE']._serialized_end=2590
+  _globals['_UPLOADDOCUMENTREQUEST']._serialized_end=565
+  _globals['_UPLOADDOCUMENTREQUEST_METADATAENTRY']._serialized_start=506
+  _globals['_UPLOADDOCUMENTREQUEST_METADATAENTRY']._serialized_end=565
+  _globals['_UPLOADDOCUMENTRESPONSE']._serialized_start=567
+  _globals['_UPLOADDOCUMENTRESPONSE']._serialized_end=689
+  _globals['_LISTDOCUMENTSREQUEST']._serialized_start=692
+  _globals['_LISTDOCUMENTSREQUEST']._serialized_end=881
+  _globals['_LISTDOCUMENTSRESPONSE']._serialized_start=883
+  _globals['_LISTDOCUMENTSRESPONSE']._serialized_end=1010
+  _globals['_GETDOCUMENTREQUEST']._serialized_start=1012
+  _globals['_GETDOCUMENTREQUEST']._serialized_end=1071
+  _globals['_GETDOCUMENTRESPONSE']._serialized_start=1073
+  _globals['_GETDOCUMENTRESPONSE']._serialized_end=1156
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=1158
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=1220
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=1222
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=1246
+  _globals['_SEARCHKNOWLEDGEBASEREQUEST']._serialized_start=1249
+  _globals['_SEARCHKNOWLEDGEBASEREQUEST']._serialized_end=1581
+  _globals['_SEARCHKNOWLEDGEBASERESPONSE']._serialized_start=1584
+  _globals['_SEARCHKNOWLEDGEBASERESPONSE']._serialized_end=1733
+  _globals['_KNOWLEDGEBASESERVICE']._serialized_start=1967
+  _globals['_KNOWLEDGEBASESERVICE']._serialized_end=2723
 # @@protoc_insertion_point(module_scope)

@@ -108,6 +108,7 @@ class UploadDocumentRequest(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     DOCUMENT_ID_FIELD_NUMBER: _builtins.int
     SHARED_FIELD_NUMBER: _builtins.int
+    COLLECTION_IDS_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
     """The original file name; used for the default title and to tell Markdown from text.
     Required.
@@ -119,14 +120,23 @@ class UploadDocumentRequest(_message.Message):
     title: _builtins.str
     """The document's title; defaults to the file name without its extension."""
     document_id: _builtins.str
-    """When set, replaces the content of this existing document of the caller; searches see
-    either the old content or the new, never a mix.
+    """When set, replaces the content of this existing document (the caller's, or one in a
+    collection the caller may write); searches see either the old content or the new,
+    never a mix. The owner stays the same and the new content counts towards their quota.
     """
     shared: _builtins.bool
-    """Make the document searchable by every user. Administrators only."""
+    """Make the document searchable by every user (put it in the built-in collection every
+    user reads). Administrators only.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form key/value metadata to keep with the document."""
+
+    @_builtins.property
+    def collection_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Put the document in these collections, each of which the caller may write (at most
+        20). An upload identical to one of the caller's documents puts that document there.
+        """
 
     def __init__(
         self,
@@ -137,10 +147,11 @@ class UploadDocumentRequest(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         document_id: _builtins.str = ...,
         shared: _builtins.bool = ...,
+        collection_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "document_id", b"document_id", "filename", b"filename", "metadata", b"metadata", "shared", b"shared", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection_ids", b"collection_ids", "content", b"content", "document_id", b"document_id", "filename", b"filename", "metadata", b"metadata", "shared", b"shared", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -183,22 +194,26 @@ class ListDocumentsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    COLLECTION_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The maximum number of documents to return: default 50, at most 200."""
     page_token: _builtins.str
     """The `next_page_token` of a previous response, to fetch the following page."""
     status: _knowledge_pb2.DocumentStatus.ValueType
     """Only documents with this status; unset means all."""
+    collection_id: _builtins.str
+    """List this collection's documents (whoever owns them) instead of the caller's own."""
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         status: _knowledge_pb2.DocumentStatus.ValueType = ...,
+        collection_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection_id", b"collection_id", "page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -329,6 +344,7 @@ class SearchKnowledgeBaseRequest(_message.Message):
     MIN_SCORE_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     RERANK_FIELD_NUMBER: _builtins.int
+    COLLECTION_IDS_FIELD_NUMBER: _builtins.int
     query: _builtins.str
     """The search text, at most 2,000 characters. Required."""
     top_k: _builtins.int
@@ -346,6 +362,12 @@ class SearchKnowledgeBaseRequest(_message.Message):
     def document_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only search these documents, at most 100 (still limited to those the caller can see)."""
 
+    @_builtins.property
+    def collection_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Search only these collections, each of which the caller may read (at most 100);
+        empty: the caller's own documents plus every collection they may read.
+        """
+
     def __init__(
         self,
         *,
@@ -355,10 +377,11 @@ class SearchKnowledgeBaseRequest(_message.Message):
         min_score: _builtins.float = ...,
         mode: Global___SearchMode.ValueType = ...,
         rerank: Global___RerankMode.ValueType = ...,
+        collection_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_ids", b"document_ids", "min_score", b"min_score", "mode", b"mode", "query", b"query", "rerank", b"rerank", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection_ids", b"collection_ids", "document_ids", b"document_ids", "min_score", b"min_score", "mode", b"mode", "query", b"query", "rerank", b"rerank", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

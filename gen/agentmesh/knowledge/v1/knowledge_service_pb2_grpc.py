@@ -28,8 +28,9 @@ if _version_not_supported:
 class KnowledgeBaseServiceStub:
     """KnowledgeBaseService stores a user's documents and searches them.
 
-    Every user sees only their own documents plus documents an administrator marked
-    shared; another user's document is reported as NOT_FOUND. Every RPC returns
+    Every user sees their own documents plus the documents of the collections they may read
+    (CollectionService; the documents an administrator shares are in a built-in collection
+    every user reads); any other document is reported as NOT_FOUND. Every RPC returns
     UNAUTHENTICATED without a valid access token.
     """
 
@@ -69,8 +70,9 @@ class KnowledgeBaseServiceStub:
 class KnowledgeBaseServiceServicer:
     """KnowledgeBaseService stores a user's documents and searches them.
 
-    Every user sees only their own documents plus documents an administrator marked
-    shared; another user's document is reported as NOT_FOUND. Every RPC returns
+    Every user sees their own documents plus the documents of the collections they may read
+    (CollectionService; the documents an administrator shares are in a built-in collection
+    every user reads); any other document is reported as NOT_FOUND. Every RPC returns
     UNAUTHENTICATED without a valid access token.
     """
 
@@ -85,17 +87,21 @@ class KnowledgeBaseServiceServicer:
         text is UTF-8 without NUL bytes; files that are two types at once are refused),
         RESOURCE_EXHAUSTED if it is larger than the size cap or would take the caller's
         documents over their storage quota (QuotaFailure, reason STORAGE_QUOTA_EXCEEDED),
-        NOT_FOUND if `document_id` names no document of the caller, and PERMISSION_DENIED
-        if a non-administrator sets `shared`.
+        NOT_FOUND if `document_id` names no document the caller can see or a collection of
+        `collection_ids` is not one the caller may read, and PERMISSION_DENIED if a
+        non-administrator sets `shared`, the caller may not write a collection of
+        `collection_ids`, or replaces a document they neither own nor may write through one
+        of its collections.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListDocuments(self, request, context):
-        """ListDocuments lists the caller's documents, newest first.
+        """ListDocuments lists the caller's documents, or a collection's, newest first.
 
-        Returns INVALID_ARGUMENT for a bad page size or page token.
+        Returns INVALID_ARGUMENT for a bad page size or page token and NOT_FOUND for a
+        collection the caller may not read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,8 +132,8 @@ class KnowledgeBaseServiceServicer:
         the caller can see.
 
         Returns INVALID_ARGUMENT with field violations for an empty or over-long query, a
-        `top_k` out of range, or a malformed document id, and UNAVAILABLE if the index
-        cannot be reached.
+        `top_k` out of range, or a malformed document or collection id, NOT_FOUND for a named
+        collection the caller may not read, and UNAVAILABLE if the index cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,8 +178,9 @@ def add_KnowledgeBaseServiceServicer_to_server(servicer, server):
 class KnowledgeBaseService:
     """KnowledgeBaseService stores a user's documents and searches them.
 
-    Every user sees only their own documents plus documents an administrator marked
-    shared; another user's document is reported as NOT_FOUND. Every RPC returns
+    Every user sees their own documents plus the documents of the collections they may read
+    (CollectionService; the documents an administrator shares are in a built-in collection
+    every user reads); any other document is reported as NOT_FOUND. Every RPC returns
     UNAUTHENTICATED without a valid access token.
     """
 

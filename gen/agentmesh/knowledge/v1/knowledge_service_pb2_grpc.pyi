@@ -29,8 +29,9 @@ GRPC_VERSION: str
 class KnowledgeBaseServiceStub:
     """KnowledgeBaseService stores a user's documents and searches them.
 
-    Every user sees only their own documents plus documents an administrator marked
-    shared; another user's document is reported as NOT_FOUND. Every RPC returns
+    Every user sees their own documents plus the documents of the collections they may read
+    (CollectionService; the documents an administrator shares are in a built-in collection
+    every user reads); any other document is reported as NOT_FOUND. Every RPC returns
     UNAUTHENTICATED without a valid access token.
     """
 
@@ -49,13 +50,17 @@ class KnowledgeBaseServiceStub:
     text is UTF-8 without NUL bytes; files that are two types at once are refused),
     RESOURCE_EXHAUSTED if it is larger than the size cap or would take the caller's
     documents over their storage quota (QuotaFailure, reason STORAGE_QUOTA_EXCEEDED),
-    NOT_FOUND if `document_id` names no document of the caller, and PERMISSION_DENIED
-    if a non-administrator sets `shared`.
+    NOT_FOUND if `document_id` names no document the caller can see or a collection of
+    `collection_ids` is not one the caller may read, and PERMISSION_DENIED if a
+    non-administrator sets `shared`, the caller may not write a collection of
+    `collection_ids`, or replaces a document they neither own nor may write through one
+    of its collections.
     """
     ListDocuments: _grpc.UnaryUnaryMultiCallable[_knowledge_service_pb2.ListDocumentsRequest, _knowledge_service_pb2.ListDocumentsResponse]
-    """ListDocuments lists the caller's documents, newest first.
+    """ListDocuments lists the caller's documents, or a collection's, newest first.
 
-    Returns INVALID_ARGUMENT for a bad page size or page token.
+    Returns INVALID_ARGUMENT for a bad page size or page token and NOT_FOUND for a
+    collection the caller may not read.
     """
     GetDocument: _grpc.UnaryUnaryMultiCallable[_knowledge_service_pb2.GetDocumentRequest, _knowledge_service_pb2.GetDocumentResponse]
     """GetDocument returns one document with its ingestion status.
@@ -74,16 +79,17 @@ class KnowledgeBaseServiceStub:
     the caller can see.
 
     Returns INVALID_ARGUMENT with field violations for an empty or over-long query, a
-    `top_k` out of range, or a malformed document id, and UNAVAILABLE if the index
-    cannot be reached.
+    `top_k` out of range, or a malformed document or collection id, NOT_FOUND for a named
+    collection the caller may not read, and UNAVAILABLE if the index cannot be reached.
     """
 
 @_typing.type_check_only
 class KnowledgeBaseServiceAsyncStub(KnowledgeBaseServiceStub):
     """KnowledgeBaseService stores a user's documents and searches them.
 
-    Every user sees only their own documents plus documents an administrator marked
-    shared; another user's document is reported as NOT_FOUND. Every RPC returns
+    Every user sees their own documents plus the documents of the collections they may read
+    (CollectionService; the documents an administrator shares are in a built-in collection
+    every user reads); any other document is reported as NOT_FOUND. Every RPC returns
     UNAUTHENTICATED without a valid access token.
     """
 
@@ -99,13 +105,17 @@ class KnowledgeBaseServiceAsyncStub(KnowledgeBaseServiceStub):
     text is UTF-8 without NUL bytes; files that are two types at once are refused),
     RESOURCE_EXHAUSTED if it is larger than the size cap or would take the caller's
     documents over their storage quota (QuotaFailure, reason STORAGE_QUOTA_EXCEEDED),
-    NOT_FOUND if `document_id` names no document of the caller, and PERMISSION_DENIED
-    if a non-administrator sets `shared`.
+    NOT_FOUND if `document_id` names no document the caller can see or a collection of
+    `collection_ids` is not one the caller may read, and PERMISSION_DENIED if a
+    non-administrator sets `shared`, the caller may not write a collection of
+    `collection_ids`, or replaces a document they neither own nor may write through one
+    of its collections.
     """
     ListDocuments: _aio.UnaryUnaryMultiCallable[_knowledge_service_pb2.ListDocumentsRequest, _knowledge_service_pb2.ListDocumentsResponse]  # type: ignore[assignment]
-    """ListDocuments lists the caller's documents, newest first.
+    """ListDocuments lists the caller's documents, or a collection's, newest first.
 
-    Returns INVALID_ARGUMENT for a bad page size or page token.
+    Returns INVALID_ARGUMENT for a bad page size or page token and NOT_FOUND for a
+    collection the caller may not read.
     """
     GetDocument: _aio.UnaryUnaryMultiCallable[_knowledge_service_pb2.GetDocumentRequest, _knowledge_service_pb2.GetDocumentResponse]  # type: ignore[assignment]
     """GetDocument returns one document with its ingestion status.
@@ -124,15 +134,16 @@ class KnowledgeBaseServiceAsyncStub(KnowledgeBaseServiceStub):
     the caller can see.
 
     Returns INVALID_ARGUMENT with field violations for an empty or over-long query, a
-    `top_k` out of range, or a malformed document id, and UNAVAILABLE if the index
-    cannot be reached.
+    `top_k` out of range, or a malformed document or collection id, NOT_FOUND for a named
+    collection the caller may not read, and UNAVAILABLE if the index cannot be reached.
     """
 
 class KnowledgeBaseServiceServicer(metaclass=_abc_1.ABCMeta):
     """KnowledgeBaseService stores a user's documents and searches them.
 
-    Every user sees only their own documents plus documents an administrator marked
-    shared; another user's document is reported as NOT_FOUND. Every RPC returns
+    Every user sees their own documents plus the documents of the collections they may read
+    (CollectionService; the documents an administrator shares are in a built-in collection
+    every user reads); any other document is reported as NOT_FOUND. Every RPC returns
     UNAUTHENTICATED without a valid access token.
     """
 
@@ -152,8 +163,11 @@ class KnowledgeBaseServiceServicer(metaclass=_abc_1.ABCMeta):
         text is UTF-8 without NUL bytes; files that are two types at once are refused),
         RESOURCE_EXHAUSTED if it is larger than the size cap or would take the caller's
         documents over their storage quota (QuotaFailure, reason STORAGE_QUOTA_EXCEEDED),
-        NOT_FOUND if `document_id` names no document of the caller, and PERMISSION_DENIED
-        if a non-administrator sets `shared`.
+        NOT_FOUND if `document_id` names no document the caller can see or a collection of
+        `collection_ids` is not one the caller may read, and PERMISSION_DENIED if a
+        non-administrator sets `shared`, the caller may not write a collection of
+        `collection_ids`, or replaces a document they neither own nor may write through one
+        of its collections.
         """
 
     @_abc_1.abstractmethod
@@ -162,9 +176,10 @@ class KnowledgeBaseServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _knowledge_service_pb2.ListDocumentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_knowledge_service_pb2.ListDocumentsResponse, _abc.Awaitable[_knowledge_service_pb2.ListDocumentsResponse]]:
-        """ListDocuments lists the caller's documents, newest first.
+        """ListDocuments lists the caller's documents, or a collection's, newest first.
 
-        Returns INVALID_ARGUMENT for a bad page size or page token.
+        Returns INVALID_ARGUMENT for a bad page size or page token and NOT_FOUND for a
+        collection the caller may not read.
         """
 
     @_abc_1.abstractmethod
@@ -201,8 +216,8 @@ class KnowledgeBaseServiceServicer(metaclass=_abc_1.ABCMeta):
         the caller can see.
 
         Returns INVALID_ARGUMENT with field violations for an empty or over-long query, a
-        `top_k` out of range, or a malformed document id, and UNAVAILABLE if the index
-        cannot be reached.
+        `top_k` out of range, or a malformed document or collection id, NOT_FOUND for a named
+        collection the caller may not read, and UNAVAILABLE if the index cannot be reached.
         """
 
 def add_KnowledgeBaseServiceServicer_to_server(servicer: KnowledgeBaseServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
