@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.auth.models import User
 from services.auth.principal import Principal
-from services.db import parse_uuid, utcnow
+from services.db import utcnow
 from services.errors import FailedPrecondition, NotFound, PermissionDenied, Violations
 from services.knowledge.acl_sync import AclSync, bump
 from services.knowledge.collection_access import (
@@ -37,7 +37,7 @@ from services.knowledge.models import (
     Document,
 )
 from services.pagination import decode_cursor, page_size, split_page
-from services.teams.groups import clean_description, clean_name
+from services.teams.groups import clean_description, clean_name, uuid_field
 from services.teams.models import Group, GroupMember
 
 MAX_GRANTS = 1000  # per collection
@@ -73,14 +73,6 @@ class GrantView:
     grantee: Grantee
     access: Access
     granted_at: datetime
-
-
-def collection_id(raw: str, field: str, violations: Violations) -> uuid.UUID:
-    parsed = parse_uuid(raw)
-    if parsed is None:
-        violations.add(field, "must be a UUID")
-        return uuid.UUID(int=0)
-    return parsed
 
 
 def collection_not_found() -> NotFound:
@@ -151,7 +143,7 @@ class CollectionService:
         clean = clean_name(name, violations)
         about = clean_description(description, violations)
         group_id = (
-            collection_id(owner_group_id, "owner_group_id", violations) if owner_group_id else None
+            uuid_field(owner_group_id, "owner_group_id", violations) if owner_group_id else None
         )
         violations.raise_if_any()
         async with self._sessions.begin() as s:
@@ -241,8 +233,8 @@ class CollectionService:
         self, principal: Principal, raw_collection: str, raw_document: str
     ) -> Document:
         violations = Violations()
-        target = collection_id(raw_collection, "collection_id", violations)
-        document_id = collection_id(raw_document, "document_id", violations)
+        target = uuid_field(raw_collection, "collection_id", violations)
+        document_id = uuid_field(raw_document, "document_id", violations)
         violations.raise_if_any()
         async with self._sessions.begin() as s:
             await require_access(s, principal, target, Access.WRITE)
@@ -262,8 +254,8 @@ class CollectionService:
         self, principal: Principal, raw_collection: str, raw_document: str
     ) -> None:
         violations = Violations()
-        source = collection_id(raw_collection, "collection_id", violations)
-        document_id = collection_id(raw_document, "document_id", violations)
+        source = uuid_field(raw_collection, "collection_id", violations)
+        document_id = uuid_field(raw_document, "document_id", violations)
         violations.raise_if_any()
         async with self._sessions.begin() as s:
             await require_access(s, principal, source, Access.WRITE)
@@ -274,9 +266,9 @@ class CollectionService:
         self, principal: Principal, raw_document: str, raw_from: str, raw_to: str
     ) -> Document:
         violations = Violations()
-        document_id = collection_id(raw_document, "document_id", violations)
-        source = collection_id(raw_from, "from_collection_id", violations)
-        target = collection_id(raw_to, "to_collection_id", violations)
+        document_id = uuid_field(raw_document, "document_id", violations)
+        source = uuid_field(raw_from, "from_collection_id", violations)
+        target = uuid_field(raw_to, "to_collection_id", violations)
         if raw_from and raw_from == raw_to:
             violations.add("to_collection_id", "must differ from from_collection_id")
         violations.raise_if_any()
@@ -294,7 +286,7 @@ class CollectionService:
         self, principal: Principal, raw_collection: str, grantee: Grantee, access: Access
     ) -> GrantView:
         violations = Violations()
-        target = collection_id(raw_collection, "collection_id", violations)
+        target = uuid_field(raw_collection, "collection_id", violations)
         if access not in (Access.READ, Access.WRITE):
             violations.add("grant.access", "must be COLLECTION_ACCESS_READ or _WRITE")
         elif grantee.everyone and access is not Access.READ:
@@ -331,7 +323,7 @@ class CollectionService:
 
     async def revoke(self, principal: Principal, raw_collection: str, grantee: Grantee) -> None:
         violations = Violations()
-        target = collection_id(raw_collection, "collection_id", violations)
+        target = uuid_field(raw_collection, "collection_id", violations)
         violations.raise_if_any()
         async with self._sessions.begin() as s:
             await require_access(s, principal, target, Access.MANAGE)
@@ -393,7 +385,7 @@ class CollectionService:
     @staticmethod
     def _id(raw: str, field: str = "collection_id") -> uuid.UUID:
         violations = Violations()
-        parsed = collection_id(raw, field, violations)
+        parsed = uuid_field(raw, field, violations)
         violations.raise_if_any()
         return parsed
 
@@ -412,9 +404,9 @@ class CollectionService:
 def parse_grantee(user_id: str, group_id: str, everyone: bool, violations: Violations) -> Grantee:
     """The grantee a request names (exactly one of the three), with its field errors."""
     if user_id:
-        return Grantee(user_id=collection_id(user_id, "grant.user_id", violations))
+        return Grantee(user_id=uuid_field(user_id, "grant.user_id", violations))
     if group_id:
-        return Grantee(group_id=collection_id(group_id, "grant.group_id", violations))
+        return Grantee(group_id=uuid_field(group_id, "grant.group_id", violations))
     if everyone:
         return Grantee(everyone=True)
     violations.add("grant", "name a grantee: user_id, group_id or everyone")

@@ -34,7 +34,6 @@ from services.knowledge.collections import (
     MAX_UPLOAD_COLLECTIONS,
     CollectionService,
     add_to,
-    collection_id,
     require_access,
 )
 from services.knowledge.embeddings import Embedder
@@ -56,6 +55,7 @@ from services.knowledge.storage_quota import check_storage
 from services.knowledge.vector_store import ChunkOwner, SearchScope, VectorStore, point_id
 from services.metrics import Metrics
 from services.pagination import decode_cursor, page_size, split_page
+from services.teams.groups import uuid_field
 from services.usage_events.recorder import EventKind, EventRecorder
 
 MAX_FILENAME = 255
@@ -351,7 +351,7 @@ class KnowledgeService:
         size = page_size(requested_page_size)
         after = decode_cursor(page_token)
         violations = Violations()
-        listed = collection_id(collection, "collection_id", violations) if collection else None
+        listed = uuid_field(collection, "collection_id", violations) if collection else None
         violations.raise_if_any()
         async with self._sessions.begin() as s:
             if listed is not None:
@@ -652,7 +652,7 @@ def _ids(
     """The distinct ids of a repeated id field, at most `most`, with its violations."""
     if len(raw) > most:
         violations.add(field, f"must name at most {most}")
-    ids = [collection_id(value, f"{field}[{i}]", violations) for i, value in enumerate(raw[:most])]
+    ids = [uuid_field(value, f"{field}[{i}]", violations) for i, value in enumerate(raw[:most])]
     return tuple(dict.fromkeys(ids))
 
 

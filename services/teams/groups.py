@@ -116,7 +116,7 @@ def name_key(name: str) -> str:
     return name.casefold()
 
 
-def _id(raw: str, field: str, violations: Violations) -> uuid.UUID:
+def uuid_field(raw: str, field: str, violations: Violations) -> uuid.UUID:
     parsed = parse_uuid(raw)
     if parsed is None:
         violations.add(field, "must be a UUID")
@@ -191,7 +191,7 @@ class GroupService:
     async def get(self, principal: Principal, raw_group_id: str) -> GroupView:
         """A group the caller belongs to, or any group for an administrator."""
         violations = Violations()
-        group_id = _id(raw_group_id, "group_id", violations)
+        group_id = uuid_field(raw_group_id, "group_id", violations)
         violations.raise_if_any()
         async with self._sessions() as s:
             return await self._visible(s, principal, group_id)
@@ -223,7 +223,7 @@ class GroupService:
     ) -> GroupView:
         """Rename a group or change its description (administrators)."""
         violations = Violations()
-        group_id = _id(raw_group_id, "group.group_id", violations)
+        group_id = uuid_field(raw_group_id, "group.group_id", violations)
         values: dict[str, str] = {}
         if changes.name is None and changes.description is None:
             violations.add("update_mask", "name at least one of: description, name")
@@ -261,7 +261,7 @@ class GroupService:
     async def delete(self, principal: Principal, raw_group_id: str) -> None:
         """Delete a group; its memberships go with it (administrators)."""
         violations = Violations()
-        group_id = _id(raw_group_id, "group_id", violations)
+        group_id = uuid_field(raw_group_id, "group_id", violations)
         violations.raise_if_any()
         async with self._sessions.begin() as s:
             group = await s.get(Group, group_id, with_for_update=True)
@@ -290,7 +290,7 @@ class GroupService:
         """A page of a group's members in the order they joined (its members and
         administrators)."""
         violations = Violations()
-        group_id = _id(raw_group_id, "group_id", violations)
+        group_id = uuid_field(raw_group_id, "group_id", violations)
         violations.raise_if_any()
         size = page_size(requested_page_size)
         cursor = decode_cursor(page_token)
@@ -327,8 +327,8 @@ class GroupService:
         """Add an account to a group: administrators with either role, managers as a
         member."""
         violations = Violations()
-        group_id = _id(raw_group_id, "group_id", violations)
-        user_id = _id(raw_user_id, "user_id", violations)
+        group_id = uuid_field(raw_group_id, "group_id", violations)
+        user_id = uuid_field(raw_user_id, "user_id", violations)
         violations.raise_if_any()
         role = role or GroupRole.MEMBER
         action = AuditAction.GROUP_MEMBER_ADDED
@@ -368,8 +368,8 @@ class GroupService:
         """Remove an account from a group: administrators anyone, managers members and
         themselves, members themselves."""
         violations = Violations()
-        group_id = _id(raw_group_id, "group_id", violations)
-        user_id = _id(raw_user_id, "user_id", violations)
+        group_id = uuid_field(raw_group_id, "group_id", violations)
+        user_id = uuid_field(raw_user_id, "user_id", violations)
         violations.raise_if_any()
         action = AuditAction.GROUP_MEMBER_REMOVED
         myself = user_id == principal.user_id
@@ -404,8 +404,8 @@ class GroupService:
         """Make a member a manager or a manager a member: administrators for anyone; a
         manager only steps down."""
         violations = Violations()
-        group_id = _id(raw_group_id, "group_id", violations)
-        user_id = _id(raw_user_id, "user_id", violations)
+        group_id = uuid_field(raw_group_id, "group_id", violations)
+        user_id = uuid_field(raw_user_id, "user_id", violations)
         if role is None:
             violations.add("role", "must be GROUP_ROLE_MEMBER or GROUP_ROLE_MANAGER")
         violations.raise_if_any()
